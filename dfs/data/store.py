@@ -1,0 +1,142 @@
+"""The local data store: one sparse file per regular-file inode under DIR/data.
+
+Files are named by inode id (``data/<low byte>/<ino:016x>``), created on the
+first write, and keep the holes of the file they back, so sparse files take no
+space here either. Every function is synchronous and may block on the disk:
+callers run the large ones with ``trio.to_thread.run_sync`` (see
+``dfs/fs/vfs.py`` for which). OSErrors become FsError with the same errno;
+ENOSPC stays ENOSPC so that a full disk is reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from dfs.errors import FsError, NoSpace
+from dfs.hashing import BLOCK_SIZE, block_digest
+
+_OPEN_FLAGS = os.O_RDWR | os.O_CLOEXEC
+
+
+def _fs_error(exc: OSError, what: str) -> FsError:
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        return NoSpace(message=f"data store full while {what}")
+    return FsError(exc.errno or errno.EIO, f"data store error while {what}: {exc}")
+
+
+class DataStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        for i in range(256):
+            (root / f"{i:02x}").mkdir(exist_ok=True)
+
+    def path(self, ino: int) -> Path:
+        return self.root / f"{ino & 0xFF:02x}" / f"{ino:016x}"
+
+    def open(self, ino: int, *, create: bool) -> int | None:
+        """An fd for ino's data file; None if it has none and ``create`` is false."""
+        flags = _OPEN_FLAGS | (os.O_CREAT if create else 0)
+        try:
+            return os.open(self.path(ino), flags, 0o600)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        except OSError as exc:
+            raise _fs_error(exc, f"opening data of inode {ino:#x}") from exc
+
+    @staticmethod
+    def close(fd: int) -> None:
+        os.close(fd)
+
+    @staticmethod
+    def pwrite(fd: int, off: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(fd, view, off)
+                view = view[n:]
+                off += n
+        except OSError as exc:
+            raise _fs_error(exc, "writing") from exc
+
+    @staticmethod
+    def pread(fd: int | None, off: int, size: int, logical_size: int) -> bytes:
+        """Bytes [off, off+size) of a file of ``logical_size``, holes and tail as zeros."""
+        end = min(off + size, logical_size)
+        if end <= off:
+            return b""
+        want = end - off
+        if fd is None:
+            return bytes(want)
+        try:
+            data = os.pread(fd, want, off)
+        except OSError as exc:
+            raise _fs_error(exc, "reading") from exc
+        if len(data) < want:
+            data += bytes(want - len(data))
+        return data
+
+    @staticmethod
+    def truncate(fd: int, size: int) -> None:
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            raise _fs_error(exc, "truncating") from exc
+
+    @staticmethod
+    def fsync(fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise _fs_error(exc, "syncing") from exc
+
+    @staticmethod
+    def allocated_blocks(fd: int | None) -> int:
+        """512-byte units allocated to the data file (what st_blocks reports)."""
+        if fd is None:
+            return 0
+        return os.fstat(fd).st_blocks
+
+    def remove(self, ino: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(ino))
+
+    def exists(self, ino: int) -> bool:
+        return self.path(ino).exists()
+
+    def all_inodes(self) -> Iterator[int]:
+        """Every inode that has a data file (for the checker)."""
+        for sub in sorted(self.root.iterdir()):
+            if not sub.is_dir():
+                continue
+            for f in sorted(sub.iterdir()):
+                try:
+                    yield int(f.name, 16)
+                except ValueError:
+                    continue
+
+    def sync_dirs(self, ino: int) -> None:
+        """fsync the directory holding ino's data file, so its creation is durable."""
+        fd = os.open(self.path(ino).parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def digest_range(fd: int | None, blocks: range | list[int], logical_size: int) -> dict[int, int]:
+    """xxh3 digests of the given blocks as they are on disk (blocks past EOF omitted)."""
+    out: dict[int, int] = {}
+    for blk in blocks:
+        start = blk * BLOCK_SIZE
+        if start >= logical_size:
+            continue
+        data = DataStore.pread(fd, start, BLOCK_SIZE, logical_size)
+        out[blk] = block_digest(data)
+    return out

@@ -1,0 +1,76 @@
+"""The core's error vocabulary: every failure a caller may see is an FsError with an errno.
+
+The FUSE layer turns these into ``FUSEError`` in exactly one place
+(``mountd/fuse_convert.py``); tools print ``str(err)``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class FsError(Exception):
+    """A POSIX-visible failure. ``errno`` is what the system call returns."""
+
+    errno: int = _errno.EIO
+
+    def __init__(self, errno: int | None = None, message: str | None = None) -> None:
+        if errno is not None:
+            self.errno = errno
+        self.message = message or os.strerror(self.errno)
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NotFound(FsError):
+    errno = _errno.ENOENT
+
+
+class Exists(FsError):
+    errno = _errno.EEXIST
+
+
+class NotADir(FsError):
+    errno = _errno.ENOTDIR
+
+
+class IsADir(FsError):
+    errno = _errno.EISDIR
+
+
+class NotEmpty(FsError):
+    errno = _errno.ENOTEMPTY
+
+
+class Invalid(FsError):
+    errno = _errno.EINVAL
+
+
+class NameTooLong(FsError):
+    errno = _errno.ENAMETOOLONG
+
+
+class NoData(FsError):
+    """Missing extended attribute (ENODATA == ENOATTR on Linux)."""
+
+    errno = _errno.ENODATA
+
+
+class NoSpace(FsError):
+    errno = _errno.ENOSPC
+
+
+class Corrupted(FsError):
+    """A block whose contents do not match its checksum; reads of it fail with EIO."""
+
+    errno = _errno.EIO
+
+
+class StoreError(Exception):
+    """A data directory that cannot be used (wrong format, other cluster, locked...).
+
+    Raised before anything is mounted; the daemon prints it and exits non-zero.
+    """

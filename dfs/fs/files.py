@@ -1,0 +1,388 @@
+"""File contents: open handles, read/write/truncate/flush/fsync, and block checksums.
+
+Checksums (``dfs/hashing.py``) are settled lazily. A write that covers whole
+blocks hashes them from the buffer it already holds ("pending"); a write that
+covers part of a block marks it "dirty". Settling (flush, fsync, release,
+truncate) re-reads dirty blocks from disk, stores every new digest in lmdb and
+clears the inode's ``dirty`` intent record. That record is written in the
+same transaction as the first unsettled write, so after ``kill -9`` start-up
+recovery knows exactly which files to re-checksum from their contents.
+
+Reads verify every block that has a settled digest and is not being
+rewritten; a mismatch is logged and answered with EIO, never with bad data.
+
+Large transfers (>= THREAD_MIN bytes) and every fsync run in a worker thread
+so one big request does not stall the event loop; small ones run inline,
+because a page-cache pread/pwrite of a few KiB costs less than the hop.
+Writes and settles of one inode are serialised by a per-inode trio lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import lmdb
+import trio
+
+from dfs.clock import WallClock
+from dfs.data.store import DataStore, digest_range
+from dfs.errors import Corrupted, FsError, IsADir
+from dfs.hashing import BLOCK_SIZE, block_digest, blocks_spanning
+from dfs.meta import schema as S
+from dfs.meta.store import MetaStore
+from dfs.types import Attr, FileHandle, InodeId
+
+log = logging.getLogger(__name__)
+
+THREAD_MIN = 256 * 1024
+_io_limiter: trio.CapacityLimiter | None = None
+
+
+def io_limiter() -> trio.CapacityLimiter:
+    """Worker threads for disk I/O (created lazily: it needs a running trio loop)."""
+    global _io_limiter
+    if _io_limiter is None:
+        _io_limiter = trio.CapacityLimiter(8)
+    return _io_limiter
+
+
+@dataclass(eq=False)
+class OpenInode:
+    """State shared by every handle open on one inode."""
+
+    ino: InodeId
+    fd: int | None = None
+    opens: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    dirty: set[int] = field(default_factory=set)
+    pending: dict[int, int] = field(default_factory=dict)
+    intent: bool = False  # the lmdb ``dirty`` record exists
+    written: bool = False  # data changed since the last settle
+
+
+@dataclass(eq=False)
+class Handle:
+    inode: OpenInode
+    flags: int
+
+
+def _digest_slices(data: bytes | memoryview, off: int) -> tuple[dict[int, int], set[int]]:
+    """Digests of the blocks that ``data`` at ``off`` covers entirely, and the partial ones."""
+    n = len(data)
+    full: dict[int, int] = {}
+    partial: set[int] = set()
+    mv = memoryview(data)
+    for blk in blocks_spanning(off, n):
+        start = blk * BLOCK_SIZE
+        if start >= off and start + BLOCK_SIZE <= off + n:
+            piece = mv[start - off : start - off + BLOCK_SIZE]
+            full[blk] = block_digest(piece)
+        else:
+            partial.add(blk)
+    return full, partial
+
+
+class FileIO:
+    def __init__(
+        self,
+        meta: MetaStore,
+        data: DataStore,
+        clock: WallClock,
+        on_closed: Callable[[InodeId], None],
+    ) -> None:
+        self.meta = meta
+        self.data = data
+        self.clock = clock
+        self._on_closed = on_closed
+        self._inodes: dict[InodeId, OpenInode] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+
+    # --- handles --------------------------------------------------------------------------
+
+    def open(self, ino: InodeId, flags: int) -> FileHandle:
+        with self.meta.read() as txn:
+            raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
+        if raw is None:
+            raise FsError(errno.ENOENT)
+        a = S.unpack_inode(ino, raw)
+        if a.is_dir:
+            raise IsADir()
+        st = self._inodes.get(ino)
+        if st is None:
+            st = self._inodes[ino] = OpenInode(ino)
+        st.opens += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(st, flags)
+        return FileHandle(fh)
+
+    def handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF) from None
+
+    def is_open(self, ino: InodeId) -> bool:
+        return ino in self._inodes
+
+    def inode_of(self, fh: int) -> InodeId:
+        return self.handle(fh).inode.ino
+
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        st = h.inode
+        try:
+            await self.settle(st)
+        finally:
+            st.opens -= 1
+            if st.opens == 0:
+                if st.fd is not None:
+                    self.data.close(st.fd)
+                    st.fd = None
+                del self._inodes[st.ino]
+                self._on_closed(st.ino)
+
+    # --- data -----------------------------------------------------------------------------
+
+    def _attr(self, txn: lmdb.Transaction, ino: int) -> Attr:
+        raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
+        if raw is None:
+            raise FsError(errno.ENOENT)
+        return S.unpack_inode(ino, raw)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        st = self.handle(fh).inode
+        with self.meta.read() as txn:
+            a = self._attr(txn, st.ino)
+            end = min(off + size, a.size)
+            if end <= off:
+                return b""
+            blocks = blocks_spanning(off, end - off)
+            digests: dict[int, int] = {}
+            cur = txn.cursor(db=self.meta.blocks)
+            if cur.set_range(S.block_key(st.ino, blocks.start)):
+                for key, raw in cur:
+                    ino, blk = S.block_of_key(key)
+                    if ino != st.ino or blk >= blocks.stop:
+                        break
+                    if blk not in st.dirty and blk not in st.pending:
+                        digests[blk] = S.unpack_digest(raw)
+        if st.fd is None:
+            st.fd = self.data.open(st.ino, create=False)
+        fd, size_now = st.fd, a.size
+        if not digests:
+            if end - off >= THREAD_MIN:
+                return await trio.to_thread.run_sync(
+                    DataStore.pread, fd, off, end - off, size_now, limiter=io_limiter()
+                )
+            return DataStore.pread(fd, off, end - off, size_now)
+        first = blocks.start * BLOCK_SIZE
+        span = blocks.stop * BLOCK_SIZE - first
+        if span >= THREAD_MIN:
+            raw_data = await trio.to_thread.run_sync(
+                DataStore.pread, fd, first, span, size_now, limiter=io_limiter()
+            )
+        else:
+            raw_data = DataStore.pread(fd, first, span, size_now)
+        mv = memoryview(raw_data)
+        for blk, want in digests.items():
+            piece = mv[(blk - blocks.start) * BLOCK_SIZE : (blk - blocks.start + 1) * BLOCK_SIZE]
+            got = block_digest(piece)
+            if got != want:
+                log.error(
+                    "checksum mismatch: inode %#x block %d (stored %016x, read %016x); "
+                    "answering EIO",
+                    st.ino,
+                    blk,
+                    want,
+                    got,
+                )
+                raise Corrupted(message=f"inode {st.ino:#x} block {blk}: checksum mismatch")
+        return raw_data[off - first : end - first]
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        st = self.handle(fh).inode
+        n = len(data)
+        if n == 0:
+            return 0
+        async with st.lock:
+            if st.fd is None:
+                st.fd = await self._open_for_write(st.ino)
+            fd = st.fd
+            if n >= THREAD_MIN:
+                full, partial = await trio.to_thread.run_sync(
+                    _write_and_digest, fd, off, data, limiter=io_limiter()
+                )
+            else:
+                full, partial = _write_and_digest(fd, off, data)
+            for blk, d in full.items():
+                st.pending[blk] = d
+                st.dirty.discard(blk)
+            for blk in partial:
+                st.pending.pop(blk, None)
+                st.dirty.add(blk)
+            st.written = True
+            now = self.clock()
+            with self.meta.write() as txn:
+                a = self._attr(txn, st.ino)
+                if off + n > a.size:
+                    a.size = off + n
+                a.mtime_ns = a.ctime_ns = now
+                a.version = self.meta.log(txn, a.volume, "write", st.ino, off, n, a.size)
+                txn.put(S.inode_key(st.ino), S.pack_inode(a), db=self.meta.inodes)
+                if not st.intent:
+                    txn.put(S.dirty_key(st.ino), b"", db=self.meta.dirty)
+            st.intent = True
+        return n
+
+    async def _open_for_write(self, ino: InodeId) -> int:
+        fd = self.data.open(ino, create=True)
+        assert fd is not None
+        return fd
+
+    async def flush(self, fh: int) -> None:
+        await self.settle(self.handle(fh).inode)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        st = self.handle(fh).inode
+        await self.settle(st)
+        if st.fd is not None:
+            await trio.to_thread.run_sync(DataStore.fsync, st.fd, limiter=io_limiter())
+        await trio.to_thread.run_sync(self.meta.sync, limiter=io_limiter())
+
+    async def settle(self, st: OpenInode) -> None:
+        """Store the digests of everything written so far and clear the dirty intent."""
+        if not st.written and not st.intent:
+            return
+        async with st.lock:
+            self._settle_locked(st)
+
+    def _settle_locked(self, st: OpenInode) -> None:
+        with self.meta.read() as txn:
+            size = self._attr(txn, st.ino).size
+        fresh = digest_range(st.fd, sorted(st.dirty), size) if st.dirty else {}
+        fresh.update({b: d for b, d in st.pending.items() if b * BLOCK_SIZE < size})
+        blocks = self.data.allocated_blocks(st.fd)
+        with self.meta.write() as txn:
+            a = self._attr(txn, st.ino)
+            for blk, d in fresh.items():
+                txn.put(S.block_key(st.ino, blk), S.pack_digest(d), db=self.meta.blocks)
+            txn.delete(S.dirty_key(st.ino), db=self.meta.dirty)
+            if a.blocks != blocks:
+                a.blocks = blocks
+                txn.put(S.inode_key(st.ino), S.pack_inode(a), db=self.meta.inodes)
+        st.dirty.clear()
+        st.pending.clear()
+        st.intent = False
+        st.written = False
+
+    # --- truncate -------------------------------------------------------------------------
+
+    async def truncate(self, ino: InodeId, size: int) -> None:
+        """Cut or extend ino's data to ``size`` and fix the checksums it affects.
+
+        Extending only adds a hole (no data, no digest). Shrinking drops the
+        digests of blocks past the end and re-hashes the new last block.
+        """
+        if size < 0:
+            raise FsError(errno.EINVAL)
+        st = self._inodes.get(ino)
+        if st is not None:
+            async with st.lock:
+                self._settle_locked(st)
+                await self._truncate_fd(ino, st.fd, size)
+            return
+        fd = self.data.open(ino, create=False)
+        try:
+            await self._truncate_fd(ino, fd, size)
+        finally:
+            if fd is not None:
+                self.data.close(fd)
+
+    async def _truncate_fd(self, ino: InodeId, fd: int | None, size: int) -> None:
+        with self.meta.read() as txn:
+            a = self._attr(txn, ino)
+        if not a.is_reg:
+            return
+        if fd is not None:
+            await trio.to_thread.run_sync(DataStore.truncate, fd, size, limiter=io_limiter())
+        if size >= a.size:
+            return
+        keep = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        last = size // BLOCK_SIZE if size % BLOCK_SIZE else None
+        fresh = digest_range(fd, [last], size) if last is not None else {}
+        with self.meta.write() as txn:
+            cur = txn.cursor(db=self.meta.blocks)
+            if cur.set_range(S.block_key(ino, keep)):
+                while True:
+                    key = cur.key()
+                    if not key or S.block_of_key(key)[0] != ino:
+                        break
+                    if not cur.delete():
+                        break
+            for blk, d in fresh.items():
+                if txn.get(S.block_key(ino, blk), db=self.meta.blocks) is not None:
+                    txn.put(S.block_key(ino, blk), S.pack_digest(d), db=self.meta.blocks)
+
+    def allocated(self, ino: InodeId) -> int:
+        st = self._inodes.get(ino)
+        if st is not None and st.fd is not None:
+            return self.data.allocated_blocks(st.fd)
+        fd = self.data.open(ino, create=False)
+        try:
+            return self.data.allocated_blocks(fd)
+        finally:
+            if fd is not None:
+                self.data.close(fd)
+
+    # --- recovery -------------------------------------------------------------------------
+
+    def rechecksum(self, ino: InodeId) -> None:
+        """Recompute every digest of ino from its contents (after an unclean stop)."""
+        with self.meta.read() as txn:
+            raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
+        fd = self.data.open(ino, create=False)
+        try:
+            if raw is None:
+                digests: dict[int, int] = {}
+                size = 0
+                blocks = 0
+            else:
+                size = S.unpack_inode(ino, raw).size
+                if fd is not None and os.fstat(fd).st_size > size:
+                    DataStore.truncate(fd, size)
+                nblocks = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+                digests = digest_range(fd, range(nblocks), size)
+                blocks = self.data.allocated_blocks(fd)
+            with self.meta.write() as txn:
+                cur = txn.cursor(db=self.meta.blocks)
+                if cur.set_range(S.ino_prefix(ino)):
+                    while cur.key().startswith(S.ino_prefix(ino)):
+                        if not cur.delete():
+                            break
+                for blk, d in digests.items():
+                    if d != _EMPTY_DIGEST:
+                        txn.put(S.block_key(ino, blk), S.pack_digest(d), db=self.meta.blocks)
+                txn.delete(S.dirty_key(ino), db=self.meta.dirty)
+                if raw is not None:
+                    a = S.unpack_inode(ino, raw)
+                    a.blocks = blocks
+                    txn.put(S.inode_key(ino), S.pack_inode(a), db=self.meta.inodes)
+        finally:
+            if fd is not None:
+                self.data.close(fd)
+
+
+_EMPTY_DIGEST = block_digest(b"")
+
+
+def _write_and_digest(fd: int, off: int, data: bytes) -> tuple[dict[int, int], set[int]]:
+    DataStore.pwrite(fd, off, data)
+    return _digest_slices(data, off)

@@ -1,0 +1,248 @@
+"""THE on-disk metadata layout: every lmdb database, its key builder and its value format.
+
+All integers in keys are big-endian so that lmdb's byte order is numeric order.
+Values are fixed ``struct`` layouts where the record is hot (inodes, dirents,
+checksums) and msgpack where it is rare and evolving (journal, volumes).
+
+Databases (lmdb named sub-databases) and their key families::
+
+    meta      b"format"            -> u32 FORMAT_VERSION
+              b"node_id"           -> u16 NodeId of this node
+              b"cluster_id"        -> utf-8 cluster id (standalone: random uuid)
+              b"next_counter"      -> u64 last inode counter handed out
+              b"next_cookie"       -> u64 last directory cookie handed out
+              b"clean"             -> b"1" while cleanly closed, b"0" while a daemon runs
+              b"seq" vol:u32       -> u64 last update sequence of the volume
+    inodes    ino:u64              -> INODE struct (see pack_inode)
+    dirents   dir:u64 name         -> DIRENT struct (child ino u64, cookie u64)
+    dirpos    dir:u64 cookie:u64   -> name   (readdir order; cookies never reused)
+    symlinks  ino:u64              -> target bytes
+    xattrs    ino:u64 name         -> value bytes
+    blocks    ino:u64 block:u64    -> u64 xxh3 digest of the block's logical bytes
+    orphans   ino:u64              -> b""   (nlink == 0, data kept until forgotten)
+    dirty     ino:u64              -> b""   (data written whose checksums are not settled)
+    volumes   vol:u32              -> msgpack {"root": ino, "path": mount path in the tree}
+    journal   vol:u32 seq:u64      -> msgpack [op, args...]   (applied updates, trimmed)
+
+Readdir cookies 1 and 2 are "." and ".."; real entries start at FIRST_COOKIE.
+A block with no ``blocks`` entry is a hole or not yet settled (see ``dirty``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from dfs.types import Attr, InodeId, VolumeId
+
+FORMAT_VERSION = 1
+
+DB_NAMES = (
+    "meta",
+    "inodes",
+    "dirents",
+    "dirpos",
+    "symlinks",
+    "xattrs",
+    "blocks",
+    "orphans",
+    "dirty",
+    "volumes",
+    "journal",
+)
+
+FIRST_COOKIE = 3
+MAX_NAME = 255
+MAX_SYMLINK = 4095
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 65536
+MAX_XATTR_TOTAL = 1 << 20  # per inode, all names and values
+
+META_FORMAT = b"format"
+META_NODE_ID = b"node_id"
+META_CLUSTER_ID = b"cluster_id"
+META_NEXT_COUNTER = b"next_counter"
+META_NEXT_COOKIE = b"next_cookie"
+META_CLEAN = b"clean"
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_U64U64 = struct.Struct(">QQ")
+_U32U64 = struct.Struct(">IQ")
+
+# mode uid gid nlink size atime mtime ctime btime rdev blocks version generation volume parent
+_INODE = struct.Struct("<IIIIQqqqqQQQIIQ")
+_DIRENT = struct.Struct("<QQ")
+_DIGEST = struct.Struct("<Q")
+
+
+def u16(v: int) -> bytes:
+    return _U16.pack(v)
+
+
+def u32(v: int) -> bytes:
+    return _U32.pack(v)
+
+
+def u64(v: int) -> bytes:
+    return _U64.pack(v)
+
+
+def read_u16(b: bytes) -> int:
+    return int(_U16.unpack(b)[0])
+
+
+def read_u32(b: bytes) -> int:
+    return int(_U32.unpack(b)[0])
+
+
+def read_u64(b: bytes) -> int:
+    return int(_U64.unpack(b)[0])
+
+
+# --- key builders, one per family -------------------------------------------------------
+
+
+def inode_key(ino: int) -> bytes:
+    return _U64.pack(ino)
+
+
+def dirent_key(parent: int, name: bytes) -> bytes:
+    return _U64.pack(parent) + name
+
+
+def dirent_prefix(parent: int) -> bytes:
+    return _U64.pack(parent)
+
+
+def dirpos_key(parent: int, cookie: int) -> bytes:
+    return _U64U64.pack(parent, cookie)
+
+
+def symlink_key(ino: int) -> bytes:
+    return _U64.pack(ino)
+
+
+def xattr_key(ino: int, name: bytes) -> bytes:
+    return _U64.pack(ino) + name
+
+
+def block_key(ino: int, block: int) -> bytes:
+    return _U64U64.pack(ino, block)
+
+
+def block_of_key(key: bytes) -> tuple[int, int]:
+    ino, blk = _U64U64.unpack(key)
+    return int(ino), int(blk)
+
+
+def ino_prefix(ino: int) -> bytes:
+    """Prefix of every per-inode family keyed by ino first (xattrs, blocks, dirents)."""
+    return _U64.pack(ino)
+
+
+def orphan_key(ino: int) -> bytes:
+    return _U64.pack(ino)
+
+
+def dirty_key(ino: int) -> bytes:
+    return _U64.pack(ino)
+
+
+def seq_key(vol: int) -> bytes:
+    return b"seq" + _U32.pack(vol)
+
+
+def volume_key(vol: int) -> bytes:
+    return _U32.pack(vol)
+
+
+def journal_key(vol: int, seq: int) -> bytes:
+    return _U32U64.pack(vol, seq)
+
+
+def journal_of_key(key: bytes) -> tuple[int, int]:
+    vol, seq = _U32U64.unpack(key)
+    return int(vol), int(seq)
+
+
+# --- value codecs -----------------------------------------------------------------------
+
+
+def pack_inode(a: Attr) -> bytes:
+    return _INODE.pack(
+        a.mode,
+        a.uid,
+        a.gid,
+        a.nlink,
+        a.size,
+        a.atime_ns,
+        a.mtime_ns,
+        a.ctime_ns,
+        a.btime_ns,
+        a.rdev,
+        a.blocks,
+        a.version,
+        a.generation,
+        a.volume,
+        a.parent,
+    )
+
+
+def unpack_inode(ino: int, raw: bytes) -> Attr:
+    (
+        mode,
+        uid,
+        gid,
+        nlink,
+        size,
+        atime,
+        mtime,
+        ctime,
+        btime,
+        rdev,
+        blocks,
+        version,
+        generation,
+        volume,
+        parent,
+    ) = _INODE.unpack(raw)
+    return Attr(
+        InodeId(ino),
+        mode,
+        uid,
+        gid,
+        nlink,
+        size,
+        atime,
+        mtime,
+        ctime,
+        btime,
+        rdev,
+        blocks,
+        version,
+        generation,
+        VolumeId(volume),
+        InodeId(parent),
+    )
+
+
+def pack_dirent(child: int, cookie: int) -> bytes:
+    return _DIRENT.pack(child, cookie)
+
+
+def unpack_dirent(raw: bytes) -> tuple[InodeId, int]:
+    child, cookie = _DIRENT.unpack(raw)
+    return InodeId(child), int(cookie)
+
+
+def pack_digest(d: int) -> bytes:
+    return _DIGEST.pack(d)
+
+
+def unpack_digest(raw: bytes) -> int:
+    return int(_DIGEST.unpack(raw)[0])
+
+
+def volume_id(v: int) -> VolumeId:
+    return VolumeId(v)

@@ -1,0 +1,278 @@
+"""The lmdb environment of one node: opening, identity, counters, transactions, the journal.
+
+Transactions are synchronous and never span an ``await`` (lmdb allows one write
+transaction at a time, and a trio task switch inside one would stall every
+other writer). Commits do not fsync (``sync=False``): a committed transaction
+survives ``kill -9`` of the daemon because its pages are already in the
+kernel's page cache; ``sync()`` makes everything committed so far durable
+against a machine crash and is what ``fsync``/``fsyncdir`` call.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+from dfs.clock import WallClock, system_time_ns
+from dfs.errors import FsError, NoSpace, StoreError
+from dfs.meta import schema as S
+from dfs.types import ROOT_INODE, ROOT_VOLUME, Attr, InodeId, NodeId, VolumeId, make_inode_id
+
+MAP_SIZE = 1 << 40  # address space only; the file grows as pages are used
+JOURNAL_KEEP = 100_000  # entries kept per volume for replicas to catch up from
+JOURNAL_TRIM_EVERY = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    cluster_id: str
+    node_id: NodeId
+    format_version: int
+
+
+def lmdb_to_fs_error(exc: lmdb.Error) -> FsError:
+    if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
+        return NoSpace(message=f"metadata store full: {exc}")
+    return FsError(errno.EIO, f"metadata store error: {exc}")
+
+
+class MetaStore:
+    """One node's metadata. Single writer: the daemon holds DIR/lock while it is open."""
+
+    def __init__(self, env: lmdb.Environment, identity: Identity, clock: WallClock) -> None:
+        self.env = env
+        self.identity = identity
+        self.clock = clock
+        self.dbs = {name: env.open_db(name.encode()) for name in S.DB_NAMES}
+        self.meta = self.dbs["meta"]
+        self.inodes = self.dbs["inodes"]
+        self.dirents = self.dbs["dirents"]
+        self.dirpos = self.dbs["dirpos"]
+        self.symlinks = self.dbs["symlinks"]
+        self.xattrs = self.dbs["xattrs"]
+        self.blocks = self.dbs["blocks"]
+        self.orphans = self.dbs["orphans"]
+        self.dirty = self.dbs["dirty"]
+        self.volumes = self.dbs["volumes"]
+        self.journal = self.dbs["journal"]
+        with env.begin() as txn:
+            self._next_counter = S.read_u64(txn.get(S.META_NEXT_COUNTER, db=self.meta))
+            self._next_cookie = S.read_u64(txn.get(S.META_NEXT_COOKIE, db=self.meta))
+            self._seq: dict[int, int] = {}
+            for key in txn.cursor(db=self.volumes).iternext(values=False):
+                vol = S.read_u32(key)
+                raw = txn.get(S.seq_key(vol), db=self.meta)
+                self._seq[vol] = S.read_u64(raw) if raw is not None else 0
+        self._appends = 0
+
+    # --- opening -------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        cluster_id: str | None = None,
+        node_id: NodeId = NodeId(1),
+        create: bool = True,
+        clock: WallClock = system_time_ns,
+        readonly: bool = False,
+    ) -> MetaStore:
+        """Open (or create) the metadata store in ``path``.
+
+        ``cluster_id=None`` accepts whatever cluster the store belongs to
+        (standalone use); otherwise a store of another cluster is an error.
+        """
+        exists = (path / "data.mdb").exists()
+        if not exists and (not create or readonly):
+            raise StoreError(f"{path}: no dfs metadata here")
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            env = lmdb.open(
+                str(path),
+                map_size=MAP_SIZE,
+                max_dbs=len(S.DB_NAMES) + 2,
+                sync=False,
+                metasync=False,
+                readahead=False,
+                readonly=readonly,
+                lock=not readonly,
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"{path}: cannot open metadata store: {exc}") from exc
+        try:
+            if not readonly:
+                cls._initialise(env, cluster_id or str(uuid.uuid4()), node_id, clock)
+            identity = cls._read_identity(env, path)
+            if cluster_id is not None and identity.cluster_id != cluster_id:
+                raise StoreError(
+                    f"{path}: belongs to cluster {identity.cluster_id}, not {cluster_id}"
+                )
+            return cls(env, identity, clock)
+        except BaseException:
+            env.close()
+            raise
+
+    @staticmethod
+    def _initialise(env: lmdb.Environment, cluster_id: str, node_id: NodeId, clock: WallClock) -> None:
+        meta = env.open_db(b"meta")
+        with env.begin(write=True) as txn:
+            if txn.get(S.META_FORMAT, db=meta) is not None:
+                return
+            for name in S.DB_NAMES:
+                env.open_db(name.encode(), txn=txn)
+            txn.put(S.META_FORMAT, S.u32(S.FORMAT_VERSION), db=meta)
+            txn.put(S.META_NODE_ID, S.u16(node_id), db=meta)
+            txn.put(S.META_CLUSTER_ID, cluster_id.encode(), db=meta)
+            txn.put(S.META_NEXT_COUNTER, S.u64(1), db=meta)  # counter 1 is the root
+            txn.put(S.META_NEXT_COOKIE, S.u64(S.FIRST_COOKIE - 1), db=meta)
+            txn.put(S.META_CLEAN, b"1", db=meta)
+            now = clock()
+            root = Attr(
+                ROOT_INODE,
+                0o40755,
+                os.getuid(),
+                os.getgid(),
+                2,
+                0,
+                now,
+                now,
+                now,
+                now,
+                parent=ROOT_INODE,
+                volume=ROOT_VOLUME,
+            )
+            txn.put(S.inode_key(ROOT_INODE), S.pack_inode(root), db=env.open_db(b"inodes", txn=txn))
+            vols = env.open_db(b"volumes", txn=txn)
+            txn.put(
+                S.volume_key(ROOT_VOLUME),
+                msgpack.packb({"root": int(ROOT_INODE), "path": "/"}),
+                db=vols,
+            )
+
+    @staticmethod
+    def _read_identity(env: lmdb.Environment, path: Path) -> Identity:
+        try:
+            meta = env.open_db(b"meta", create=False)
+        except lmdb.NotFoundError as exc:
+            raise StoreError(f"{path}: not a dfs metadata store") from exc
+        with env.begin() as txn:
+            fmt = txn.get(S.META_FORMAT, db=meta)
+            if fmt is None:
+                raise StoreError(f"{path}: not a dfs metadata store")
+            version = S.read_u32(fmt)
+            if version != S.FORMAT_VERSION:
+                raise StoreError(
+                    f"{path}: metadata format version {version}, this dfs reads "
+                    f"version {S.FORMAT_VERSION}"
+                )
+            return Identity(
+                cluster_id=bytes(txn.get(S.META_CLUSTER_ID, db=meta)).decode(),
+                node_id=NodeId(S.read_u16(txn.get(S.META_NODE_ID, db=meta))),
+                format_version=version,
+            )
+
+    def close(self) -> None:
+        self.env.close()
+
+    # --- transactions ----------------------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        with self.env.begin(buffers=False) as txn:
+            yield txn
+
+    @contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction; lmdb failures surface as FsError (ENOSPC, EIO)."""
+        txn = self.env.begin(write=True)
+        try:
+            yield txn
+        except BaseException:
+            txn.abort()
+            raise
+        try:
+            txn.commit()
+        except lmdb.Error as exc:
+            raise lmdb_to_fs_error(exc) from exc
+
+    def sync(self) -> None:
+        """Make every committed transaction durable (blocking: call off the event loop)."""
+        self.env.sync(True)
+
+    # --- counters (single writer: cached, persisted in the transaction that uses them) ---
+
+    def new_inode_id(self, txn: lmdb.Transaction) -> InodeId:
+        self._next_counter += 1
+        txn.put(S.META_NEXT_COUNTER, S.u64(self._next_counter), db=self.meta)
+        return make_inode_id(self.identity.node_id, self._next_counter)
+
+    def new_cookie(self, txn: lmdb.Transaction) -> int:
+        self._next_cookie += 1
+        txn.put(S.META_NEXT_COOKIE, S.u64(self._next_cookie), db=self.meta)
+        return self._next_cookie
+
+    def set_clean(self, clean: bool) -> bool:
+        """Record whether the store is cleanly closed; returns the previous state."""
+        with self.write() as txn:
+            prev = txn.get(S.META_CLEAN, db=self.meta)
+            txn.put(S.META_CLEAN, b"1" if clean else b"0", db=self.meta)
+        self.sync()
+        return prev == b"1"
+
+    # --- the journal of applied updates --------------------------------------------------
+
+    def seq(self, vol: VolumeId) -> int:
+        return self._seq.get(vol, 0)
+
+    def log(self, txn: lmdb.Transaction, vol: VolumeId, op: str, *args: Any) -> int:
+        """Append one applied update to the volume's journal; returns its sequence number.
+
+        The sequence orders every update of a volume (it becomes the primary's
+        order once volumes replicate) and is stamped into the changed inodes'
+        ``version``.
+        """
+        seq = self._seq.get(vol, 0) + 1
+        self._seq[vol] = seq
+        txn.put(S.journal_key(vol, seq), msgpack.packb([op, *args]), db=self.journal)
+        txn.put(S.seq_key(vol), S.u64(seq), db=self.meta)
+        self._appends += 1
+        if self._appends % JOURNAL_TRIM_EVERY == 0:
+            self._trim_journal(txn, vol, seq - JOURNAL_KEEP)
+        return seq
+
+    def _trim_journal(self, txn: lmdb.Transaction, vol: VolumeId, below: int) -> None:
+        if below <= 0:
+            return
+        cur = txn.cursor(db=self.journal)
+        if not cur.set_range(S.journal_key(vol, 0)):
+            return
+        removed = 0
+        while removed < 2 * JOURNAL_TRIM_EVERY:
+            v, s = S.journal_of_key(cur.key())
+            if v != vol or s >= below:
+                break
+            if not cur.delete():
+                break
+            removed += 1
+
+    def journal_entries(self, vol: VolumeId, after: int = 0) -> Iterator[tuple[int, list[Any]]]:
+        """Journal records of ``vol`` with sequence > ``after``, oldest first."""
+        with self.read() as txn:
+            cur = txn.cursor(db=self.journal)
+            if not cur.set_range(S.journal_key(vol, after + 1)):
+                return
+            for key, raw in cur:
+                v, s = S.journal_of_key(key)
+                if v != vol:
+                    break
+                yield s, list(msgpack.unpackb(raw))
