@@ -1,23 +1,28 @@
 """Block checksums: xxh3-64 of a block's logical contents (holes read as zeros)."""
 
-
 from __future__ import annotations
 
 import xxhash
 
 BLOCK_SIZE = 64 * 1024
 ZERO_BLOCK = bytes(BLOCK_SIZE)
+_ZERO_VIEW = memoryview(ZERO_BLOCK)
 
 
 def block_digest(data: bytes | bytearray | memoryview) -> int:
-    """xxh3-64 of a block with its trailing zero bytes removed.
+    """xxh3-64 of a block's contents zero-padded to BLOCK_SIZE.
 
-    Stripping makes a hole, a short last block and zero padding agree, so
-    extending a file never changes the digest of its old last block.
+    Padding makes a hole, a short last block and zeros written explicitly
+    agree, so extending a file never changes its old last block's digest, and
+    a block with no stored digest is equivalent to one of all zeros.
     """
-    if len(data) and data[-1] == 0:
-        data = bytes(data).rstrip(b"\0")
-    return int(xxhash.xxh3_64_intdigest(data))
+    n = len(data)
+    if n == BLOCK_SIZE:
+        return int(xxhash.xxh3_64_intdigest(data))
+    h = xxhash.xxh3_64()
+    h.update(data)
+    h.update(_ZERO_VIEW[n:])
+    return int(h.intdigest())
 
 
 def blocks_spanning(off: int, length: int) -> range:

@@ -6,12 +6,12 @@ what the kernel no longer references, mark the store clean, close it, unlock.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import resource
 import signal
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pyfuse3
@@ -20,6 +20,7 @@ import trio
 from dfs.data.store import DataStore
 from dfs.errors import StoreError
 from dfs.fs.vfs import Vfs
+from dfs.lockfile import DataDirLock
 from dfs.meta.store import MetaStore
 from mountd.fuse_convert import Counters
 from mountd.fuse_ops import DfsOperations
@@ -41,34 +42,6 @@ class DaemonOptions:
     allow_other: bool | None = None  # None: when running as root
 
 
-class DataDirLock:
-    """An exclusive flock on DIR/lock, holding the owner's pid for error messages."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "lock"
-        self.fd = -1
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StoreError(
-                f"{self.path.parent}: in use by another dfs-mountd (pid {owner}); "
-                "stop it first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 def check_data_dir(data_dir: Path) -> None:
     if data_dir.exists() and not data_dir.is_dir():
         raise StoreError(f"{data_dir}: not a directory")
@@ -80,6 +53,21 @@ def check_data_dir(data_dir: Path) -> None:
                 "use an empty or new directory"
             )
     data_dir.mkdir(parents=True, exist_ok=True)
+
+
+READAHEAD_KB = 1024
+
+
+def set_readahead(mountpoint: Path, kb: int) -> None:
+    """Raise the mount's readahead window (the kernel default, 128 KiB, means
+    one FUSE request per 128 KiB of a sequential read; 1 MiB requests cut the
+    per-request cost eightfold). Needs root; without it the default stays."""
+    dev = os.stat(mountpoint).st_dev
+    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    try:
+        path.write_text(f"{kb}\n")
+    except OSError as exc:
+        log.debug("cannot set readahead via %s: %s", path, exc)
 
 
 def raise_fd_limit() -> None:
@@ -144,7 +132,7 @@ def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
     )
     unmounted = False
     try:
-        trio.run(_main_loop)
+        trio.run(_main_loop, opts.mountpoint)
         pyfuse3.close(unmount=True)
         unmounted = True
     finally:
@@ -153,14 +141,21 @@ def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
         vfs.lookups.clear()
         vfs.recover()
         meta.set_clean(True)
-        log.info("unmounted %s%s", opts.mountpoint,
-                 f" ({Counters.bugs} unexpected errors)" if Counters.bugs else "")
+        log.info(
+            "unmounted %s%s",
+            opts.mountpoint,
+            f" ({Counters.bugs} unexpected errors)" if Counters.bugs else "",
+        )
     return EXIT_OK
 
 
-async def _main_loop() -> None:
+async def _main_loop(mountpoint: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
+        # stat() of the mount point is answered by this very loop: run it in a thread.
+        nursery.start_soon(
+            partial(trio.to_thread.run_sync, set_readahead, mountpoint, READAHEAD_KB)
+        )
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

@@ -63,6 +63,14 @@ META_CLUSTER_ID = b"cluster_id"
 META_NEXT_COUNTER = b"next_counter"
 META_NEXT_COOKIE = b"next_cookie"
 META_CLEAN = b"clean"
+# Records every store has, with their value size (0: any); a store without them is damaged.
+META_REQUIRED = (
+    (META_FORMAT, 4),
+    (META_NODE_ID, 2),
+    (META_CLUSTER_ID, 0),
+    (META_NEXT_COUNTER, 8),
+    (META_NEXT_COOKIE, 8),
+)
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")

@@ -14,7 +14,6 @@ import errno
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,28 @@ def lmdb_to_fs_error(exc: lmdb.Error) -> FsError:
     if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
         return NoSpace(message=f"metadata store full: {exc}")
     return FsError(errno.EIO, f"metadata store error: {exc}")
+
+
+class _WriteTxn:
+    """Context manager for one write transaction (a class: this is on every update's path)."""
+
+    __slots__ = ("env", "txn")
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self.env = env
+
+    def __enter__(self) -> lmdb.Transaction:
+        self.txn = self.env.begin(write=True)
+        return self.txn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.txn.abort()
+            return
+        try:
+            self.txn.commit()
+        except lmdb.Error as err:
+            raise lmdb_to_fs_error(err) from err
 
 
 class MetaStore:
@@ -175,6 +196,13 @@ class MetaStore:
                     f"{path}: metadata format version {version}, this dfs reads "
                     f"version {S.FORMAT_VERSION}"
                 )
+            for key, size in S.META_REQUIRED:
+                raw = txn.get(key, db=meta)
+                if raw is None or (size and len(raw) != size):
+                    raise StoreError(
+                        f"{path}: damaged metadata store: record {key.decode()!r} "
+                        f"{'missing' if raw is None else 'malformed'}"
+                    )
             return Identity(
                 cluster_id=bytes(txn.get(S.META_CLUSTER_ID, db=meta)).decode(),
                 node_id=NodeId(S.read_u16(txn.get(S.META_NODE_ID, db=meta))),
@@ -186,24 +214,13 @@ class MetaStore:
 
     # --- transactions ----------------------------------------------------------------
 
-    @contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
-        with self.env.begin(buffers=False) as txn:
-            yield txn
+    def read(self) -> lmdb.Transaction:
+        """A read-only transaction, used as ``with meta.read() as txn:``."""
+        return self.env.begin(buffers=False)
 
-    @contextmanager
-    def write(self) -> Iterator[lmdb.Transaction]:
+    def write(self) -> _WriteTxn:
         """A write transaction; lmdb failures surface as FsError (ENOSPC, EIO)."""
-        txn = self.env.begin(write=True)
-        try:
-            yield txn
-        except BaseException:
-            txn.abort()
-            raise
-        try:
-            txn.commit()
-        except lmdb.Error as exc:
-            raise lmdb_to_fs_error(exc) from exc
+        return _WriteTxn(self.env)
 
     def sync(self) -> None:
         """Make every committed transaction durable (blocking: call off the event loop)."""
@@ -220,6 +237,25 @@ class MetaStore:
         self._next_cookie += 1
         txn.put(S.META_NEXT_COOKIE, S.u64(self._next_cookie), db=self.meta)
         return self._next_cookie
+
+    def raise_counters(
+        self,
+        txn: lmdb.Transaction,
+        *,
+        counter: int = 0,
+        cookie: int = 0,
+        seq: tuple[VolumeId, int] | None = None,
+    ) -> None:
+        """Move counters forward to at least the given values (repair; never backwards)."""
+        if counter > self._next_counter:
+            self._next_counter = counter
+            txn.put(S.META_NEXT_COUNTER, S.u64(counter), db=self.meta)
+        if cookie > self._next_cookie:
+            self._next_cookie = cookie
+            txn.put(S.META_NEXT_COOKIE, S.u64(cookie), db=self.meta)
+        if seq is not None and seq[1] > self._seq.get(seq[0], 0):
+            self._seq[seq[0]] = seq[1]
+            txn.put(S.seq_key(seq[0]), S.u64(seq[1]), db=self.meta)
 
     def set_clean(self, clean: bool) -> bool:
         """Record whether the store is cleanly closed; returns the previous state."""

@@ -1,0 +1,3 @@
+from mountd.cli import main
+
+main()

@@ -1,0 +1,130 @@
+"""Run dfs-mountd in a subprocess for tests: start, wait until live, kill, restart, unmount.
+
+Every mount made here is unmounted in ``stop()`` whatever happened; the daemon's
+log is kept so a failing test can print it, and a log containing an
+unexpected exception fails the test that produced it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mountd.fuse_convert import BUG_MARKER
+from mountd.mountpoint import force_unmount, mounts
+
+MOUNTD = [sys.executable, "-m", "mountd"]
+START_TIMEOUT = 20.0
+
+
+class MountError(Exception):
+    pass
+
+
+class Mount:
+    def __init__(self, data_dir: Path, path: Path, log_path: Path, extra: list[str] | None = None):
+        self.data_dir = data_dir
+        self.path = path
+        self.log_path = log_path
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        log = open(self.log_path, "ab")
+        log.write(f"\n==== start #{self.starts} ====\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(
+            [*MOUNTD, "--data", str(self.data_dir), *self.extra, str(self.path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        self.wait_live()
+
+    def wait_live(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        parent_dev = os.stat(self.path.parent).st_dev
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise MountError(f"dfs-mountd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                # A stale mount left by a killed daemon still answers stat() from the
+                # kernel's attribute cache; only readdir proves a daemon is serving
+                # (a stale connection says ENOTCONN).
+                if os.stat(self.path).st_dev != parent_dev:
+                    os.listdir(self.path)
+                    return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise MountError(f"mount did not become live in {START_TIMEOUT}s:\n{self.log()}")
+
+    def is_mounted(self) -> bool:
+        return str(self.path) in mounts()
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (the mount goes stale until the next start)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def restart(self, *, kill: bool = False) -> None:
+        if kill:
+            self.kill()
+        else:
+            self.stop_daemon()
+        self.start()
+
+    def stop_daemon(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM and wait; returns the exit code (None if it had to be killed)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            return None
+
+    def stop(self) -> None:
+        """Unmount and end the daemon, whatever state they are in."""
+        try:
+            self.stop_daemon()
+        finally:
+            if self.is_mounted():
+                try:
+                    force_unmount(self.path)
+                except Exception:  # noqa: BLE001 - best effort in teardown
+                    pass
+
+    # --- inspection --------------------------------------------------------------------
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def bugs(self) -> list[str]:
+        return [
+            line for line in self.log().splitlines() if BUG_MARKER in line or "Traceback" in line
+        ]
+
+    def fsck(self, repair: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run the offline checker on the data directory (daemon must be stopped)."""
+        cmd = [sys.executable, "-m", "dfs_tools", "fsck", "--data", str(self.data_dir)]
+        if repair:
+            cmd.append("--repair")
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
