@@ -30,8 +30,19 @@ from mountd.daemon import DaemonOptions, run
     default=None,
     help="Let every user of the machine use the mount (default: when run as root).",
 )
+@click.option(
+    "--cluster-id",
+    default=None,
+    help="Cluster id the data directory must belong to (a new one is created with it).",
+)
 @click.argument("mountpoint", type=click.Path(path_type=Path))
-def main(data_dir: Path, log_level: str, allow_other: bool | None, mountpoint: Path) -> None:
+def main(
+    data_dir: Path,
+    log_level: str,
+    allow_other: bool | None,
+    cluster_id: str | None,
+    mountpoint: Path,
+) -> None:
     """Mount a dfs node at MOUNTPOINT and serve it until SIGTERM/SIGINT or unmount.
 
     Without a cluster configuration the node is a standalone one-node cluster
@@ -45,5 +56,10 @@ def main(data_dir: Path, log_level: str, allow_other: bool | None, mountpoint: P
         level=getattr(logging, log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    sys.exit(run(DaemonOptions(data_dir=data_dir.absolute(), mountpoint=mountpoint.absolute(),
-                               allow_other=allow_other)))
+    opts = DaemonOptions(
+        data_dir=data_dir.absolute(),
+        mountpoint=mountpoint.absolute(),
+        allow_other=allow_other,
+        cluster_id=cluster_id,
+    )
+    sys.exit(run(opts))

@@ -40,6 +40,7 @@ class DaemonOptions:
     data_dir: Path
     mountpoint: Path
     allow_other: bool | None = None  # None: when running as root
+    cluster_id: str | None = None  # required identity of DIR (None: whatever DIR holds)
 
 
 def check_data_dir(data_dir: Path) -> None:
@@ -88,7 +89,7 @@ def run(opts: DaemonOptions) -> int:
     try:
         check_data_dir(opts.data_dir)
         lock.acquire()
-        meta = MetaStore.open(opts.data_dir / "meta")
+        meta = MetaStore.open(opts.data_dir / "meta", cluster_id=opts.cluster_id)
     except StoreError as exc:
         lock.release()
         log.error("%s", exc)
@@ -132,7 +133,7 @@ def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
     )
     unmounted = False
     try:
-        trio.run(_main_loop, opts.mountpoint)
+        trio.run(_main_loop, opts.mountpoint, vfs)
         pyfuse3.close(unmount=True)
         unmounted = True
     finally:
@@ -149,9 +150,13 @@ def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
     return EXIT_OK
 
 
-async def _main_loop(mountpoint: Path) -> None:
+SYNC_INTERVAL = 5.0
+
+
+async def _main_loop(mountpoint: Path, vfs: Vfs) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(vfs.sync_periodically, SYNC_INTERVAL)
         # stat() of the mount point is answered by this very loop: run it in a thread.
         nursery.start_soon(
             partial(trio.to_thread.run_sync, set_readahead, mountpoint, READAHEAD_KB)

@@ -1,0 +1,1 @@
+"""Node-to-node networking: frames, message schemas, the authenticated handshake."""

@@ -1,0 +1,112 @@
+"""The cluster configuration: parsing, validation errors that name the key, ``init``."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dfs import config as C
+
+
+def base(**over: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "cluster": {"name": "lab", "id": "abc", "secret_file": "s"},
+        "nodes": [
+            {"name": "n1", "address": "127.0.0.1", "port": 7801, "id": 1},
+            {"name": "n2", "address": "127.0.0.1", "port": 7802, "id": 2},
+        ],
+    }
+    raw.update(over)
+    return raw
+
+
+def test_defaults_make_a_root_volume(tmp_path: Path) -> None:
+    cfg = C.parse(base(), base=tmp_path)
+    assert cfg.volumes == (C.VolumeConfig("/", "n1", ("n1", "n2")),)
+    assert cfg.secret_file == tmp_path / "s"
+    assert cfg.timeouts == C.Timeouts()
+    assert cfg.node("n2").port == 7802
+    with pytest.raises(C.ConfigError, match="no node named 'x'"):
+        cfg.node("x")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r.update(bogus=1), "unknown key"),
+        (lambda r: r["cluster"].update(colour="red"), r"cluster: unknown key\(s\) colour"),
+        (lambda r: r["cluster"].pop("id"), r"cluster\.id: missing"),
+        (lambda r: r["nodes"][1].update(name="n1"), "duplicate name 'n1'"),
+        (lambda r: r["nodes"][1].update(id=1), "duplicate id 1"),
+        (lambda r: r["nodes"][1].update(port=7801), "duplicate address:port"),
+        (lambda r: r["nodes"][0].update(port=70000), "port: 70000 out of range"),
+        (lambda r: r["nodes"][0].update(id=0), "id: 0 out of range"),
+        (lambda r: r["nodes"][0].update(port="x"), "port: expected int"),
+        (lambda r: r["nodes"][0].update(name="..."), "not a valid node name"),
+        (lambda r: r.update(nodes=[]), "at least one node"),
+        (
+            lambda r: r.update(volumes=[{"path": "/", "primary": "n9", "sites": ["n1"]}]),
+            "unknown node 'n9'",
+        ),
+        (
+            lambda r: r.update(volumes=[{"path": "/", "primary": "n2", "sites": ["n1"]}]),
+            "must be one of its sites",
+        ),
+        (
+            lambda r: r.update(volumes=[{"path": "/a", "primary": "n1", "sites": ["n1"]}]),
+            "root volume",
+        ),
+        (
+            lambda r: r.update(volumes=[{"path": "a", "primary": "n1", "sites": ["n1"]}]),
+            "absolute",
+        ),
+        (lambda r: r.update(timeouts={"call": -1}), "must be positive"),
+        (lambda r: r.update(timeouts={"nap": 1}), "unknown key"),
+        (lambda r: r["cluster"].update(replicas=0), "positive integer"),
+    ],
+)
+def test_inconsistent_files_are_clear_errors(tmp_path: Path, mutate: Any, message: str) -> None:
+    raw = base()
+    mutate(raw)
+    with pytest.raises(C.ConfigError, match=message):
+        C.parse(raw, base=tmp_path)
+
+
+def test_load_reports_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[cluster\n")
+    with pytest.raises(C.ConfigError, match="not valid TOML"):
+        C.load(p)
+    with pytest.raises(C.ConfigError, match="no such configuration file"):
+        C.load(tmp_path / "missing.toml")
+
+
+def test_init_writes_a_loadable_file_and_a_private_secret(tmp_path: Path) -> None:
+    p = tmp_path / "cluster.toml"
+    nodes = [("a", "127.0.0.1", 7801), ("b", "127.0.0.1", 7802), ("c", "127.0.0.1", 7803)]
+    made = C.init(p, nodes, name="lab", replicas=2)
+    loaded = C.load(p)
+    assert loaded.id == made.id and loaded.name == "lab"
+    assert [n.name for n in loaded.nodes] == ["a", "b", "c"]
+    assert [n.id for n in loaded.nodes] == [1, 2, 3]
+    assert loaded.volumes == (C.VolumeConfig("/", "a", ("a", "b")),)
+    assert stat.S_IMODE(os.stat(loaded.secret_file).st_mode) == 0o600
+    assert len(loaded.read_secret()) >= 32
+    tomllib.loads(p.read_text())
+    with pytest.raises(C.ConfigError, match="already exists"):
+        C.init(p, nodes)
+    again = C.init(p, nodes, force=True)
+    assert again.id != made.id
+
+
+def test_secret_readable_by_others_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "cluster.toml"
+    cfg = C.init(p, [("a", "127.0.0.1", 7801)])
+    os.chmod(cfg.secret_file, 0o644)
+    with pytest.raises(C.ConfigError, match="readable by others"):
+        cfg.read_secret()
