@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -33,7 +33,7 @@ class Counters:
     bugs = 0
 
 
-def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -88,7 +88,3 @@ def ctx_of(ctx: pyfuse3.RequestContext) -> Ctx:
         umask=ctx.umask,
         sup_groups=lambda: frozenset(pyfuse3.get_sup_groups(pid)),
     )
-
-
-def as_any(x: object) -> Any:
-    return x

@@ -16,7 +16,7 @@ import pyfuse3
 from dfs.errors import NotFound
 from dfs.fs.ctx import SetAttrs
 from dfs.fs.vfs import Vfs
-from dfs.types import FileHandle, InodeId
+from dfs.types import InodeId
 from mountd.fuse_convert import ctx_of, entry, fuse_errors, negative_entry
 
 CACHE_TIMEOUT = 300.0
@@ -263,7 +263,3 @@ class DfsOperations(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         self.vfs.removexattr(InodeId(inode), name)
-
-
-def handle(fh: int) -> FileHandle:
-    return FileHandle(fh)

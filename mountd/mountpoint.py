@@ -82,7 +82,9 @@ def prepare(mountpoint: Path) -> bool:
     try:
         os.stat(path)
     except FileNotFoundError:
-        raise MountPointError(f"{mountpoint}: mount point does not exist (mkdir it first)") from None
+        raise MountPointError(
+            f"{mountpoint}: mount point does not exist (mkdir it first)"
+        ) from None
     except OSError as exc:
         raise MountPointError(f"{mountpoint}: {exc.strerror}") from None
     if not path.is_dir():

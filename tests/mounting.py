@@ -7,6 +7,7 @@ unexpected exception fails the test that produced it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -39,16 +40,15 @@ class Mount:
     def start(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.starts += 1
-        log = open(self.log_path, "ab")
-        log.write(f"\n==== start #{self.starts} ====\n".encode())
-        log.flush()
-        self.proc = subprocess.Popen(
-            [*MOUNTD, "--data", str(self.data_dir), *self.extra, str(self.path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n==== start #{self.starts} ====\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                [*MOUNTD, "--data", str(self.data_dir), *self.extra, str(self.path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         self.wait_live()
 
     def wait_live(self) -> None:
@@ -104,10 +104,8 @@ class Mount:
             self.stop_daemon()
         finally:
             if self.is_mounted():
-                try:
+                with contextlib.suppress(Exception):  # best effort in teardown
                     force_unmount(self.path)
-                except Exception:  # noqa: BLE001 - best effort in teardown
-                    pass
 
     # --- inspection --------------------------------------------------------------------
 

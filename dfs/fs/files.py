@@ -25,7 +25,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import lmdb
 import trio
 
 from dfs.clock import WallClock
@@ -33,7 +32,7 @@ from dfs.data.store import DataStore, digest_range, direct_eligible
 from dfs.errors import Corrupted, FsError, IsADir
 from dfs.hashing import BLOCK_SIZE, block_digest, blocks_spanning
 from dfs.meta import schema as S
-from dfs.meta.store import MetaStore
+from dfs.meta.store import MetaStore, Txn
 from dfs.types import Attr, FileHandle, InodeId
 
 log = logging.getLogger(__name__)
@@ -177,7 +176,7 @@ class FileIO:
 
     # --- data -----------------------------------------------------------------------------
 
-    def _attr(self, txn: lmdb.Transaction, ino: int) -> Attr:
+    def _attr(self, txn: Txn, ino: int) -> Attr:
         raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
         if raw is None:
             raise FsError(errno.ENOENT)

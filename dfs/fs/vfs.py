@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import lmdb
 import trio
 
 from dfs.clock import WallClock, system_time_ns
@@ -44,7 +43,7 @@ from dfs.errors import (
 from dfs.fs.ctx import Ctx, SetAttrs
 from dfs.fs.files import FileIO
 from dfs.meta import schema as S
-from dfs.meta.store import MetaStore
+from dfs.meta.store import MetaStore, Txn
 from dfs.types import ROOT_INODE, Attr, FileHandle, InodeId, VolumeId
 
 log = logging.getLogger(__name__)
@@ -95,35 +94,35 @@ class Vfs:
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _get(self, txn: lmdb.Transaction, ino: int) -> Attr:
+    def _get(self, txn: Txn, ino: int) -> Attr:
         raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
         if raw is None:
             raise NotFound(message=f"no inode {ino:#x}")
         return S.unpack_inode(ino, raw)
 
-    def _put(self, txn: lmdb.Transaction, a: Attr) -> None:
+    def _put(self, txn: Txn, a: Attr) -> None:
         txn.put(S.inode_key(a.ino), S.pack_inode(a), db=self.meta.inodes)
 
-    def _child(self, txn: lmdb.Transaction, parent: int, name: bytes) -> tuple[InodeId, int] | None:
+    def _child(self, txn: Txn, parent: int, name: bytes) -> tuple[InodeId, int] | None:
         raw = txn.get(S.dirent_key(parent, name), db=self.meta.dirents)
         return None if raw is None else S.unpack_dirent(raw)
 
-    def _dir(self, txn: lmdb.Transaction, ino: int) -> Attr:
+    def _dir(self, txn: Txn, ino: int) -> Attr:
         a = self._get(txn, ino)
         if not a.is_dir:
             raise NotADir()
         return a
 
-    def _add_entry(self, txn: lmdb.Transaction, parent: int, name: bytes, child: int) -> None:
+    def _add_entry(self, txn: Txn, parent: int, name: bytes, child: int) -> None:
         cookie = self.meta.new_cookie(txn)
         txn.put(S.dirent_key(parent, name), S.pack_dirent(child, cookie), db=self.meta.dirents)
         txn.put(S.dirpos_key(parent, cookie), name, db=self.meta.dirpos)
 
-    def _drop_entry(self, txn: lmdb.Transaction, parent: int, name: bytes, cookie: int) -> None:
+    def _drop_entry(self, txn: Txn, parent: int, name: bytes, cookie: int) -> None:
         txn.delete(S.dirent_key(parent, name), db=self.meta.dirents)
         txn.delete(S.dirpos_key(parent, cookie), db=self.meta.dirpos)
 
-    def _is_empty(self, txn: lmdb.Transaction, ino: int) -> bool:
+    def _is_empty(self, txn: Txn, ino: int) -> bool:
         prefix = S.dirent_prefix(ino)
         cur = txn.cursor(db=self.meta.dirents)
         return not (cur.set_range(prefix) and cur.key().startswith(prefix))
@@ -131,11 +130,11 @@ class Vfs:
     def _count(self, ino: InodeId) -> None:
         self.lookups[ino] = self.lookups.get(ino, 0) + 1
 
-    def _unlinked(self, txn: lmdb.Transaction, a: Attr) -> None:
+    def _unlinked(self, txn: Txn, a: Attr) -> None:
         """Called when a's link count dropped to zero: keep it as an orphan until forgotten."""
         txn.put(S.orphan_key(a.ino), b"", db=self.meta.orphans)
 
-    def _stamp(self, txn: lmdb.Transaction, vol: VolumeId, op: str, *args: object) -> int:
+    def _stamp(self, txn: Txn, vol: VolumeId, op: str, *args: object) -> int:
         return self.meta.log(txn, vol, op, *args)
 
     # --- lookups and attributes ----------------------------------------------------------
@@ -222,7 +221,7 @@ class Vfs:
 
     def _new_inode(
         self,
-        txn: lmdb.Transaction,
+        txn: Txn,
         parent: Attr,
         name: bytes,
         mode: int,
@@ -268,7 +267,12 @@ class Vfs:
         return a
 
     def _create_node(
-        self, parent: InodeId, name: bytes, mode: int, ctx: Ctx, rdev: int = 0,
+        self,
+        parent: InodeId,
+        name: bytes,
+        mode: int,
+        ctx: Ctx,
+        rdev: int = 0,
         target: bytes | None = None,
     ) -> Attr:
         with self.meta.write() as txn:
@@ -487,7 +491,7 @@ class Vfs:
         if replaced is not None:
             self._maybe_purge(replaced)
 
-    def _check_not_ancestor(self, txn: lmdb.Transaction, moved: InodeId, new_parent: InodeId) -> None:
+    def _check_not_ancestor(self, txn: Txn, moved: InodeId, new_parent: InodeId) -> None:
         """EINVAL if ``moved`` is ``new_parent`` or one of its ancestors."""
         cur = new_parent
         while True:
@@ -622,7 +626,7 @@ class Vfs:
             a.version = self._stamp(txn, a.volume, "setxattr", ino, name, value)
             self._put(txn, a)
 
-    def _xattr_total(self, txn: lmdb.Transaction, ino: int) -> int:
+    def _xattr_total(self, txn: Txn, ino: int) -> int:
         prefix = S.ino_prefix(ino)
         cur = txn.cursor(db=self.meta.xattrs)
         total = 0
@@ -711,7 +715,8 @@ class Vfs:
                 for k in txn.cursor(db=self.meta.orphans).iternext(values=False)
             ]
             dirty = [
-                InodeId(S.read_u64(k)) for k in txn.cursor(db=self.meta.dirty).iternext(values=False)
+                InodeId(S.read_u64(k))
+                for k in txn.cursor(db=self.meta.dirty).iternext(values=False)
             ]
         for ino in orphans:
             self.purge(ino)
@@ -723,7 +728,7 @@ class Vfs:
         return len(orphans), resettled
 
 
-def delete_inode_records(meta: MetaStore, txn: lmdb.Transaction, ino: int) -> None:
+def delete_inode_records(meta: MetaStore, txn: Txn, ino: int) -> None:
     """Remove every record keyed by ``ino`` (not its directory entries)."""
     txn.delete(S.inode_key(ino), db=meta.inodes)
     txn.delete(S.symlink_key(ino), db=meta.symlinks)

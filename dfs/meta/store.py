@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 import msgpack
@@ -26,6 +26,12 @@ from dfs.errors import FsError, NoSpace, StoreError
 from dfs.meta import schema as S
 from dfs.types import ROOT_INODE, ROOT_VOLUME, Attr, InodeId, NodeId, VolumeId, make_inode_id
 
+if TYPE_CHECKING:
+    Txn = lmdb.Transaction[bytes]  # every transaction here is opened with buffers=False
+else:
+    Txn = lmdb.Transaction
+
+STANDALONE_NODE = NodeId(1)
 MAP_SIZE = 1 << 40  # address space only; the file grows as pages are used
 JOURNAL_KEEP = 100_000  # entries kept per volume for replicas to catch up from
 JOURNAL_TRIM_EVERY = 1024
@@ -44,6 +50,13 @@ def lmdb_to_fs_error(exc: lmdb.Error) -> FsError:
     return FsError(errno.EIO, f"metadata store error: {exc}")
 
 
+def _required(txn: Txn, key: bytes, db: lmdb._Database) -> bytes:
+    raw = txn.get(key, db=db)
+    if raw is None:
+        raise StoreError(f"damaged metadata store: record {key.decode()!r} missing")
+    return raw
+
+
 class _WriteTxn:
     """Context manager for one write transaction (a class: this is on every update's path)."""
 
@@ -52,8 +65,8 @@ class _WriteTxn:
     def __init__(self, env: lmdb.Environment) -> None:
         self.env = env
 
-    def __enter__(self) -> lmdb.Transaction:
-        self.txn = self.env.begin(write=True)
+    def __enter__(self) -> Txn:
+        self.txn: Txn = self.env.begin(write=True)
         return self.txn
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -86,8 +99,8 @@ class MetaStore:
         self.volumes = self.dbs["volumes"]
         self.journal = self.dbs["journal"]
         with env.begin() as txn:
-            self._next_counter = S.read_u64(txn.get(S.META_NEXT_COUNTER, db=self.meta))
-            self._next_cookie = S.read_u64(txn.get(S.META_NEXT_COOKIE, db=self.meta))
+            self._next_counter = S.read_u64(_required(txn, S.META_NEXT_COUNTER, self.meta))
+            self._next_cookie = S.read_u64(_required(txn, S.META_NEXT_COOKIE, self.meta))
             self._seq: dict[int, int] = {}
             for key in txn.cursor(db=self.volumes).iternext(values=False):
                 vol = S.read_u32(key)
@@ -103,7 +116,7 @@ class MetaStore:
         path: Path,
         *,
         cluster_id: str | None = None,
-        node_id: NodeId = NodeId(1),
+        node_id: NodeId = STANDALONE_NODE,
         create: bool = True,
         clock: WallClock = system_time_ns,
         readonly: bool = False,
@@ -144,7 +157,9 @@ class MetaStore:
             raise
 
     @staticmethod
-    def _initialise(env: lmdb.Environment, cluster_id: str, node_id: NodeId, clock: WallClock) -> None:
+    def _initialise(
+        env: lmdb.Environment, cluster_id: str, node_id: NodeId, clock: WallClock
+    ) -> None:
         meta = env.open_db(b"meta")
         with env.begin(write=True) as txn:
             if txn.get(S.META_FORMAT, db=meta) is not None:
@@ -204,8 +219,8 @@ class MetaStore:
                         f"{'missing' if raw is None else 'malformed'}"
                     )
             return Identity(
-                cluster_id=bytes(txn.get(S.META_CLUSTER_ID, db=meta)).decode(),
-                node_id=NodeId(S.read_u16(txn.get(S.META_NODE_ID, db=meta))),
+                cluster_id=_required(txn, S.META_CLUSTER_ID, meta).decode(),
+                node_id=NodeId(S.read_u16(_required(txn, S.META_NODE_ID, meta))),
                 format_version=version,
             )
 
@@ -214,7 +229,7 @@ class MetaStore:
 
     # --- transactions ----------------------------------------------------------------
 
-    def read(self) -> lmdb.Transaction:
+    def read(self) -> Txn:
         """A read-only transaction, used as ``with meta.read() as txn:``."""
         return self.env.begin(buffers=False)
 
@@ -228,34 +243,43 @@ class MetaStore:
 
     # --- counters (single writer: cached, persisted in the transaction that uses them) ---
 
-    def new_inode_id(self, txn: lmdb.Transaction) -> InodeId:
+    def new_inode_id(self, txn: Txn) -> InodeId:
         self._next_counter += 1
         txn.put(S.META_NEXT_COUNTER, S.u64(self._next_counter), db=self.meta)
         return make_inode_id(self.identity.node_id, self._next_counter)
 
-    def new_cookie(self, txn: lmdb.Transaction) -> int:
+    def new_cookie(self, txn: Txn) -> int:
         self._next_cookie += 1
         txn.put(S.META_NEXT_COOKIE, S.u64(self._next_cookie), db=self.meta)
         return self._next_cookie
 
     def raise_counters(
         self,
-        txn: lmdb.Transaction,
+        txn: Txn,
         *,
         counter: int = 0,
         cookie: int = 0,
         seq: tuple[VolumeId, int] | None = None,
     ) -> None:
-        """Move counters forward to at least the given values (repair; never backwards)."""
-        if counter > self._next_counter:
-            self._next_counter = counter
-            txn.put(S.META_NEXT_COUNTER, S.u64(counter), db=self.meta)
-        if cookie > self._next_cookie:
-            self._next_cookie = cookie
-            txn.put(S.META_NEXT_COOKIE, S.u64(cookie), db=self.meta)
-        if seq is not None and seq[1] > self._seq.get(seq[0], 0):
-            self._seq[seq[0]] = seq[1]
-            txn.put(S.seq_key(seq[0]), S.u64(seq[1]), db=self.meta)
+        """Move counters forward to at least the given values (repair; never backwards).
+
+        Compared with what is stored, not only with this process's cache, so a
+        damaged record is rewritten even when the cache is already ahead.
+        """
+
+        def stored(key: bytes) -> int:
+            raw = txn.get(key, db=self.meta)
+            return S.read_u64(bytes(raw)) if raw is not None and len(raw) == 8 else 0
+
+        if counter > stored(S.META_NEXT_COUNTER):
+            self._next_counter = max(self._next_counter, counter)
+            txn.put(S.META_NEXT_COUNTER, S.u64(self._next_counter), db=self.meta)
+        if cookie > stored(S.META_NEXT_COOKIE):
+            self._next_cookie = max(self._next_cookie, cookie)
+            txn.put(S.META_NEXT_COOKIE, S.u64(self._next_cookie), db=self.meta)
+        if seq is not None and seq[1] > stored(S.seq_key(seq[0])):
+            self._seq[seq[0]] = max(self._seq.get(seq[0], 0), seq[1])
+            txn.put(S.seq_key(seq[0]), S.u64(self._seq[seq[0]]), db=self.meta)
 
     def set_clean(self, clean: bool) -> bool:
         """Record whether the store is cleanly closed; returns the previous state."""
@@ -270,7 +294,7 @@ class MetaStore:
     def seq(self, vol: VolumeId) -> int:
         return self._seq.get(vol, 0)
 
-    def log(self, txn: lmdb.Transaction, vol: VolumeId, op: str, *args: Any) -> int:
+    def log(self, txn: Txn, vol: VolumeId, op: str, *args: Any) -> int:
         """Append one applied update to the volume's journal; returns its sequence number.
 
         The sequence orders every update of a volume (it becomes the primary's
@@ -286,7 +310,7 @@ class MetaStore:
             self._trim_journal(txn, vol, seq - JOURNAL_KEEP)
         return seq
 
-    def _trim_journal(self, txn: lmdb.Transaction, vol: VolumeId, below: int) -> None:
+    def _trim_journal(self, txn: Txn, vol: VolumeId, below: int) -> None:
         if below <= 0:
             return
         cur = txn.cursor(db=self.journal)

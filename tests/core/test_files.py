@@ -1,0 +1,147 @@
+"""File contents on the core: write/read/truncate, sparse files, and block checksums."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from dfs.check.checker import stored_digests
+from dfs.errors import Corrupted, FsError
+from dfs.hashing import BLOCK_SIZE, block_digest
+from tests.core.harness import Core
+
+B = BLOCK_SIZE
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    return bytes((i * 31 + seed) % 251 for i in range(n))
+
+
+def test_write_read_round_trip(core: Core) -> None:
+    data = pattern(3 * B + 123)
+    a = core.write_file("/f", data)
+    assert a.size == len(data)
+    assert core.read_file("/f") == data
+    fh = core.open("/f")
+    assert core.read(fh, B - 10, 20) == data[B - 10 : B + 10]
+    assert core.read(fh, len(data), 10) == b""
+    assert core.read(fh, len(data) + 100, 10) == b""
+    core.release(fh)
+
+
+def test_checksums_settled_on_release(core: Core) -> None:
+    data = pattern(2 * B + 5)
+    fh, a = core.create("/f")
+    core.write(fh, 0, data)
+    core.release(fh)
+    digests = stored_digests(core.meta, a.ino)
+    assert digests == {
+        0: block_digest(data[:B]),
+        1: block_digest(data[B : 2 * B]),
+        2: block_digest(data[2 * B :]),
+    }
+
+
+def test_partial_overwrites(core: Core) -> None:
+    fh, _ = core.create("/f")
+    core.write(fh, 0, pattern(2 * B))
+    core.fsync(fh)
+    core.write(fh, 100, b"X" * 10)  # inside block 0
+    core.write(fh, B - 5, b"Y" * 10)  # straddles blocks 0 and 1
+    expect = bytearray(pattern(2 * B))
+    expect[100:110] = b"X" * 10
+    expect[B - 5 : B + 5] = b"Y" * 10
+    assert core.read(fh, 0, 2 * B) == bytes(expect)
+    core.release(fh)
+    assert core.read_file("/f") == bytes(expect)
+
+
+def test_sparse_file(core: Core) -> None:
+    fh, a = core.create("/f")
+    core.write(fh, 10 * B + 7, b"end")
+    core.release(fh)
+    assert core.resolve("/f").size == 10 * B + 10
+    data = core.read_file("/f")
+    assert data == bytes(10 * B + 7) + b"end"
+    assert set(stored_digests(core.meta, a.ino)) <= {10}  # holes have no digest
+    st = os.stat(core.data.path(a.ino))
+    assert st.st_blocks * 512 < 2 * B  # the data file keeps the hole
+
+
+def test_truncate_shrink_extend(core: Core) -> None:
+    data = pattern(3 * B)
+    a = core.write_file("/f", data)
+    core.truncate("/f", B + 10)
+    assert core.resolve("/f").size == B + 10
+    assert core.read_file("/f") == data[: B + 10]
+    assert set(stored_digests(core.meta, a.ino)) == {0, 1}
+    core.truncate("/f", 2 * B + 1)  # extend: a hole, zeros
+    assert core.read_file("/f") == data[: B + 10] + bytes(B - 9)
+    core.truncate("/f", 0)
+    assert core.read_file("/f") == b""
+    assert stored_digests(core.meta, a.ino) == {}
+
+
+def test_truncate_while_open_and_dirty(core: Core) -> None:
+    fh, a = core.create("/f")
+    core.write(fh, 0, pattern(2 * B))
+    core.truncate("/f", 100)
+    core.write(fh, 50, b"Z" * 100)
+    assert core.read(fh, 0, 1000) == pattern(2 * B)[:50] + b"Z" * 100
+    core.release(fh)
+    assert core.read_file("/f") == pattern(2 * B)[:50] + b"Z" * 100
+
+
+def test_truncate_dir_and_symlink(core: Core) -> None:
+    core.mkdir("/d")
+    core.symlink("/l", b"target")
+    with pytest.raises(FsError) as e:
+        core.truncate("/d", 0)
+    assert e.value.errno == errno.EISDIR
+    with pytest.raises(FsError) as e:
+        core.truncate("/l", 0)
+    assert e.value.errno == errno.EINVAL
+    assert core.resolve("/l").size == len(b"target")
+
+
+def test_corrupted_block_reads_eio(core: Core) -> None:
+    data = pattern(2 * B)
+    a = core.write_file("/f", data)
+    path = core.data.path(a.ino)
+    raw = bytearray(path.read_bytes())
+    raw[B + 3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    fh = core.open("/f")
+    assert core.read(fh, 0, 100) == data[:100]  # block 0 is fine
+    with pytest.raises(Corrupted):
+        core.read(fh, B, 100)
+    core.release(fh)
+    codes = [(f.code, f.ino, f.value) for f in core.findings()]
+    assert codes == [("checksum-mismatch", a.ino, 1)]
+    raw[B + 3] ^= 0xFF  # put it back: the store is consistent again
+    path.write_bytes(bytes(raw))
+    assert core.read_file("/f") == data
+
+
+def test_many_small_writes_then_fsync(core: Core) -> None:
+    fh, _ = core.create("/f")
+    chunks = [pattern(4096, seed=i) for i in range(40)]
+    for i, c in enumerate(chunks):
+        core.write(fh, i * 4096, c)
+    core.fsync(fh)
+    assert core.read(fh, 0, 40 * 4096) == b"".join(chunks)
+    core.release(fh)
+
+
+def test_unlinked_open_file_keeps_data_until_forgotten(core: Core) -> None:
+    fh, a = core.create("/f")
+    core.write(fh, 0, pattern(B + 1))
+    core.unlink("/f")
+    assert core.read(fh, 0, B + 1) == pattern(B + 1)
+    core.release(fh)
+    assert core.data.exists(a.ino)
+    core.vfs.forget([(a.ino, core.vfs.lookups[a.ino])])
+    assert not core.data.exists(a.ino)
+    assert stored_digests(core.meta, a.ino) == {}
