@@ -36,6 +36,9 @@ Invariants (finding codes in brackets; * = repairable):
             blocks before EOF [digest-past-eof*]; a ``dirty`` record means
             checksums were never settled: nobody is writing offline
             [dirty-unsettled*].
+  inline    inline contents belong to existing regular files [stray-record*] and
+            hold exactly the file's size, within INLINE_MAX [inline-size];
+            an inline file has no data file [inline-and-data-file*].
   data      (in dfs/check/contents.py) data files only for existing regular
             inodes [stray-data-file*, misplaced-data-file], never longer than
             the file [data-past-eof*];
@@ -57,6 +60,7 @@ from dfs.check.contents import (
     check_blocks_records,
     check_data_digests,
     check_data_files,
+    check_inline_records,
     stored_digests,
 )
 from dfs.check.finding import CheckContext, Finding, kind
@@ -525,6 +529,7 @@ CHECKS: tuple[Callable[[CheckContext], Iterator[Finding]], ...] = (
     check_records_owner,
     check_records_dirty,
     check_blocks_records,
+    check_inline_records,
     check_data_files,
     check_journal_keys,
 )

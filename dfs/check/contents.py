@@ -15,6 +15,7 @@ from dfs.check.finding import CheckContext, Finding, kind
 from dfs.check.scan import scan
 from dfs.data.store import DataStore
 from dfs.errors import FsError
+from dfs.fs.files import read_block
 from dfs.hashing import BLOCK_SIZE, block_digest
 from dfs.meta import schema as S
 from dfs.meta.store import MetaStore
@@ -70,6 +71,14 @@ def check_data_files(ctx: CheckContext) -> Iterator[Finding]:
         if not info.is_reg:
             yield Finding("stray-data-file", ino, f"data file of a {kind(info.mode)}", True)
             continue
+        if ino in idx.inline:
+            yield Finding(
+                "inline-and-data-file",
+                ino,
+                "inline file also has a data file (a move to the data store was interrupted)",
+                True,
+            )
+            continue
         size = path.stat().st_size
         if size > info.size:
             yield Finding(
@@ -78,6 +87,30 @@ def check_data_files(ctx: CheckContext) -> Iterator[Finding]:
                 f"data file has {size} bytes, the file {info.size}",
                 True,
                 value=info.size,
+            )
+
+
+def check_inline_records(ctx: CheckContext) -> Iterator[Finding]:
+    """Inline contents belong to regular files and hold exactly their size, within the limit."""
+    idx = ctx.index
+    for ino, length in sorted(idx.inline.items()):
+        where = ("inline", S.inline_key(ino))
+        info = idx.inodes.get(ino)
+        if info is None:
+            if ino not in idx.malformed:
+                yield Finding(
+                    "stray-record", ino, "inline contents of a missing inode", True, where
+                )
+        elif not info.is_reg:
+            yield Finding(
+                "stray-record", ino, f"inline contents of a {kind(info.mode)}", True, where
+            )
+        elif length != info.size or length > S.INLINE_MAX:
+            yield Finding(
+                "inline-size",
+                ino,
+                f"inline contents of {length} bytes, file size {info.size} (limit {S.INLINE_MAX})",
+                False,
             )
 
 
@@ -127,6 +160,22 @@ def check_data_digests(ctx: CheckContext) -> Iterator[Finding]:
 
 def _verify_file(ctx: CheckContext, ino: int, size: int) -> Iterator[Finding]:
     stored = stored_digests(ctx.meta, ino)
+    if ino in ctx.index.inline:
+        got = block_digest(read_block(ctx.meta, ctx.data, ino, 0, size))
+        want = stored.get(0)
+        if want is None and got != EMPTY_DIGEST:
+            yield Finding(
+                "unchecksummed-block", ino, "inline contents have no checksum", True, value=0
+            )
+        elif want is not None and got != want:
+            yield Finding(
+                "checksum-mismatch",
+                ino,
+                f"inline contents: stored checksum {want:016x}, contents hash to {got:016x}",
+                True,
+                value=0,
+            )
+        return
     try:
         fd = ctx.data.open(ino, create=False)
     except FsError as exc:

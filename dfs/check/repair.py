@@ -34,9 +34,9 @@ from dfs.check.scan import Index, build_index, get
 from dfs.data.store import DataStore
 from dfs.errors import FsError
 from dfs.fs.ctx import ROOT_CTX
-from dfs.fs.files import FileIO
+from dfs.fs.files import FileIO, read_block
 from dfs.fs.vfs import Vfs
-from dfs.hashing import BLOCK_SIZE, block_digest
+from dfs.hashing import block_digest
 from dfs.meta import schema as S
 from dfs.meta.store import MetaStore, Txn
 from dfs.types import ROOT_INODE, ROOT_VOLUME, Attr, InodeId, VolumeId
@@ -109,7 +109,7 @@ class _Repairer:
             (frozenset({"nlink-mismatch"}), self._recount),
             (frozenset({"symlink-size"}), self._symlink_size),
             (frozenset({"data-past-eof"}), self._truncate),
-            (frozenset({"dirty-unsettled"}), self._rechecksum),
+            (frozenset({"dirty-unsettled", "inline-and-data-file"}), self._rechecksum),
             (frozenset({"checksum-mismatch", "unchecksummed-block"}), self._rehash),
         ]
 
@@ -436,12 +436,7 @@ class _Repairer:
             if size is None or blk is None:
                 continue
             try:
-                fd = self.data.open(f.ino, create=False)
-                try:
-                    digest = block_digest(DataStore.pread(fd, blk * BLOCK_SIZE, BLOCK_SIZE, size))
-                finally:
-                    if fd is not None:
-                        self.data.close(fd)
+                digest = block_digest(read_block(self.meta, self.data, f.ino, blk, size))
             except FsError as exc:
                 self.done.append(
                     f"{f.ino:#x} block {blk}: NOT repaired, the block cannot be read: {exc}"

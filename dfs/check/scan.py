@@ -137,6 +137,7 @@ class Index:
     subdirs: Counter[int] = field(default_factory=Counter)
     orphans: set[int] = field(default_factory=set)
     dirty: set[int] = field(default_factory=set)
+    inline: dict[int, int] = field(default_factory=dict)  # ino -> length of inline contents
     root_missing: bool = False
     _reachable: set[int] | None = None
 
@@ -236,4 +237,7 @@ def build_index(meta: MetaStore, progress: Progress | None = None) -> Index:
     for key, _ in scan(meta, meta.dirty):
         if len(key) == 8:
             idx.dirty.add(S.read_u64(key))
+    for key, raw in scan(meta, meta.inline):
+        if len(key) == 8:
+            idx.inline[S.read_u64(key)] = len(raw)
     return idx

@@ -189,6 +189,10 @@ class FileIO:
             end = min(off + size, a.size)
             if end <= off:
                 return b""
+            inl = txn.get(S.inline_key(st.ino), db=self.meta.inline)
+            if inl is not None:
+                _verify_inline(st.ino, inl, txn.get(S.block_key(st.ino, 0), db=self.meta.blocks))
+                return inl[off:end] + bytes(max(0, end - max(off, len(inl))))
             blocks = blocks_spanning(off, end - off)
             digests: dict[int, int] = {}
             cur = txn.cursor(db=self.meta.blocks)
@@ -239,7 +243,9 @@ class FileIO:
             return 0
         async with _locked(st.lock):
             if st.fd is None:
-                st.fd = await self._open_for_write(st.ino)
+                if off + n <= S.INLINE_MAX and self._write_inline(st.ino, off, data):
+                    return n
+                st.fd = self._to_data_file(st)
             fd = st.fd
             direct = False
             if direct_eligible(off, n) and self.data.direct:
@@ -273,9 +279,54 @@ class FileIO:
             st.intent = True
         return n
 
-    async def _open_for_write(self, ino: InodeId) -> int:
+    # --- inline files (see dfs/meta/schema.py) ---------------------------------------------
+
+    def _write_inline(self, ino: InodeId, off: int, data: bytes) -> bool:
+        """Write into an inline (or empty) file in one transaction; False if it has a data file."""
+        now = self.clock()
+        with self.meta.write() as txn:
+            a = self._attr(txn, ino)
+            key = S.inline_key(ino)
+            inl = txn.get(key, db=self.meta.inline)
+            if inl is None and (a.size > 0 or self.data.exists(ino)):
+                return False
+            buf = bytearray(inl or b"")
+            if off > len(buf):
+                buf.extend(bytes(off - len(buf)))
+            buf[off : off + len(data)] = data
+            txn.put(key, buf, db=self.meta.inline)
+            txn.put(S.block_key(ino, 0), S.pack_digest(block_digest(buf)), db=self.meta.blocks)
+            a.size = len(buf)
+            a.blocks = inline_blocks(buf)
+            a.mtime_ns = a.ctime_ns = now
+            a.version = self.meta.log(txn, a.volume, "write", ino, off, len(data), a.size)
+            txn.put(S.inode_key(ino), S.pack_inode(a), db=self.meta.inodes)
+        return True
+
+    def _to_data_file(self, st: OpenInode) -> int:
+        """Open (creating) ino's data file, moving inline contents into it first.
+
+        The ``dirty`` record is committed before the data file is written and
+        the inline record deleted after it, so a daemon killed in between
+        leaves an inline file (which wins) plus a leftover that recovery removes.
+        """
+        ino = st.ino
+        with self.meta.read() as txn:
+            inl = txn.get(S.inline_key(ino), db=self.meta.inline)
+        if inl is not None and not st.intent:
+            with self.meta.write() as txn:
+                txn.put(S.dirty_key(ino), b"", db=self.meta.dirty)
+            st.intent = True
         fd = self.data.open(ino, create=True)
         assert fd is not None
+        if inl is not None:
+            try:
+                DataStore.pwrite(fd, 0, inl)
+                with self.meta.write() as txn:
+                    txn.delete(S.inline_key(ino), db=self.meta.inline)
+            except BaseException:
+                self.data.close(fd)
+                raise
         return fd
 
     async def flush(self, fh: int) -> None:
@@ -324,20 +375,59 @@ class FileIO:
         """
         if size < 0:
             raise FsError(errno.EINVAL)
+        with self.meta.read() as txn:
+            if not self._attr(txn, ino).is_reg:
+                return
         st = self._inodes.get(ino)
         if st is not None:
             async with _locked(st.lock):
+                if st.fd is None and self._truncate_inline(ino, size):
+                    return
+                if st.fd is None and size > S.INLINE_MAX:
+                    st.fd = self._to_data_file(st)
                 if st.fd is None:  # open but not yet read or written: the data file still counts
                     st.fd = self.data.open(ino, create=False)
                 self._settle_locked(st)
                 await self._truncate_fd(ino, st.fd, size)
             return
-        fd = self.data.open(ino, create=False)
+        if self._truncate_inline(ino, size):
+            return
+        if size > S.INLINE_MAX:
+            tmp = OpenInode(ino)
+            fd: int | None = self._to_data_file(tmp)
+            if tmp.intent:
+                with self.meta.write() as txn:
+                    txn.delete(S.dirty_key(ino), db=self.meta.dirty)
+        else:
+            fd = self.data.open(ino, create=False)
         try:
             await self._truncate_fd(ino, fd, size)
         finally:
             if fd is not None:
                 self.data.close(fd)
+
+    def _truncate_inline(self, ino: InodeId, size: int) -> bool:
+        """Resize an inline or empty file that stays within INLINE_MAX; False otherwise."""
+        if size > S.INLINE_MAX:
+            return False
+        with self.meta.write() as txn:
+            a = self._attr(txn, ino)
+            if not a.is_reg:
+                return False
+            key = S.inline_key(ino)
+            inl = txn.get(key, db=self.meta.inline)
+            if inl is None and (a.size > 0 or self.data.exists(ino)):
+                return False
+            buf = (inl or b"")[:size]
+            if len(buf) < size:
+                buf += bytes(size - len(buf))
+            if size == 0:
+                txn.delete(key, db=self.meta.inline)
+                txn.delete(S.block_key(ino, 0), db=self.meta.blocks)
+            else:
+                txn.put(key, buf, db=self.meta.inline)
+                txn.put(S.block_key(ino, 0), S.pack_digest(block_digest(buf)), db=self.meta.blocks)
+        return True
 
     async def _truncate_fd(self, ino: InodeId, fd: int | None, size: int) -> None:
         """Shrinking commits the new size and checksums (with a dirty intent) before it
@@ -378,6 +468,10 @@ class FileIO:
                 txn.delete(S.dirty_key(ino), db=self.meta.dirty)
 
     def allocated(self, ino: InodeId) -> int:
+        with self.meta.read() as txn:
+            inl = txn.get(S.inline_key(ino), db=self.meta.inline)
+        if inl is not None:
+            return inline_blocks(inl)
         st = self._inodes.get(ino)
         if st is not None and st.fd is not None:
             return self.data.allocated_blocks(st.fd)
@@ -394,6 +488,15 @@ class FileIO:
         """Recompute every digest of ino from its contents (after an unclean stop)."""
         with self.meta.read() as txn:
             raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
+            inl = txn.get(S.inline_key(ino), db=self.meta.inline)
+        if inl is not None:
+            # Interrupted move to a data file: the inline contents win.
+            self.data.remove(ino)
+            with self.meta.write() as txn:
+                _delete_digests(txn, self.meta, ino)
+                txn.put(S.block_key(ino, 0), S.pack_digest(block_digest(inl)), db=self.meta.blocks)
+                txn.delete(S.dirty_key(ino), db=self.meta.dirty)
+            return
         fd = self.data.open(ino, create=False)
         try:
             if raw is None:
@@ -427,6 +530,50 @@ class FileIO:
 
 
 _EMPTY_DIGEST = block_digest(b"")
+
+
+def inline_blocks(contents: bytes | bytearray) -> int:
+    """st_blocks of an inline file: whole 4 KiB blocks, none if it is all zeros (a hole)."""
+    if not contents.strip(b"\0"):
+        return 0
+    return (len(contents) + 4095) // 4096 * 8
+
+
+def _verify_inline(ino: int, contents: bytes, digest_raw: bytes | None) -> None:
+    if digest_raw is None:
+        return
+    want, got = S.unpack_digest(digest_raw), block_digest(contents)
+    if got != want:
+        log.error(
+            "checksum mismatch: inline inode %#x (stored %016x, read %016x); answering EIO",
+            ino,
+            want,
+            got,
+        )
+        raise Corrupted(message=f"inode {ino:#x}: inline checksum mismatch")
+
+
+def _delete_digests(txn: Txn, meta: MetaStore, ino: int) -> None:
+    cur = txn.cursor(db=meta.blocks)
+    prefix = S.ino_prefix(ino)
+    if cur.set_range(prefix):
+        while cur.key().startswith(prefix):
+            if not cur.delete():
+                break
+
+
+def read_block(meta: MetaStore, data: DataStore, ino: int, blk: int, size: int) -> bytes:
+    """Block ``blk`` of a file as stored (inline or data file), for the checker and repair."""
+    with meta.read() as txn:
+        inl = txn.get(S.inline_key(ino), db=meta.inline)
+    if inl is not None:
+        return inl[blk * BLOCK_SIZE : (blk + 1) * BLOCK_SIZE]
+    fd = data.open(ino, create=False)
+    try:
+        return DataStore.pread(fd, blk * BLOCK_SIZE, BLOCK_SIZE, size)
+    finally:
+        if fd is not None:
+            data.close(fd)
 
 
 def _write_and_digest(

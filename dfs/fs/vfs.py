@@ -167,8 +167,10 @@ class Vfs:
             return self._get(txn, ino)
 
     async def setattr(self, ino: InodeId, ch: SetAttrs, ctx: Ctx) -> Attr:
+        blocks = None
         if ch.size is not None:
             await self.files.truncate(ino, ch.size)
+            blocks = self.files.allocated(ino)
         now = self.clock()
         with self.meta.write() as txn:
             a = self._get(txn, ino)
@@ -178,7 +180,7 @@ class Vfs:
                 if not a.is_reg:
                     raise Invalid()
                 a.size = ch.size
-                a.blocks = self.files.allocated(ino)
+                a.blocks = blocks if blocks is not None else a.blocks
                 if ch.mtime_ns is None:
                     a.mtime_ns = now
             if ch.mode is not None:
@@ -734,6 +736,7 @@ def delete_inode_records(meta: MetaStore, txn: Txn, ino: int) -> None:
     txn.delete(S.symlink_key(ino), db=meta.symlinks)
     txn.delete(S.orphan_key(ino), db=meta.orphans)
     txn.delete(S.dirty_key(ino), db=meta.dirty)
+    txn.delete(S.inline_key(ino), db=meta.inline)
     prefix = S.ino_prefix(ino)
     for db in (meta.xattrs, meta.blocks):
         cur = txn.cursor(db=db)

@@ -23,6 +23,13 @@ Databases (lmdb named sub-databases) and their key families::
     dirty     ino:u64              -> b""   (data written whose checksums are not settled)
     volumes   vol:u32              -> msgpack {"root": ino, "path": mount path in the tree}
     journal   vol:u32 seq:u64      -> msgpack [op, args...]   (applied updates, trimmed)
+    inline    ino:u64              -> the whole contents of a small regular file
+
+A regular file is *inline* while it has an ``inline`` record: its contents
+(exactly ``size`` bytes, at most INLINE_MAX) live in lmdb, written in the same
+transaction as its attributes and its block-0 digest, and it has no data file.
+It moves to a data file when it grows past INLINE_MAX; while moving, a
+``dirty`` record marks it, and an inline record always wins over a data file.
 
 Readdir cookies 1 and 2 are "." and ".."; real entries start at FIRST_COOKIE.
 A block with no ``blocks`` entry is a hole or not yet settled (see ``dirty``).
@@ -48,9 +55,11 @@ DB_NAMES = (
     "dirty",
     "volumes",
     "journal",
+    "inline",
 )
 
 FIRST_COOKIE = 3
+INLINE_MAX = 64 * 1024  # one block: small files never touch the data store
 MAX_NAME = 255
 MAX_SYMLINK = 4095
 MAX_XATTR_NAME = 255
@@ -159,6 +168,10 @@ def dirty_key(ino: int) -> bytes:
 
 def seq_key(vol: int) -> bytes:
     return b"seq" + _U32.pack(vol)
+
+
+def inline_key(ino: int) -> bytes:
+    return _U64.pack(ino)
 
 
 def volume_key(vol: int) -> bytes:

@@ -98,6 +98,7 @@ class MetaStore:
         self.dirty = self.dbs["dirty"]
         self.volumes = self.dbs["volumes"]
         self.journal = self.dbs["journal"]
+        self.inline = self.dbs["inline"]
         with env.begin() as txn:
             self._next_counter = S.read_u64(_required(txn, S.META_NEXT_COUNTER, self.meta))
             self._next_cookie = S.read_u64(_required(txn, S.META_NEXT_COOKIE, self.meta))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import stat
@@ -14,6 +15,7 @@ from dfs.check.checker import Finding, check, stored_digests
 from dfs.check.repair import repair
 from dfs.check.scan import build_index
 from dfs.data.store import DataStore
+from dfs.errors import FsError
 from dfs.hashing import BLOCK_SIZE
 from dfs.meta import schema as S
 from dfs.types import COUNTER_MASK, ROOT_INODE, Attr, InodeId
@@ -258,13 +260,50 @@ def test_digest_records(tree: Core) -> None:
 
 
 def test_data_past_eof(tree: Core) -> None:
-    ino = tree.ino("/top")
+    ino = tree.ino("/d/f")
+    size = tree.vfs.getattr(ino).size
     with open(tree.data.path(ino), "ab") as fobj:
         fobj.write(b"garbage")
     assert codes(tree.findings()) == {("data-past-eof", ino)}
     repair_all(tree)
-    assert tree.data.path(ino).stat().st_size == 3
+    assert tree.data.path(ino).stat().st_size == size
+    assert tree.read_file("/d/f") == bytes(range(256)) * 600
+
+
+def test_inline_file_with_a_leftover_data_file(tree: Core) -> None:
+    """A move to the data store interrupted after the data file was written: inline wins."""
+    ino = tree.ino("/top")
+    assert not tree.data.exists(ino)
+    tree.data.path(ino).write_bytes(b"top")
+    with tree.meta.write() as txn:
+        txn.put(S.dirty_key(ino), b"", db=tree.meta.dirty)
+    assert codes(tree.findings()) == {
+        ("inline-and-data-file", ino),
+        ("dirty-unsettled", ino),
+    }
+    repair_all(tree)
+    assert not tree.data.exists(ino)
     assert tree.read_file("/top") == b"top"
+
+
+def test_corrupted_inline_contents(tree: Core) -> None:
+    ino = tree.ino("/top")
+    with tree.meta.write() as txn:
+        txn.put(S.inline_key(ino), b"tOp", db=tree.meta.inline)
+    assert codes(tree.findings()) == {("checksum-mismatch", ino)}
+    fh = tree.open("/top")
+    try:
+        with pytest.raises(FsError) as err:
+            tree.read(fh, 0, 3)
+        assert err.value.errno == errno.EIO
+    finally:
+        tree.release(fh)
+    with tree.meta.write() as txn:
+        txn.put(S.inline_key(ino), b"top" + b"x", db=tree.meta.inline)
+    assert ("inline-size", ino) in codes(tree.findings())
+    with tree.meta.write() as txn:
+        txn.put(S.inline_key(ino), b"top", db=tree.meta.inline)
+    assert tree.findings() == []
 
 
 def test_unsettled_dirty_record(tree: Core) -> None:

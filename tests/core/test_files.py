@@ -10,6 +10,7 @@ import pytest
 from dfs.check.checker import stored_digests
 from dfs.errors import Corrupted, FsError
 from dfs.hashing import BLOCK_SIZE, block_digest
+from dfs.meta import schema as S
 from tests.core.harness import Core
 
 B = BLOCK_SIZE
@@ -145,3 +146,58 @@ def test_unlinked_open_file_keeps_data_until_forgotten(core: Core) -> None:
     core.vfs.forget([(a.ino, core.vfs.lookups[a.ino])])
     assert not core.data.exists(a.ino)
     assert stored_digests(core.meta, a.ino) == {}
+
+
+# --- inline small files (dfs/meta/schema.py: INLINE_MAX) ---------------------------------
+
+
+def test_small_file_stays_inline_and_grows_into_a_data_file(core: Core) -> None:
+    fh, a = core.create("/f")
+    core.write(fh, 0, b"head")
+    assert not core.data.exists(a.ino)
+    assert core.resolve("/f").blocks == 8
+    tail = pattern(100)
+    core.write(fh, S.INLINE_MAX - 2, tail)  # crosses the limit: moves to the data store
+    assert core.data.exists(a.ino)
+    want = b"head" + bytes(S.INLINE_MAX - 6) + tail
+    assert core.read(fh, 0, len(want) + 10) == want
+    core.release(fh)
+    assert core.read_file("/f") == want
+    assert core.resolve("/f").size == len(want)
+
+
+def test_truncate_inline_file(core: Core) -> None:
+    core.write_file("/f", b"0123456789")
+    core.truncate("/f", 4)
+    assert core.read_file("/f") == b"0123"
+    core.truncate("/f", 8)
+    assert core.read_file("/f") == b"0123" + bytes(4)
+    ino = core.ino("/f")
+    core.truncate("/f", S.INLINE_MAX + 1)  # past the limit: a data file, sparse
+    assert core.data.exists(ino)
+    assert core.read_file("/f") == b"0123" + bytes(S.INLINE_MAX - 3)
+    core.truncate("/f", 2)  # a data-file file that shrinks stays in its data file
+    assert core.read_file("/f") == b"01"
+    core.truncate("/f", 0)
+    assert core.read_file("/f") == b""
+
+
+def test_empty_file_extended_is_a_hole(core: Core) -> None:
+    fh, a = core.create("/f")
+    core.release(fh)
+    core.truncate("/f", 10_000)
+    assert core.resolve("/f").blocks == 0
+    assert core.read_file("/f") == bytes(10_000)
+    assert not core.data.exists(a.ino)
+
+
+def test_inline_file_open_twice(core: Core) -> None:
+    fh1, _ = core.create("/f")
+    fh2 = core.open("/f")
+    core.write(fh1, 0, b"aaaa")
+    core.write(fh2, 2, b"bb")
+    assert core.read(fh1, 0, 10) == b"aabb"
+    core.write(fh2, 0, pattern(S.INLINE_MAX + 5))
+    assert core.read(fh1, 0, S.INLINE_MAX + 5) == pattern(S.INLINE_MAX + 5)
+    core.release(fh1)
+    core.release(fh2)

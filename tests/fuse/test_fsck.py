@@ -74,9 +74,9 @@ def test_fsck_finds_and_repairs_damage_from_outside(node: Mount) -> None:
 def test_fsck_after_kill_with_unsettled_writes(node: Mount) -> None:
     path = node.path / "w"
     fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o644)
-    buf = mmap.mmap(-1, 65536)  # O_DIRECT needs an aligned buffer
+    buf = mmap.mmap(-1, 131072)  # O_DIRECT needs an aligned buffer; past the inline limit
     try:
-        buf[:] = b"z" * 65536
+        buf[:] = b"z" * 131072
         os.pwrite(fd, buf, 0)  # reaches the daemon; its checksum is settled at close only
         node.kill()
     finally:
@@ -91,4 +91,4 @@ def test_fsck_after_kill_with_unsettled_writes(node: Mount) -> None:
     assert r.returncode == 1, r.stdout + r.stderr
     assert node.fsck().returncode == 0
     node.start()
-    assert (node.path / "w").read_bytes() == b"z" * 65536
+    assert (node.path / "w").read_bytes() == b"z" * 131072
