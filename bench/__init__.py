@@ -1,0 +1,1 @@
+"""Benchmarks of a dfs mount against a local directory on the same disk (see bench/run.py)."""
