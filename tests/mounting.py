@@ -38,7 +38,8 @@ class Mount:
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.is_mounted():  # a stale mount answers ENOTCONN: the daemon cleans it up
+            self.path.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         with open(self.log_path, "ab") as log:
             log.write(f"\n==== start #{self.starts} ====\n".encode())

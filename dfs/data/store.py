@@ -15,6 +15,7 @@ import errno
 import mmap
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +55,12 @@ def _fs_error(exc: OSError, what: str) -> FsError:
     return FsError(exc.errno or errno.EIO, f"data store error while {what}: {exc}")
 
 
+RESERVE_FRACTION = 0.02
+RESERVE_MIN = 1 << 20
+RESERVE_MAX = 256 << 20
+SPACE_RECHECK = 0.5  # seconds a free-space reading is trusted while little is written
+
+
 class DataStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -61,6 +68,46 @@ class DataStore:
         root.mkdir(parents=True, exist_ok=True)
         for i in range(256):
             (root / f"{i:02x}").mkdir(exist_ok=True)
+        st = os.statvfs(root)
+        total = st.f_blocks * st.f_frsize
+        # Kept free for what frees space: an unlink must be able to commit on a full disk.
+        self.reserve = min(max(int(total * RESERVE_FRACTION), RESERVE_MIN), RESERVE_MAX)
+        self._free = 0  # free bytes at the last reading
+        self._since = 0  # bytes written since that reading
+        self._inflight = 0  # bytes admitted whose writes have not finished
+        self._checked = -SPACE_RECHECK
+
+    def admit(self, nbytes: int) -> None:
+        """Admit a write of ``nbytes``, or ENOSPC if it would eat into the reserve.
+
+        Called before anything that consumes space (data, new names, xattrs),
+        paired with ``done(nbytes)`` once the write has finished; deletes,
+        renames and attribute changes may use the reserve, so a full disk can
+        always be cleaned up through the mount. Writes in flight count against
+        the free space, so concurrent large writes cannot overrun the reserve.
+        The free-space reading is refreshed when it is old or when the writes
+        since it come near the reserve, so the common case costs no syscall.
+        """
+        now = time.monotonic()
+        left = self._free - self._since - self._inflight - nbytes
+        if now - self._checked > SPACE_RECHECK or left < 2 * self.reserve:
+            st = os.statvfs(self.root)
+            self._free = st.f_bavail * st.f_frsize
+            self._since = 0
+            self._checked = now
+            left = self._free - self._inflight - nbytes
+        if left < self.reserve:
+            raise NoSpace(message="data disk full (the rest is reserved for deletes)")
+        self._inflight += nbytes
+
+    def done(self, nbytes: int) -> None:
+        self._inflight -= nbytes
+        self._since += nbytes
+
+    def require_space(self, nbytes: int) -> None:
+        """Admit a metadata-sized write that completes at once (a name, an xattr)."""
+        self.admit(nbytes)
+        self.done(nbytes)
 
     def path(self, ino: int) -> Path:
         return self.root / f"{ino & 0xFF:02x}" / f"{ino:016x}"

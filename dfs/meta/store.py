@@ -44,9 +44,26 @@ class Identity:
     format_version: int
 
 
-def lmdb_to_fs_error(exc: lmdb.Error) -> FsError:
+LOW_SPACE = 1 << 20  # below this many free bytes, a failed commit is taken for a full disk
+
+
+def lmdb_to_fs_error(exc: lmdb.Error, path: str | None = None) -> FsError:
+    """The errno a failed lmdb call means; ``path`` is the environment's directory.
+
+    lmdb reports a page write cut short by a full disk as EIO ("short write,
+    filesystem full?" in mdb_page_flush), so an EIO while the store's file
+    system has (almost) no space left is ENOSPC. The environment stays usable.
+    """
     if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
         return NoSpace(message=f"metadata store full: {exc}")
+    if path is not None and "Input/output error" in str(exc):
+        try:
+            st = os.statvfs(path)
+        except OSError:
+            pass
+        else:
+            if st.f_bavail * st.f_frsize < LOW_SPACE:
+                return NoSpace(message=f"metadata store's disk is full: {exc}")
     return FsError(errno.EIO, f"metadata store error: {exc}")
 
 
@@ -76,7 +93,7 @@ class _WriteTxn:
         try:
             self.txn.commit()
         except lmdb.Error as err:
-            raise lmdb_to_fs_error(err) from err
+            raise lmdb_to_fs_error(err, self.env.path()) from err
 
 
 class MetaStore:
