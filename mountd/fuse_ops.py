@@ -31,6 +31,7 @@ class DfsOperations(pyfuse3.Operations):
         super().__init__()
         self.vfs = vfs
         self.timeout = timeout
+        vfs.files.stamp_writes = not self.enable_writeback_cache
 
     @fuse_errors
     async def lookup(
@@ -155,7 +156,7 @@ class DfsOperations(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
-        fh = self.vfs.files.open(InodeId(inode), flags)
+        fh = await self.vfs.open(InodeId(inode), flags, ctx_of(ctx))
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
     @fuse_errors

@@ -4,8 +4,8 @@ Checksums (``dfs/hashing.py``) are settled lazily. A write that covers whole
 blocks hashes them from the buffer it already holds ("pending"); a write that
 covers part of a block marks it "dirty". Settling (flush, fsync, release,
 truncate) re-reads dirty blocks from disk, stores every new digest in lmdb and
-clears the inode's ``dirty`` intent record. That record is written in the
-same transaction as the first unsettled write, so after ``kill -9`` start-up
+clears the inode's ``dirty`` intent record. That record is committed before
+the first unsettled write reaches the data file, so after ``kill -9`` start-up
 recovery knows exactly which files to re-checksum from their contents.
 
 Reads verify every block that has a settled digest and is not being
@@ -120,6 +120,11 @@ class FileIO:
         self.data = data
         self.clock = clock
         self._on_closed = on_closed
+        # Whether a write sets mtime/ctime. Not under FUSE's writeback cache: the kernel
+        # keeps those times of regular files itself and sends them with setattr when it
+        # changes them; stamping here too would store times nobody saw (the kernel skips
+        # an update within one clock tick), which show up after a restart.
+        self.stamp_writes = True
         self._inodes: dict[InodeId, OpenInode] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -241,11 +246,25 @@ class FileIO:
         n = len(data)
         if n == 0:
             return 0
+        self.data.admit(n)
+        try:
+            return await self._write(st, off, data)
+        finally:
+            self.data.done(n)
+
+    async def _write(self, st: OpenInode, off: int, data: bytes) -> int:
+        n = len(data)
         async with _locked(st.lock):
             if st.fd is None:
                 if off + n <= S.INLINE_MAX and self._write_inline(st.ino, off, data):
                     return n
                 st.fd = self._to_data_file(st)
+            if not st.intent:
+                # Committed before the data file changes: a daemon killed between the
+                # pwrite and a later commit would leave old checksums over new data.
+                with self.meta.write() as txn:
+                    txn.put(S.dirty_key(st.ino), b"", db=self.meta.dirty)
+                st.intent = True
             fd = st.fd
             direct = False
             if direct_eligible(off, n) and self.data.direct:
@@ -271,12 +290,10 @@ class FileIO:
                 a = self._attr(txn, st.ino)
                 if off + n > a.size:
                     a.size = off + n
-                a.mtime_ns = a.ctime_ns = now
+                if self.stamp_writes:
+                    a.mtime_ns = a.ctime_ns = now
                 a.version = self.meta.log(txn, a.volume, "write", st.ino, off, n, a.size)
                 txn.put(S.inode_key(st.ino), S.pack_inode(a), db=self.meta.inodes)
-                if not st.intent:
-                    txn.put(S.dirty_key(st.ino), b"", db=self.meta.dirty)
-            st.intent = True
         return n
 
     # --- inline files (see dfs/meta/schema.py) ---------------------------------------------
@@ -298,7 +315,8 @@ class FileIO:
             txn.put(S.block_key(ino, 0), S.pack_digest(block_digest(buf)), db=self.meta.blocks)
             a.size = len(buf)
             a.blocks = inline_blocks(buf)
-            a.mtime_ns = a.ctime_ns = now
+            if self.stamp_writes:
+                a.mtime_ns = a.ctime_ns = now
             a.version = self.meta.log(txn, a.volume, "write", ino, off, len(data), a.size)
             txn.put(S.inode_key(ino), S.pack_inode(a), db=self.meta.inodes)
         return True
@@ -438,8 +456,11 @@ class FileIO:
         if not a.is_reg:
             return
         if size >= a.size:
-            if fd is not None:
-                await trio.to_thread.run_sync(DataStore.truncate, fd, size, limiter=io_limiter())
+            # Extending adds a hole: reads past the data file's end are zeros, so the data
+            # file is not grown (it would outrun a size commit that fails or never comes);
+            # bytes past the old end (from a write whose commit failed) must not show.
+            if fd is not None and os.fstat(fd).st_size > a.size:
+                await trio.to_thread.run_sync(DataStore.truncate, fd, a.size, limiter=io_limiter())
             return
         keep = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
         last = size // BLOCK_SIZE if size % BLOCK_SIZE else None

@@ -55,6 +55,7 @@ XATTR_REPLACE = 2
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 READDIR_BATCH = 128
 RELATIME_NS = 24 * 3600 * 10**9
+NAME_COST = 512  # metadata bytes a new name or inode may take, for the space reserve
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,10 +180,16 @@ class Vfs:
                     raise IsADir()
                 if not a.is_reg:
                     raise Invalid()
+                # A truncate that keeps the size changes no timestamp: POSIX says so, and
+                # the kernel's writeback cache (which keeps mtime/ctime of regular files
+                # itself) shows none, so storing one would make them jump at a restart.
+                same_size = a.size == ch.size
                 a.size = ch.size
                 a.blocks = blocks if blocks is not None else a.blocks
-                if ch.mtime_ns is None:
+                if ch.mtime_ns is None and not same_size:
                     a.mtime_ns = now
+                if same_size and ch == SetAttrs(size=ch.size):
+                    now = a.ctime_ns
             if ch.mode is not None:
                 a.mode = (a.mode & ~0o7777) | (ch.mode & 0o7777)
             owner_changed = False
@@ -277,6 +284,7 @@ class Vfs:
         rdev: int = 0,
         target: bytes | None = None,
     ) -> Attr:
+        self.data.require_space(NAME_COST + len(target or b""))
         with self.meta.write() as txn:
             p = self._dir(txn, parent)
             a = self._new_inode(txn, p, name, mode, ctx, rdev)
@@ -324,7 +332,31 @@ class Vfs:
                 raise IsADir() from None
         return self.files.open(a.ino, flags), a
 
+    async def open(self, ino: InodeId, flags: int, ctx: Ctx) -> FileHandle:
+        """Open a file. The kernel leaves O_TRUNC to us (FUSE atomic_o_trunc, a libfuse3
+        default): truncate, update mtime/ctime, and, as Linux does for callers without
+        CAP_FSETID, clear set-user-ID, and set-group-ID if it is group-executable or the
+        caller is not in the file's group."""
+        fh = self.files.open(ino, flags)
+        if flags & os.O_TRUNC:
+            try:
+                now = self.clock()  # O_TRUNC updates them even if the file was empty
+                ch = SetAttrs(size=0, mtime_ns=now, ctime_ns=now)
+                if ctx.uid != 0:
+                    a = self.getattr(ino)
+                    kept = a.mode & ~stat.S_ISUID
+                    if kept & stat.S_IXGRP or not ctx.in_group(a.gid):
+                        kept &= ~stat.S_ISGID
+                    if kept != a.mode:
+                        ch.mode = kept
+                await self.setattr(ino, ch, ctx)
+            except BaseException:
+                await self.files.release(fh)
+                raise
+        return fh
+
     def link(self, ino: InodeId, new_parent: InodeId, new_name: bytes) -> Attr:
+        self.data.require_space(NAME_COST)
         now = self.clock()
         with self.meta.write() as txn:
             a = self._get(txn, ino)
@@ -583,7 +615,9 @@ class Vfs:
     def _check_xattr_name(name: bytes) -> None:
         if len(name) > S.MAX_XATTR_NAME:
             raise FsError(errno.ERANGE)
-        if not name.startswith(XATTR_NAMESPACES) or name in XATTR_NAMESPACES:
+        if name in XATTR_NAMESPACES:
+            raise Invalid(message="empty extended attribute name")  # as Linux's handlers
+        if not name.startswith(XATTR_NAMESPACES):
             raise FsError(errno.EOPNOTSUPP)
 
     def getxattr(self, ino: InodeId, name: bytes) -> bytes:
@@ -612,6 +646,7 @@ class Vfs:
         self._check_xattr_name(name)
         if len(value) > S.MAX_XATTR_VALUE:
             raise FsError(errno.E2BIG)
+        self.data.require_space(len(name) + len(value) + NAME_COST)
         with self.meta.write() as txn:
             a = self._get(txn, ino)
             key = S.xattr_key(ino, name)
@@ -656,11 +691,12 @@ class Vfs:
         with self.meta.read() as txn:
             files = int(txn.stat(self.meta.inodes)["entries"])
         free_files = max(st.f_favail, 0) * 4 if st.f_files else 1 << 32
+        reserved = self.data.reserve // st.f_frsize  # like ext4's reserved blocks
         return FsStats(
             block_size=st.f_frsize,
             blocks=st.f_blocks,
             blocks_free=st.f_bfree,
-            blocks_avail=st.f_bavail,
+            blocks_avail=max(st.f_bavail - reserved, 0),
             files=files + free_files,
             files_free=free_files,
             name_max=S.MAX_NAME,
