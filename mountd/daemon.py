@@ -139,6 +139,7 @@ def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
     finally:
         if not unmounted:
             pyfuse3.close(unmount=True)
+        vfs.files.settle_all()
         vfs.lookups.clear()
         vfs.recover()
         meta.set_clean(True)

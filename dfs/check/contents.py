@@ -7,13 +7,11 @@ only with ``verify_data`` and skips holes (SEEK_DATA) instead of reading them.
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Iterator
 
 from dfs.check.finding import CheckContext, Finding, kind
 from dfs.check.scan import scan
-from dfs.data.store import DataStore
+from dfs.data.store import DataStore, data_blocks
 from dfs.errors import FsError
 from dfs.fs.files import read_block
 from dfs.hashing import BLOCK_SIZE, block_digest
@@ -112,29 +110,6 @@ def check_inline_records(ctx: CheckContext) -> Iterator[Finding]:
                 f"inline contents of {length} bytes, file size {info.size} (limit {S.INLINE_MAX})",
                 False,
             )
-
-
-def data_blocks(fd: int, size: int) -> set[int]:
-    """Blocks before ``size`` that hold data in the file (SEEK_DATA; all of them if unsupported)."""
-    nblocks = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
-    out: set[int] = set()
-    off = 0
-    try:
-        while off < size:
-            try:
-                start = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    break
-                raise
-            if start >= size:
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            out.update(range(start // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1))
-            off = end
-    except OSError:
-        return set(range(nblocks))
-    return out
 
 
 def stored_digests(meta: MetaStore, ino: int) -> dict[int, int]:

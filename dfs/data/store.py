@@ -243,3 +243,26 @@ def digest_range(fd: int | None, blocks: range | list[int], logical_size: int) -
         data = DataStore.pread(fd, start, BLOCK_SIZE, logical_size)
         out[blk] = block_digest(data)
     return out
+
+
+def data_blocks(fd: int, size: int) -> set[int]:
+    """Blocks before ``size`` that hold data in the file (SEEK_DATA; all of them if unsupported)."""
+    nblocks = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+    out: set[int] = set()
+    off = 0
+    try:
+        while off < size:
+            try:
+                start = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            if start >= size:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.update(range(start // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1))
+            off = end
+    except OSError:
+        return set(range(nblocks))
+    return out

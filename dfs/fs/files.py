@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import trio
 
 from dfs.clock import WallClock
-from dfs.data.store import DataStore, digest_range, direct_eligible
+from dfs.data.store import DataStore, data_blocks, digest_range, direct_eligible
 from dfs.errors import Corrupted, FsError, IsADir
 from dfs.hashing import BLOCK_SIZE, block_digest, blocks_spanning
 from dfs.meta import schema as S
@@ -488,6 +488,16 @@ class FileIO:
             with self.meta.write() as txn:
                 txn.delete(S.dirty_key(ino), db=self.meta.dirty)
 
+    def settle_all(self) -> None:
+        """At shutdown: settle every open inode whose release the kernel never sent."""
+        for st in list(self._inodes.values()):
+            if not st.written and not st.intent:
+                continue
+            try:
+                self._settle_locked(st)
+            except FsError as exc:
+                log.warning("could not settle inode %#x at shutdown: %s", st.ino, exc)
+
     def allocated(self, ino: InodeId) -> int:
         with self.meta.read() as txn:
             inl = txn.get(S.inline_key(ino), db=self.meta.inline)
@@ -528,8 +538,9 @@ class FileIO:
                 size = S.unpack_inode(ino, raw).size
                 if fd is not None and os.fstat(fd).st_size > size:
                     DataStore.truncate(fd, size)
-                nblocks = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
-                digests = digest_range(fd, range(nblocks), size)
+                # Holes have no digest: only blocks holding data are read.
+                held = sorted(data_blocks(fd, size)) if fd is not None else []
+                digests = digest_range(fd, held, size)
                 blocks = self.data.allocated_blocks(fd)
             with self.meta.write() as txn:
                 cur = txn.cursor(db=self.meta.blocks)
