@@ -157,3 +157,65 @@ def fsck_cmd(data_dir: Path, repair: bool, as_json: bool, no_data: bool) -> None
 def _close(progress: Progress | None) -> None:
     if isinstance(progress, _Status):
         progress.close()
+
+
+def _node_spec(spec: str, index: int, base_port: int) -> tuple[str, str, int]:
+    """NAME, NAME=ADDRESS or NAME=ADDRESS:PORT (default 127.0.0.1 and base_port + index)."""
+    name, _, where = spec.partition("=")
+    address, _, port = where.partition(":")
+    try:
+        return name, address or "127.0.0.1", int(port) if port else base_port + index
+    except ValueError:
+        raise click.BadParameter(f"{spec!r}: port is not a number", param_hint="NODES") from None
+
+
+@main.command("init")
+@click.argument("nodes", nargs=-1, required=True)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("cluster.toml"),
+    show_default=True,
+    help="Where to write the configuration; the secret goes beside it (NAME.secret, mode 0600).",
+)
+@click.option("--name", default="dfs", show_default=True, help="Cluster name.")
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Storage sites of the root volume.",
+)
+@click.option("--base-port", type=click.IntRange(1, 65000), default=7801, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite an existing configuration.")
+def init_cmd(
+    nodes: tuple[str, ...],
+    config_path: Path,
+    name: str,
+    replicas: int,
+    base_port: int,
+    force: bool,
+) -> None:
+    """Write a new cluster configuration for NODES with a fresh random secret.
+
+    Each node is NAME, NAME=ADDRESS or NAME=ADDRESS:PORT; addresses default to
+    127.0.0.1 and ports to --base-port, --base-port+1, ...
+
+    \b
+    Example:  dfs init n1 n2 n3 --config /etc/dfs/cluster.toml
+    """
+    from dfs import config as C
+
+    specs = [_node_spec(s, i, base_port) for i, s in enumerate(nodes)]
+    try:
+        cfg = C.init(config_path, specs, name=name, replicas=replicas, force=force)
+    except C.ConfigError as exc:
+        click.echo(f"dfs init: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {config_path} (cluster {cfg.name}, id {cfg.id})")
+    click.echo(f"wrote {cfg.secret_file} (mode 0600: copy it to every node, keep it private)")
+    for n in cfg.nodes:
+        click.echo(f"  node {n.name}: {n.address}:{n.port} (id {n.id})")
+    for v in cfg.volumes:
+        click.echo(f"  volume {v.path}: primary {v.primary}, sites {', '.join(v.sites)}")

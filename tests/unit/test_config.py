@@ -110,3 +110,24 @@ def test_secret_readable_by_others_is_refused(tmp_path: Path) -> None:
     os.chmod(cfg.secret_file, 0o644)
     with pytest.raises(C.ConfigError, match="readable by others"):
         cfg.read_secret()
+
+
+def test_dfs_init_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg_path = tmp_path / "etc" / "cluster.toml"
+    cmd = [sys.executable, "-m", "dfs_tools", "init", "a", "b=127.0.0.2", "c=127.0.0.3:9000"]
+    r = subprocess.run([*cmd, "--config", str(cfg_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cfg = C.load(cfg_path)
+    assert [(n.name, n.address, n.port) for n in cfg.nodes] == [
+        ("a", "127.0.0.1", 7801),
+        ("b", "127.0.0.2", 7802),
+        ("c", "127.0.0.3", 9000),
+    ]
+    assert stat.S_IMODE(os.stat(cfg.secret_file).st_mode) == 0o600
+    again = subprocess.run([*cmd, "--config", str(cfg_path)], capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    bad = subprocess.run([*cmd[:4], "x=1.2.3.4:port"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "port is not a number" in bad.stderr
