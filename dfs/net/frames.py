@@ -36,6 +36,8 @@ class MessageType(enum.IntEnum):
     ERROR = 5
     PING = 6
     PONG = 7
+    REQUEST = 8  # {"m": method, "a": args}; schema in dfs/net/rpc.py
+    RESPONSE = 9  # {"r": result}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,23 +68,27 @@ def validate(mtype: MessageType, body: Any) -> dict[str, Any]:
     schema = SCHEMAS.get(mtype)
     if schema is None:
         raise ProtocolError(f"message type {mtype.name} has no schema")
+    return validate_fields(mtype.name, schema, body)
+
+
+def validate_fields(where: str, schema: Schema, body: Any) -> dict[str, Any]:
+    """Check a map against ``schema`` (exact keys, types, sizes); ``where`` names it in errors."""
     if not isinstance(body, dict):
-        raise ProtocolError(f"{mtype.name}: body is not a map")
+        raise ProtocolError(f"{where}: body is not a map")
     extra = set(body) - set(schema)
     if extra:
-        raise ProtocolError(f"{mtype.name}: unexpected field(s) {sorted(map(str, extra))}")
+        raise ProtocolError(f"{where}: unexpected field(s) {sorted(map(str, extra))}")
     for name, f in schema.items():
         if name not in body:
             if f.optional:
                 continue
-            raise ProtocolError(f"{mtype.name}: missing field {name!r}")
+            raise ProtocolError(f"{where}: missing field {name!r}")
         v: Any = body[name]
         if f.typ is int and isinstance(v, bool) or not isinstance(v, f.typ):
-            raise ProtocolError(
-                f"{mtype.name}.{name}: expected {f.typ.__name__}, got {type(v).__name__}"
-            )
+            got = type(v).__name__
+            raise ProtocolError(f"{where}.{name}: expected {f.typ.__name__}, got {got}")
         if f.max_len is not None and isinstance(v, str | bytes | list) and len(v) > f.max_len:
-            raise ProtocolError(f"{mtype.name}.{name}: longer than {f.max_len}")
+            raise ProtocolError(f"{where}.{name}: longer than {f.max_len}")
     return body
 
 

@@ -1,0 +1,425 @@
+"""The calling side of RPC: one lazily opened, authenticated, pipelined connection per peer.
+
+``Peer.call`` opens the connection on first use (under the connect deadline),
+authenticates it (the server must prove it is the node we meant), then
+reuses it: every call gets a fresh request id, is written under a send lock
+and waits on a one-shot slot that a receiver task fills when the RESPONSE or
+ERROR with that id arrives. Each call has a deadline (``Timeouts.call`` by
+default); a call whose deadline passes is abandoned and its late answer is
+dropped when it comes. When the connection is lost, every call waiting on it
+fails at once with ``PeerUnavailable`` and the next call reconnects. Connect
+failures back off (0.1 s doubling to 2 s): while backing off a call fails
+immediately, so a dead peer costs one quick failure per call, never a hang.
+
+A peer that answers an id we never asked for, sends a message type other
+than RESPONSE/ERROR, or anything malformed is disconnected with a warning.
+
+The receiver tasks run in a nursery the owner passes in (the daemon's root
+nursery, or a test's); ``aclose`` ends them. All times come from trio's
+clock, so tests can run on ``trio.testing.MockClock``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import trio
+
+from dfs.config import ClusterConfig, Timeouts
+from dfs.net.frames import MAX_FRAME, Message, MessageType, ProtocolError, encode
+from dfs.net.handshake import AuthError, client_handshake
+from dfs.net.rpc import (
+    MAX_METHOD_NAME,
+    PeerAuthError,
+    PeerTimeout,
+    PeerUnavailable,
+    RemoteError,
+    wire_errno,
+)
+from dfs.net.stream import MessageStream
+
+log = logging.getLogger("dfs.net.peer")
+
+BUG_MARKER = "UNEXPECTED EXCEPTION"
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 2.0
+MAX_ABANDONED = 100_000  # late answers we are prepared to drop on one connection
+
+Connector = Callable[[], Awaitable[trio.abc.Stream]]
+"""Opens a byte stream to the peer (default: TCP to its address and port)."""
+
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatistics:
+    connected: bool
+    calls_in_flight: int
+    connects: int  # successful connects (with handshake)
+    connect_failures: int
+    connections_lost: int
+    retry_in: float  # seconds until the next connect attempt is allowed; 0 if now
+
+
+class _Slot:
+    """Where the answer to one request lands."""
+
+    __slots__ = ("done", "message", "failure")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.message: Message | None = None
+        self.failure: str | None = None
+
+    def answer(self, msg: Message) -> None:
+        self.message = msg
+        self.done.set()
+
+    def fail(self, reason: str) -> None:
+        self.failure = reason
+        self.done.set()
+
+
+@dataclass(eq=False)
+class _Connection:
+    ms: MessageStream
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    pending: dict[int, _Slot] = field(default_factory=dict)
+    abandoned: set[int] = field(default_factory=set)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    finished: trio.Event = field(default_factory=trio.Event)
+    lost: str | None = None  # why it ended; None while usable
+
+
+class Peer:
+    """Calls methods on the node ``name``; holds at most one connection to it."""
+
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        port: int,
+        *,
+        secret: bytes,
+        cluster_id: str,
+        my_name: str,
+        timeouts: Timeouts,
+        nursery: trio.Nursery,
+        connector: Connector | None = None,
+        max_frame: int = MAX_FRAME,
+        backoff_min: float = BACKOFF_MIN,
+        backoff_max: float = BACKOFF_MAX,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.port = port
+        self._secret = secret
+        self.cluster_id = cluster_id
+        self.my_name = my_name
+        self.timeouts = timeouts
+        self._nursery = nursery
+        self._connector: Connector = connector or partial(trio.open_tcp_stream, address, port)
+        self.max_frame = max_frame
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self._conn: _Connection | None = None
+        self._receivers: set[_Connection] = set()  # connections whose receiver still runs
+        self._connect_lock = trio.Lock()
+        self._next_id = 1  # 0 is the handshake's
+        self._closed = False
+        self._failures = 0  # consecutive connect failures
+        self._retry_at = float("-inf")
+        self._last_failure = ""
+        self._calls_in_flight = 0
+        self._connects = 0
+        self._connect_failures = 0
+        self._connections_lost = 0
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.name} {self.address}:{self.port}>"
+
+    def statistics(self) -> PeerStatistics:
+        return PeerStatistics(
+            connected=self._conn is not None,
+            calls_in_flight=self._calls_in_flight,
+            connects=self._connects,
+            connect_failures=self._connect_failures,
+            connections_lost=self._connections_lost,
+            retry_in=max(0.0, self._retry_at - trio.current_time()),
+        )
+
+    async def call(
+        self,
+        method: str,
+        args: Mapping[str, Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - a deadline with its own meaning, below
+    ) -> Any:
+        """Call ``method`` on the peer and return its result.
+
+        ``timeout`` (default ``Timeouts.call``) is not a plain cancel scope: when
+        it expires the call is abandoned on its connection (its late answer is
+        dropped, not treated as a protocol error) and ``PeerTimeout`` (ETIMEDOUT)
+        is raised. An outer cancel scope works as usual.
+
+        Raises ``PeerUnavailable`` (incl. ``PeerAuthError``), ``PeerTimeout``
+        or ``RemoteError``; ``ValueError``/``TypeError`` for a method name or
+        arguments that cannot be sent at all.
+        """
+        if not method or len(method) > MAX_METHOD_NAME:
+            raise ValueError(f"method name {method!r}: 1..{MAX_METHOD_NAME} characters")
+        rid = self._next_id
+        self._next_id += 1
+        data = encode(MessageType.REQUEST, rid, {"m": method, "a": dict(args)})
+        limit = self.timeouts.call if timeout is None else timeout
+        slot = _Slot()
+        self._calls_in_flight += 1
+        try:
+            with trio.move_on_after(limit) as deadline:
+                conn = await self._connection()
+                # No checkpoint since _connection() returned it usable, so it still is.
+                conn.pending[rid] = slot
+                sent = False
+                try:
+                    await self._send(conn, data)
+                    sent = True
+                    await slot.done.wait()
+                finally:
+                    if conn.pending.pop(rid, None) is not None and sent:
+                        self._abandon(conn, rid)
+        finally:
+            self._calls_in_flight -= 1
+        msg = slot.message
+        if msg is not None:
+            if msg.type is MessageType.RESPONSE:
+                return msg.body["r"]
+            errno = wire_errno(msg.body.get("errno"))
+            raise RemoteError(errno, msg.body["reason"], self.name)
+        if deadline.cancelled_caught:
+            raise PeerTimeout(f"node {self.name}: {method} got no answer within {limit:g}s")
+        raise PeerUnavailable(f"node {self.name}: {slot.failure}")
+
+    def _abandon(self, conn: _Connection, rid: int) -> None:
+        """The caller of ``rid`` gave up; its answer may still come and is then dropped."""
+        if len(conn.abandoned) >= MAX_ABANDONED:
+            self._drop(conn, "too many calls without an answer")
+        else:
+            conn.abandoned.add(rid)
+
+    async def _send(self, conn: _Connection, data: bytes) -> None:
+        async with conn.send_lock:
+            try:
+                await conn.ms.stream.send_all(data)
+            except trio.Cancelled:
+                # A frame may be half written: the stream is unusable from here on.
+                self._drop(conn, "a send was interrupted")
+                raise
+            except _GONE as exc:
+                self._drop(conn, f"send failed: {exc}")
+
+    async def _connection(self) -> _Connection:
+        if self._conn is not None:
+            return self._conn
+        async with self._connect_lock:
+            if self._closed:
+                raise PeerUnavailable(f"node {self.name}: closed")
+            if self._conn is not None:
+                return self._conn
+            wait = self._retry_at - trio.current_time()
+            if wait > 0:
+                raise PeerUnavailable(
+                    f"node {self.name}: unreachable ({self._last_failure}); "
+                    f"next attempt in {wait:.1f}s"
+                )
+            self._conn = await self._connect()
+            return self._conn
+
+    async def _connect(self) -> _Connection:
+        try:
+            with trio.fail_after(self.timeouts.connect):
+                stream = await self._connector()
+                try:
+                    ms = MessageStream(stream, self.max_frame)
+                    await client_handshake(
+                        ms,
+                        secret=self._secret,
+                        cluster=self.cluster_id,
+                        node=self.my_name,
+                        expect_peer=self.name,
+                    )
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+        except AuthError as exc:
+            raise self._connect_failed(f"authentication failed: {exc}", PeerAuthError) from exc
+        except trio.TooSlowError:
+            raise self._connect_failed(
+                f"no connection within {self.timeouts.connect:g}s", PeerUnavailable
+            ) from None
+        except (ProtocolError, EOFError, *_GONE) as exc:
+            raise self._connect_failed(str(exc) or type(exc).__name__, PeerUnavailable) from exc
+        if self._closed:
+            await trio.aclose_forcefully(stream)
+            raise PeerUnavailable(f"node {self.name}: closed")
+        conn = _Connection(ms)
+        try:
+            self._nursery.start_soon(self._receive, conn)
+        except RuntimeError:  # the owner's nursery is closing
+            await trio.aclose_forcefully(stream)
+            raise PeerUnavailable(f"node {self.name}: closed") from None
+        self._receivers.add(conn)
+        if self._failures:
+            log.info("rpc: node %s reachable again", self.name)
+        self._failures = 0
+        self._retry_at = float("-inf")
+        self._connects += 1
+        return conn
+
+    def _connect_failed(self, reason: str, kind: type[PeerUnavailable]) -> PeerUnavailable:
+        self._failures += 1
+        self._connect_failures += 1
+        delay = min(self.backoff_min * 2 ** (self._failures - 1), self.backoff_max)
+        self._retry_at = trio.current_time() + delay
+        self._last_failure = reason
+        level = logging.WARNING if self._failures == 1 else logging.DEBUG
+        log.log(level, "rpc: cannot connect to node %s at %s:%s: %s", *self._where(), reason)
+        return kind(f"node {self.name}: {reason}")
+
+    def _where(self) -> tuple[str, str, int]:
+        return self.name, self.address, self.port
+
+    async def _receive(self, conn: _Connection) -> None:
+        """Route answers to their callers until the connection ends; never raises."""
+        reason = "connection closed"
+        try:
+            with conn.scope:
+                try:
+                    while True:
+                        self._route(conn, await conn.ms.receive())
+                except ProtocolError as exc:
+                    reason = f"protocol error: {exc}"
+                    log.warning("rpc: node %s at %s:%s: %s; closing", *self._where(), reason)
+                except EOFError:
+                    reason = "connection closed by the peer"
+                except _GONE as exc:
+                    reason = f"connection lost: {exc}"
+                except Exception:
+                    reason = "internal error"
+                    log.exception("%s receiving from node %s", BUG_MARKER, self.name)
+        finally:
+            self._drop(conn, reason)
+            await trio.aclose_forcefully(conn.ms.stream)
+            self._receivers.discard(conn)
+            conn.finished.set()
+
+    def _route(self, conn: _Connection, msg: Message) -> None:
+        if msg.type not in (MessageType.RESPONSE, MessageType.ERROR):
+            raise ProtocolError(f"unexpected {msg.type.name} message")
+        slot = conn.pending.pop(msg.request_id, None)
+        if slot is not None:
+            slot.answer(msg)
+        elif msg.request_id in conn.abandoned:
+            conn.abandoned.discard(msg.request_id)  # the caller gave up; drop the late answer
+        else:
+            raise ProtocolError(f"answer to request {msg.request_id}, which is not pending")
+
+    def _drop(self, conn: _Connection, reason: str) -> None:
+        """Mark ``conn`` unusable, fail its waiting calls and stop its receiver."""
+        if conn.lost is not None:
+            return
+        conn.lost = reason
+        if self._conn is conn:
+            self._conn = None
+        if not self._closed:
+            self._connections_lost += 1
+            if conn.pending:
+                log.warning(
+                    "rpc: node %s: %s; failing %d call(s)", self.name, reason, len(conn.pending)
+                )
+            else:
+                log.info("rpc: node %s: %s", self.name, reason)
+        for slot in conn.pending.values():
+            slot.fail(reason)
+        conn.pending.clear()
+        conn.abandoned.clear()
+        conn.scope.cancel()
+
+    async def aclose(self) -> None:
+        """Close the connection; waiting and later calls fail with ``PeerUnavailable``."""
+        self.close_nowait()
+        for conn in list(self._receivers):
+            await conn.finished.wait()
+
+    def close_nowait(self) -> None:
+        """The synchronous part of ``aclose``: fail calls, stop the receiver."""
+        self._closed = True
+        if self._conn is not None:
+            self._drop(self._conn, "closed")
+
+
+class PeerPool:
+    """A ``Peer`` for every other node of a cluster configuration, keyed by node name."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        *,
+        my_name: str,
+        secret: bytes,
+        nursery: trio.Nursery,
+        connectors: Mapping[str, Connector] | None = None,
+    ) -> None:
+        config.node(my_name)  # ConfigError if we are not in it
+        connectors = connectors or {}
+        self.my_name = my_name
+        self._peers = {
+            n.name: Peer(
+                n.name,
+                n.address,
+                n.port,
+                secret=secret,
+                cluster_id=config.id,
+                my_name=my_name,
+                timeouts=config.timeouts,
+                nursery=nursery,
+                connector=connectors.get(n.name),
+            )
+            for n in config.nodes
+            if n.name != my_name
+        }
+
+    def peer(self, name: str) -> Peer:
+        try:
+            return self._peers[name]
+        except KeyError:
+            if name == self.my_name:
+                raise KeyError(f"{name!r} is this node; call it locally") from None
+            raise KeyError(f"no node named {name!r}") from None
+
+    __getitem__ = peer
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._peers)
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    async def call(
+        self,
+        node: str,
+        method: str,
+        args: Mapping[str, Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - as Peer.call
+    ) -> Any:
+        return await self.peer(node).call(method, args, timeout=timeout)
+
+    async def aclose(self) -> None:
+        for p in self._peers.values():
+            p.close_nowait()
+        for p in self._peers.values():
+            await p.aclose()

@@ -1,0 +1,306 @@
+"""The RPC server: accept connections, authenticate them, serve pipelined requests.
+
+Per connection: the handshake under a deadline, then one task reads frames
+and starts a task per REQUEST (at most ``max_concurrent_per_conn`` at a
+time; past that the reader stops reading, so a peer cannot queue unbounded
+work); answers are written under the ``MessageStream`` send lock in whatever
+order they finish. Anything malformed (a frame that does not decode or
+validate, an oversize frame, a message type other than REQUEST, a request id
+already in flight), a failed handshake or the peer going away closes that
+connection only, with a warning naming the address and the reason.
+
+A request that has been read is carried out even if its connection goes
+away meanwhile (its answer is dropped): the caller saw ``PeerUnavailable``
+or ``PeerTimeout``, which both mean "outcome unknown". Only stopping the
+server (cancelling ``run``) cancels handlers.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import trio
+
+from dfs.config import ClusterConfig
+from dfs.errors import FsError
+from dfs.net.frames import MAX_FRAME, Message, MessageType, ProtocolError, validate_fields
+from dfs.net.handshake import AuthError, Session, server_handshake
+from dfs.net.rpc import Methods, error_body
+from dfs.net.stream import MessageStream
+
+log = logging.getLogger("dfs.net.server")
+
+BUG_MARKER = "UNEXPECTED EXCEPTION"  # the same marker mountd uses; tests fail on it
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    connections: int  # open now, including ones in the handshake; closed ones don't count
+    # even while requests read from them are still being carried out
+    connections_accepted: int
+    requests_in_flight: int
+    requests_served: int  # answers (RESPONSE or ERROR) written to their connection
+    protocol_errors: int
+    auth_failures: int
+    handshake_timeouts: int
+    handler_errors: int  # unexpected exceptions in handlers, answered EIO
+
+
+@dataclass(slots=True)
+class _Counters:
+    connections: int = 0
+    connections_accepted: int = 0
+    requests_in_flight: int = 0
+    requests_served: int = 0
+    protocol_errors: int = 0
+    auth_failures: int = 0
+    handshake_timeouts: int = 0
+    handler_errors: int = 0
+
+
+class _Conn:
+    """Closes a connection's stream once and keeps the open-connections count right."""
+
+    def __init__(self, stream: trio.abc.Stream, counters: _Counters) -> None:
+        self.stream = stream
+        self._counters = counters
+        self._open = True
+
+    async def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._counters.connections -= 1
+        await trio.aclose_forcefully(self.stream)
+
+
+def describe(stream: trio.abc.Stream) -> str:
+    """The remote address of a socket stream, for log lines."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return type(stream).__name__
+    try:
+        addr = sock.getpeername()
+    except OSError:
+        return "unknown address"
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr)
+
+
+class RpcServer:
+    """Serves ``methods`` to authenticated nodes of one cluster."""
+
+    def __init__(
+        self,
+        *,
+        cluster_id: str,
+        node_name: str,
+        secret: bytes,
+        known: Container[str],
+        methods: Methods,
+        handshake_timeout: float = 5.0,
+        max_concurrent_per_conn: int = 64,
+        max_frame: int = MAX_FRAME,
+    ) -> None:
+        if max_concurrent_per_conn < 1:
+            raise ValueError("max_concurrent_per_conn must be at least 1")
+        self.cluster_id = cluster_id
+        self.node_name = node_name
+        self._secret = secret
+        self.known = known
+        self.methods = methods
+        self.handshake_timeout = handshake_timeout
+        self.max_concurrent_per_conn = max_concurrent_per_conn
+        self.max_frame = max_frame
+        self._c = _Counters()
+
+    @classmethod
+    def from_config(
+        cls, config: ClusterConfig, node_name: str, secret: bytes, methods: Methods, **kw: Any
+    ) -> RpcServer:
+        """A server for ``node_name`` of ``config``; the connect timeout bounds handshakes."""
+        config.node(node_name)  # ConfigError if unknown
+        kw.setdefault("handshake_timeout", config.timeouts.connect)
+        return cls(
+            cluster_id=config.id,
+            node_name=node_name,
+            secret=secret,
+            known=frozenset(n.name for n in config.nodes),
+            methods=methods,
+            **kw,
+        )
+
+    def statistics(self) -> ServerStatistics:
+        c = self._c
+        return ServerStatistics(
+            connections=c.connections,
+            connections_accepted=c.connections_accepted,
+            requests_in_flight=c.requests_in_flight,
+            requests_served=c.requests_served,
+            protocol_errors=c.protocol_errors,
+            auth_failures=c.auth_failures,
+            handshake_timeouts=c.handshake_timeouts,
+            handler_errors=c.handler_errors,
+        )
+
+    async def run(
+        self,
+        listen: tuple[str, int] | Sequence[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; ``task_status.started`` gets the bound port.
+
+        ``listen`` is ``(host, port)`` (port 0 picks a free one) or listeners
+        the caller opened. Cancelling this cancels every connection and handler.
+        """
+        if isinstance(listen, tuple):
+            host, port = listen
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        else:
+            listeners = list(listen)
+        if not listeners:
+            raise ValueError("no listeners")
+        bound: int = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            serve = partial(trio.serve_listeners, handler_nursery=nursery)
+            await nursery.start(serve, self.handle_stream, listeners)
+            log.info("rpc: node %s serving on port %d", self.node_name, bound)
+            task_status.started(bound)
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection until it ends; closes ``stream``; never raises but Cancelled.
+
+        Public so that in-process tests can serve memory streams.
+        """
+        where = describe(stream)
+        self._c.connections_accepted += 1
+        self._c.connections += 1
+        conn = _Conn(stream, self._c)
+        ms = MessageStream(stream, self.max_frame)
+        try:
+            session = await self._handshake(ms, where)
+            if session is not None:
+                await self._serve(ms, conn, session, where)
+        except Exception:
+            log.exception("%s in the rpc connection from %s", BUG_MARKER, where)
+        finally:
+            await conn.close()
+
+    async def _handshake(self, ms: MessageStream, where: str) -> Session | None:
+        with trio.move_on_after(self.handshake_timeout):
+            try:
+                return await server_handshake(
+                    ms,
+                    secret=self._secret,
+                    cluster=self.cluster_id,
+                    node=self.node_name,
+                    known=self.known,
+                )
+            except AuthError as exc:
+                self._c.auth_failures += 1
+                log.warning("rpc: %s: authentication failed: %s", where, exc)
+            except ProtocolError as exc:
+                self._c.protocol_errors += 1
+                log.warning("rpc: %s: protocol error in the handshake: %s", where, exc)
+            except EOFError:
+                log.warning("rpc: %s: closed during the handshake", where)
+            except _GONE as exc:
+                log.warning("rpc: %s: connection lost during the handshake: %s", where, exc)
+            return None
+        self._c.handshake_timeouts += 1
+        log.warning("rpc: %s: handshake not done within %gs", where, self.handshake_timeout)
+        return None
+
+    async def _serve(self, ms: MessageStream, conn: _Conn, session: Session, where: str) -> None:
+        who = f"{session.peer} at {where}"
+        log.debug("rpc: %s authenticated", who)
+        async with trio.open_nursery() as handlers:
+            await self._read_requests(ms, session.peer, who, handlers)
+            # Stop talking at once; handlers already started finish, their answers are dropped.
+            await conn.close()
+
+    async def _read_requests(
+        self, ms: MessageStream, peer: str, who: str, handlers: trio.Nursery
+    ) -> None:
+        in_flight: set[int] = set()
+        slots = trio.Semaphore(self.max_concurrent_per_conn)
+        try:
+            while True:
+                msg = await ms.receive()
+                if msg.type is not MessageType.REQUEST:
+                    raise ProtocolError(f"unexpected {msg.type.name} message")
+                if msg.request_id in in_flight:
+                    raise ProtocolError(f"request id {msg.request_id} is already in flight")
+                await slots.acquire()
+                in_flight.add(msg.request_id)
+                self._c.requests_in_flight += 1
+                handlers.start_soon(self._request, ms, peer, msg, slots, in_flight)
+        except ProtocolError as exc:
+            self._c.protocol_errors += 1
+            log.warning("rpc: %s: protocol error, closing: %s", who, exc)
+        except EOFError:
+            log.debug("rpc: %s closed the connection", who)
+        except _GONE as exc:
+            log.warning("rpc: %s: connection lost: %s", who, exc)
+
+    async def _request(
+        self,
+        ms: MessageStream,
+        peer: str,
+        msg: Message,
+        slots: trio.Semaphore,
+        in_flight: set[int],
+    ) -> None:
+        rid = msg.request_id
+        try:
+            mtype, body = await self._dispatch(peer, msg.body)
+            try:
+                await ms.send(mtype, rid, body)
+            except _GONE:
+                raise
+            except Exception as exc:  # encoding failed: nothing was sent
+                self._c.handler_errors += 1
+                log.error(
+                    "%s: rpc %r from %s: its result cannot be sent: %s: %s",
+                    BUG_MARKER,
+                    msg.body["m"],
+                    peer,
+                    type(exc).__name__,
+                    exc,
+                )
+                await ms.send(MessageType.ERROR, rid, error_body(errno.EIO, "internal error"))
+            self._c.requests_served += 1
+        except _GONE:
+            log.debug("rpc: answer to %s dropped, the connection is gone", peer)
+        finally:
+            in_flight.discard(rid)
+            self._c.requests_in_flight -= 1
+            slots.release()
+
+    async def _dispatch(
+        self, peer: str, body: dict[str, Any]
+    ) -> tuple[MessageType, dict[str, Any]]:
+        name: str = body["m"]
+        method = self.methods.get(name)
+        if method is None:
+            return MessageType.ERROR, error_body(errno.ENOSYS, f"unknown method {name!r}")
+        try:
+            args = validate_fields(name, method.schema, body["a"])
+        except ProtocolError as exc:
+            return MessageType.ERROR, error_body(errno.EINVAL, f"invalid arguments: {exc}")
+        try:
+            result = await method.handler(peer, args)
+        except FsError as exc:
+            return MessageType.ERROR, error_body(exc.errno, str(exc))
+        except Exception:
+            self._c.handler_errors += 1
+            log.exception("%s in rpc method %r called by %s; answering EIO", BUG_MARKER, name, peer)
+            return MessageType.ERROR, error_body(errno.EIO, "internal error")
+        return MessageType.RESPONSE, {"r": result}
