@@ -144,12 +144,7 @@ class DataStore:
         buf[:n] = data
         view = memoryview(buf)[:n]
         try:
-            while view:
-                w = os.pwrite(fd, view, off)
-                view = view[w:]
-                off += w
-        except OSError as exc:
-            raise _fs_error(exc, "writing") from exc
+            DataStore.pwrite(fd, off, view)
         finally:
             view.release()
 
