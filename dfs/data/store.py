@@ -64,6 +64,7 @@ SPACE_RECHECK = 0.5  # seconds a free-space reading is trusted while little is w
 class DataStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._root_str = str(root)
         self.direct = hasattr(os, "O_DIRECT")  # cleared if the file system refuses it
         root.mkdir(parents=True, exist_ok=True)
         for i in range(256):
@@ -109,6 +110,10 @@ class DataStore:
         self.admit(nbytes)
         self.done(nbytes)
 
+    def fspath(self, ino: int) -> str:
+        """The data file's path as a string (pathlib costs more than the syscall here)."""
+        return f"{self._root_str}/{ino & 0xFF:02x}/{ino:016x}"
+
     def path(self, ino: int) -> Path:
         return self.root / f"{ino & 0xFF:02x}" / f"{ino:016x}"
 
@@ -116,7 +121,7 @@ class DataStore:
         """An fd for ino's data file; None if it has none and ``create`` is false."""
         flags = _OPEN_FLAGS | (os.O_CREAT if create else 0)
         try:
-            return os.open(self.path(ino), flags, 0o600)
+            return os.open(self.fspath(ino), flags, 0o600)
         except FileNotFoundError:
             if create:
                 raise
@@ -129,7 +134,7 @@ class DataStore:
         if not self.direct:
             return None
         try:
-            return os.open(self.path(ino), _OPEN_FLAGS | os.O_DIRECT)
+            return os.open(self.fspath(ino), _OPEN_FLAGS | os.O_DIRECT)
         except OSError as exc:
             if exc.errno == errno.EINVAL:  # e.g. tmpfs: no O_DIRECT
                 self.direct = False
@@ -203,10 +208,10 @@ class DataStore:
 
     def remove(self, ino: int) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(ino))
+            os.unlink(self.fspath(ino))
 
     def exists(self, ino: int) -> bool:
-        return self.path(ino).exists()
+        return os.path.exists(self.fspath(ino))
 
     def all_inodes(self) -> Iterator[int]:
         """Every inode that has a data file (for the checker)."""
