@@ -1,7 +1,16 @@
-"""The node daemon: lock the data directory, open the stores, mount, serve, unmount.
+"""The node daemon: lock the data directory, open the stores, join the cluster, mount, serve.
 
-Shutdown order (also on SIGTERM/SIGINT): leave the FUSE loop, unmount, purge
-what the kernel no longer references, mark the store clean, close it, unlock.
+Standalone (``--data DIR``) the node is a one-node cluster of its own. In
+cluster mode (``--config FILE --node NAME``) the data directory must belong to
+that cluster and node id, and the node's network side (``dfs.cluster.node``:
+RPC server, peers, heartbeat, control socket) starts inside the trio run
+before the file system is mounted: a port that is taken ends the daemon with
+nothing mounted.
+
+Shutdown order (also on SIGTERM/SIGINT/SIGHUP): leave the FUSE loop, stop
+accepting RPC and control requests, unmount, close the connections to peers,
+purge what the kernel no longer references, mark the store clean, close it,
+unlock.
 """
 
 from __future__ import annotations
@@ -17,11 +26,13 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from dfs.cluster.node import ClusterNode, StartError
+from dfs.config import ClusterConfig, ConfigError, NodeConfig, load
 from dfs.data.store import DataStore
 from dfs.errors import StoreError
 from dfs.fs.vfs import Vfs
 from dfs.lockfile import DataDirLock
-from dfs.meta.store import MetaStore
+from dfs.meta.store import STANDALONE_NODE, MetaStore
 from mountd.fuse_convert import Counters
 from mountd.fuse_ops import DfsOperations
 from mountd.mountpoint import MountPointError, prepare
@@ -34,6 +45,34 @@ EXIT_USAGE = 2
 EXIT_MOUNTPOINT = 3
 EXIT_DATADIR = 4
 
+DEFAULT_DATA_ROOT = Path("/var/lib/dfs")
+
+
+@dataclass(frozen=True)
+class ClusterSetup:
+    """What cluster mode needs: the configuration, this node in it, and the secret."""
+
+    config: ClusterConfig
+    node: NodeConfig
+    secret: bytes
+
+
+def load_cluster(config_path: Path, node_name: str) -> ClusterSetup:
+    """Read and check the configuration and the secret; ConfigError says what is wrong."""
+    config = load(config_path)
+    node = config.node(node_name)
+    return ClusterSetup(config, node, config.read_secret())
+
+
+def default_data_dir(setup: ClusterSetup) -> Path:
+    """``/var/lib/dfs/<cluster name>/<node name>``."""
+    name = setup.config.name
+    if not name or "/" in name or name in (".", ".."):
+        raise ConfigError(
+            f"cluster.name {name!r} cannot name a directory: give the data directory with --data"
+        )
+    return DEFAULT_DATA_ROOT / name / setup.node.name
+
 
 @dataclass(frozen=True)
 class DaemonOptions:
@@ -41,6 +80,7 @@ class DaemonOptions:
     mountpoint: Path
     allow_other: bool | None = None  # None: when running as root
     cluster_id: str | None = None  # required identity of DIR (None: whatever DIR holds)
+    cluster: ClusterSetup | None = None  # cluster mode
 
 
 def check_data_dir(data_dir: Path) -> None:
@@ -89,7 +129,7 @@ def run(opts: DaemonOptions) -> int:
     try:
         check_data_dir(opts.data_dir)
         lock.acquire()
-        meta = MetaStore.open(opts.data_dir / "meta", cluster_id=opts.cluster_id)
+        meta = _open_meta(opts)
     except StoreError as exc:
         lock.release()
         log.error("%s", exc)
@@ -99,6 +139,24 @@ def run(opts: DaemonOptions) -> int:
     finally:
         meta.close()
         lock.release()
+
+
+def _open_meta(opts: DaemonOptions) -> MetaStore:
+    meta = MetaStore.open(
+        opts.data_dir / "meta",
+        cluster_id=opts.cluster_id,
+        node_id=STANDALONE_NODE if opts.cluster is None else opts.cluster.node.id,
+    )
+    if opts.cluster is not None:
+        node = opts.cluster.node
+        have = meta.identity.node_id
+        if have != node.id:
+            meta.close()
+            raise StoreError(
+                f"{opts.data_dir}: holds the data of node id {have} of this cluster, "
+                f"not of node {node.name} (id {node.id})"
+            )
+    return meta
 
 
 def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
@@ -118,57 +176,135 @@ def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
     allow_other = os.geteuid() == 0 if opts.allow_other is None else opts.allow_other
     if allow_other:
         options.add("allow_other")
-    ops = DfsOperations(vfs)
+    node = _Node(opts, meta, vfs, options)
     try:
-        pyfuse3.init(ops, str(opts.mountpoint), options)
-    except RuntimeError as exc:
-        log.error("%s: mount failed: %s", opts.mountpoint, exc)
-        return EXIT_MOUNTPOINT
-    log.info(
-        "ready: %s mounted at %s (cluster %s, node %d)",
-        opts.data_dir,
-        opts.mountpoint,
-        meta.identity.cluster_id,
-        meta.identity.node_id,
-    )
-    unmounted = False
-    try:
-        trio.run(_main_loop, opts.mountpoint, vfs)
-        pyfuse3.close(unmount=True)
-        unmounted = True
+        return trio.run(node.main)
     finally:
-        if not unmounted:
-            pyfuse3.close(unmount=True)
-        vfs.files.settle_all()
-        vfs.lookups.clear()
-        vfs.recover()
-        meta.set_clean(True)
-        log.info(
-            "unmounted %s%s",
-            opts.mountpoint,
-            f" ({Counters.bugs} unexpected errors)" if Counters.bugs else "",
-        )
-    return EXIT_OK
+        if node.was_mounted:
+            vfs.files.settle_all()
+            vfs.lookups.clear()
+            vfs.recover()
+            meta.set_clean(True)
+            log.info(
+                "unmounted %s%s",
+                opts.mountpoint,
+                f" ({Counters.bugs} unexpected errors)" if Counters.bugs else "",
+            )
+        else:
+            meta.set_clean(True)  # nothing was served since recover()
 
 
 SYNC_INTERVAL = 5.0
 
 
-async def _main_loop(mountpoint: Path, vfs: Vfs) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal)
-        nursery.start_soon(vfs.sync_periodically, SYNC_INTERVAL)
-        # stat() of the mount point is answered by this very loop: run it in a thread.
-        nursery.start_soon(
-            partial(trio.to_thread.run_sync, set_readahead, mountpoint, READAHEAD_KB)
-        )
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
+class _Node:
+    """One run of the daemon inside trio: what is up, so that it comes down in order."""
 
+    def __init__(self, opts: DaemonOptions, meta: MetaStore, vfs: Vfs, options: set[str]) -> None:
+        self.opts = opts
+        self.meta = meta
+        self.vfs = vfs
+        self.fuse_options = options
+        self.was_mounted = False
+        self._fuse_running = False
+        self._stopping = False
+        self._startup = trio.CancelScope()
 
-async def _stop_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+    async def main(self) -> int:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stop_on_signal)
+            try:
+                return await self._run(nursery)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _run(self, nursery: trio.Nursery) -> int:
+        opts = self.opts
+        cluster: ClusterNode | None = None
+        if opts.cluster is not None:
+            setup = opts.cluster
+            cluster = ClusterNode(
+                setup.config,
+                setup.node.name,
+                setup.secret,
+                data_dir=opts.data_dir,
+                mountpoint=opts.mountpoint,
+            )
+            with self._startup:
+                try:
+                    await cluster.start(nursery)
+                except StartError as exc:
+                    log.error("%s", exc)
+                    return EXIT_FAILURE
+            if self._startup.cancelled_caught:  # a signal during the start
+                cluster.stop_serving()
+                await cluster.aclose()
+                return EXIT_OK
+        if self._stopping:
+            if cluster is not None:
+                cluster.stop_serving()
+                await cluster.aclose()
+            return EXIT_OK
+        try:
+            pyfuse3.init(DfsOperations(self.vfs), str(opts.mountpoint), self.fuse_options)
+        except RuntimeError as exc:
+            log.error("%s: mount failed: %s", opts.mountpoint, exc)
+            if cluster is not None:
+                cluster.stop_serving()
+                await cluster.aclose()
+            return EXIT_MOUNTPOINT
+        self.was_mounted = True
+        self._fuse_running = True
+        try:
+            nursery.start_soon(self.vfs.sync_periodically, SYNC_INTERVAL)
+            # stat() of the mount point is answered by this very loop: run it in a thread.
+            nursery.start_soon(
+                partial(trio.to_thread.run_sync, set_readahead, opts.mountpoint, READAHEAD_KB)
+            )
+            self._log_ready()
+            if not self._stopping:
+                await pyfuse3.main()
+        finally:
+            self._fuse_running = False
+            if cluster is not None:
+                cluster.stop_serving()
+            pyfuse3.close(unmount=True)
+            if cluster is not None:
+                with trio.CancelScope(shield=True):
+                    await cluster.aclose()
+        return EXIT_OK
+
+    def _log_ready(self) -> None:
+        opts, identity = self.opts, self.meta.identity
+        if opts.cluster is None:
+            log.info(
+                "ready: %s mounted at %s (cluster %s, node %d)",
+                opts.data_dir,
+                opts.mountpoint,
+                identity.cluster_id,
+                identity.node_id,
+            )
             return
+        setup = opts.cluster
+        log.info(
+            "ready: %s mounted at %s (cluster %s %s, node %s id %d, listening on %s:%d)",
+            opts.data_dir,
+            opts.mountpoint,
+            setup.config.name,
+            identity.cluster_id,
+            setup.node.name,
+            identity.node_id,
+            setup.node.address,
+            setup.node.port,
+        )
+
+    async def _stop_on_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("received %s: unmounting", signal.Signals(signum).name)
+                self._stopping = True
+                if self._fuse_running:
+                    pyfuse3.terminate()
+                else:
+                    self._startup.cancel()
+                return

@@ -1,7 +1,8 @@
 """``dfs``: the admin command line (installed as the package ``dfs_tools``).
 
 Thin by design: each command parses options, calls into ``dfs`` and prints.
-The logic of ``dfs fsck`` lives in ``dfs/check``.
+The logic of ``dfs fsck`` lives in ``dfs/check``; ``dfs cluster`` is in
+tools/cluster.py over ``dfs/cluster/local.py``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from dfs.check.checker import Finding
 from dfs.check.fsck import EXIT_OPERATIONAL, FsckError, FsckResult, fsck
 from dfs.check.scan import Progress
 
+from .cluster import cluster
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Administer dfs nodes and their data directories."""
+
+
+main.add_command(cluster)
 
 
 class _Status:

@@ -134,6 +134,9 @@ class Peer:
         self._failures = 0  # consecutive connect failures
         self._retry_at = float("-inf")
         self._last_failure = ""
+        # While backing off, calls fail with the kind of the last failure, so that a
+        # peer refusing our secret stays a PeerAuthError and is not just "unreachable".
+        self._last_failure_kind: type[PeerUnavailable] = PeerUnavailable
         self._calls_in_flight = 0
         self._connects = 0
         self._connect_failures = 0
@@ -231,7 +234,7 @@ class Peer:
                 return self._conn
             wait = self._retry_at - trio.current_time()
             if wait > 0:
-                raise PeerUnavailable(
+                raise self._last_failure_kind(
                     f"node {self.name}: unreachable ({self._last_failure}); "
                     f"next attempt in {wait:.1f}s"
                 )
@@ -285,6 +288,7 @@ class Peer:
         delay = min(self.backoff_min * 2 ** (self._failures - 1), self.backoff_max)
         self._retry_at = trio.current_time() + delay
         self._last_failure = reason
+        self._last_failure_kind = kind
         level = logging.WARNING if self._failures == 1 else logging.DEBUG
         log.log(level, "rpc: cannot connect to node %s at %s:%s: %s", *self._where(), reason)
         return kind(f"node {self.name}: {reason}")

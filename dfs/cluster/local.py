@@ -1,0 +1,602 @@
+"""The local cluster launcher: N dfs-mountd nodes on loopback, each with its own data and mount.
+
+What ``dfs cluster up|status|down|stop|start`` do; the CLI (tools/cluster.py)
+only prints. Everything lives in one directory DIR::
+
+    DIR/cluster.toml, cluster.secret   written by dfs.config.init on the first `up`
+    DIR/state.json                     the daemons this launcher started: name -> pid, start time
+    DIR/launcher.lock                  flock: one launcher command at a time per DIR
+    DIR/<node>/data                    the node's data directory (and data/control.sock)
+    DIR/<node>/mnt                     its mount point
+    DIR/<node>/mountd.log              its daemon's output, appended across starts
+
+Each daemon runs ``python -m mountd --config DIR/cluster.toml --node NAME --data
+DIR/NAME/data DIR/NAME/mnt`` in a session of its own, so it outlives the
+launcher. A node is *running* when its recorded daemon is alive; it is *up*
+when, besides, its mount is live (``st_dev`` differs from the parent's and
+readdir works) and its control socket answers. ``up`` and ``start`` return
+once every node they wait for is up and sees every other running node as
+reachable, or fail after a deadline, stopping what they started.
+
+Signals go only to PIDs recorded in state.json that are still a dfs-mountd for
+this configuration and node (``/proc/PID/cmdline``) and started when recorded
+(``/proc/PID/stat``), never to processes found by name. Every check of a
+mount runs in a helper thread with a deadline, so a hung daemon makes a
+command report "hung", not hang.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dfs.cluster.control import ControlError, request, socket_path
+from dfs.config import ClusterConfig, ConfigError, init, load
+from dfs.errors import FsError
+
+CLUSTER_NAME = "local"
+DEFAULT_NODES = 3
+DEFAULT_BASE_PORT = 7801
+UP_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+PROBE_TIMEOUT = 2.0
+POLL = 0.1
+LOG_TAIL = 20
+
+# Exit codes of the CLI, kept with the errors that lead to them.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+
+
+def default_dir() -> Path:
+    """``$DFS_RUN/cluster``, by default ``./run/cluster``."""
+    return Path(os.environ.get("DFS_RUN", "run")) / "cluster"
+
+
+def mountd_command() -> list[str]:
+    return [sys.executable, "-m", "mountd"]
+
+
+class ClusterError(Exception):
+    """A launcher command cannot be carried out; ``exit_code`` is what the CLI exits with."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class LaunchError(ClusterError):
+    """A node did not come up; ``log_tail`` is the end of its log."""
+
+    def __init__(self, node: str, reason: str, log_tail: str) -> None:
+        super().__init__(f"node {node}: {reason}", EXIT_FAILED)
+        self.node = node
+        self.reason = reason
+        self.log_tail = log_tail
+
+
+@dataclass(frozen=True, slots=True)
+class LocalNode:
+    name: str
+    address: str
+    port: int
+    home: Path  # DIR/<name>
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.home / "mnt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "mountd.log"
+
+    @property
+    def control_path(self) -> Path:
+        return socket_path(self.data_dir)
+
+
+@dataclass(slots=True)
+class NodeStatus:
+    name: str
+    address: str
+    mountpoint: str
+    pid: int | None  # of the running daemon
+    state: str  # "running" or "dead"
+    mount: str  # "live", "stale", "none", "hung" or "error"
+    peers: list[dict[str, Any]] = field(default_factory=list)  # from its control socket
+    control_error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        """The daemon is alive and its mount live (what `status` exits 0 for)."""
+        return self.state == "running" and self.mount == "live"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "address": self.address,
+            "mountpoint": self.mountpoint,
+            "pid": self.pid,
+            "state": self.state,
+            "mount": self.mount,
+            "peers": self.peers,
+            "control_error": self.control_error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class UpResult:
+    started: list[str]
+    already_running: list[str]
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+def _proc_start_time(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of ``pid``, or None if there is no such process."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return None
+    rest = raw[raw.rindex(")") + 2 :].split()
+    return rest[0], int(rest[19])
+
+
+def _reap(pid: int) -> int | None:
+    """Collect ``pid`` if it is our exited child; its exit status, else None."""
+    try:
+        got, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    if got == 0:
+        return None
+    return os.waitstatus_to_exitcode(status)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [os.fsdecode(a) for a in raw.split(b"\0") if a]
+
+
+def _follows(argv: Sequence[str], first: str, second: str) -> bool:
+    return any(a == first and b == second for a, b in zip(argv, argv[1:], strict=False))
+
+
+# --- mounts --------------------------------------------------------------------------------------
+
+
+def _unescape(field_: str) -> str:
+    out, i = [], 0
+    while i < len(field_):
+        if field_[i] == "\\" and field_[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field_[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field_[i])
+            i += 1
+    return "".join(out)
+
+
+def mounted(path: Path) -> bool:
+    """Is something mounted at ``path`` (from /proc/self/mountinfo; never touches the mount)?"""
+    target = str(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(_unescape(line.split()[4]) == target for line in f)
+
+
+def mount_state(path: Path, timeout: float = PROBE_TIMEOUT) -> str:
+    """``live``, ``stale`` (its daemon died), ``none``, ``hung`` (no answer) or ``error``."""
+    if not mounted(path):
+        return "none"
+    result: list[str] = []
+
+    def probe() -> None:
+        try:
+            if os.stat(path).st_dev == os.stat(path.parent).st_dev:
+                result.append("none")
+                return
+            os.listdir(path)
+            result.append("live")
+        except OSError as exc:
+            result.append("stale" if exc.errno == errno.ENOTCONN else "error")
+
+    # A daemon that is alive but stuck would block this thread forever; it is a
+    # daemon thread, so it cannot keep the launcher from exiting.
+    t = threading.Thread(target=probe, name=f"probe {path}", daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else "hung"
+
+
+def force_unmount(path: Path) -> str | None:
+    """Lazily detach the mount at ``path``; None on success, else the reason."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmds = ([[tool, "-u", "-z", str(path)]] if tool else []) + [["umount", "-l", str(path)]]
+    reason = "no fusermount3 or umount"
+    for cmd in cmds:
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if r.returncode == 0:
+            return None
+        reason = r.stderr.strip() or f"{cmd[0]} exited with {r.returncode}"
+    return reason
+
+
+def _tail(path: Path, lines: int = LOG_TAIL) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --- the launcher --------------------------------------------------------------------------------
+
+
+class LocalCluster:
+    """The cluster in ``root``; every command that changes something takes its launcher lock."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        mountd: Sequence[str] | None = None,
+        say: Callable[[str], None] = lambda _msg: None,
+    ) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.mountd = list(mountd or mountd_command())
+        self.say = say
+        self._exit_status: dict[int, int] = {}  # of our children that we reaped
+
+    def _collect(self, pid: int) -> int | None:
+        """Reap ``pid`` if it is our exited child; its exit status, if known."""
+        code = _reap(pid)
+        if code is not None:
+            self._exit_status[pid] = code
+        return self._exit_status.get(pid)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "cluster.toml"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    def exists(self) -> bool:
+        return self.config_path.exists()
+
+    def config(self) -> ClusterConfig:
+        try:
+            return load(self.config_path)
+        except ConfigError as exc:
+            raise ClusterError(str(exc)) from None
+
+    def nodes(self) -> list[LocalNode]:
+        cfg = self.config()
+        return [LocalNode(n.name, n.address, n.port, self.root / n.name) for n in cfg.nodes]
+
+    def node(self, name: str) -> LocalNode:
+        for n in self.nodes():
+            if n.name == name:
+                return n
+        known = ", ".join(n.name for n in self.nodes())
+        raise ClusterError(f"no node named {name!r} in {self.config_path} (nodes: {known})")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "launcher.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # --- state.json ----------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, dict[str, Any]]:
+        try:
+            raw = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise ClusterError(f"{self.state_path}: unreadable ({exc}); remove it") from None
+        nodes = raw.get("nodes", {}) if isinstance(raw, dict) else {}
+        return {k: v for k, v in nodes.items() if isinstance(v, dict)}
+
+    def _save_state(self, nodes: dict[str, dict[str, Any]]) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps({"config": str(self.config_path), "nodes": nodes}, indent=2) + "\n"
+        )
+        os.replace(tmp, self.state_path)
+
+    def _record(self, name: str, entry: dict[str, Any] | None) -> None:
+        nodes = self._state()
+        if entry is None:
+            nodes.pop(name, None)
+        else:
+            nodes[name] = entry
+        self._save_state(nodes)
+
+    def daemon_pid(self, node: LocalNode) -> int | None:
+        """The PID of ``node``'s daemon if it is alive and is the one we recorded."""
+        entry = self._state().get(node.name)
+        if not entry:
+            return None
+        pid, start = entry.get("pid"), entry.get("start_time")
+        if not isinstance(pid, int) or pid <= 0:
+            return None
+        st = _proc_start_time(pid)
+        if st is None or st[1] != start:
+            return None
+        if st[0] in "ZX":
+            self._collect(pid)
+            return None
+        argv = _cmdline(pid)
+        ours = _follows(argv, "-m", "mountd") or any(
+            os.path.basename(a) == "dfs-mountd" for a in argv
+        )
+        if (
+            ours
+            and _follows(argv, "--config", str(self.config_path))
+            and _follows(argv, "--node", node.name)
+        ):
+            return pid
+        return None
+
+    # --- starting ------------------------------------------------------------------------------
+
+    def _create(self, nodes: int, base_port: int) -> None:
+        if nodes < 1:
+            raise ClusterError("--nodes must be at least 1")
+        if base_port + nodes - 1 > 65535:
+            raise ClusterError(f"ports {base_port}..{base_port + nodes - 1} out of range")
+        specs = [(f"n{i + 1}", "127.0.0.1", base_port + i) for i in range(nodes)]
+        try:
+            init(self.config_path, specs, name=CLUSTER_NAME)
+        except ConfigError as exc:
+            raise ClusterError(str(exc)) from None
+        self.say(f"created cluster {CLUSTER_NAME!r} with {nodes} nodes in {self.root}")
+
+    def _spawn(self, node: LocalNode) -> int:
+        node.data_dir.mkdir(parents=True, exist_ok=True)
+        if not mounted(node.mountpoint):  # a stale mount: the daemon recovers it
+            node.mountpoint.mkdir(parents=True, exist_ok=True)
+        argv = [
+            *self.mountd,
+            "--config",
+            str(self.config_path),
+            "--node",
+            node.name,
+            "--data",
+            str(node.data_dir),
+            str(node.mountpoint),
+        ]
+        fd = os.open(node.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} start ====\n".encode())
+            pid = os.posix_spawn(
+                argv[0],
+                argv,
+                dict(os.environ),
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, fd, 1),
+                    (os.POSIX_SPAWN_DUP2, fd, 2),
+                ],
+                setsid=True,
+            )
+        finally:
+            os.close(fd)
+        st = _proc_start_time(pid)
+        self._record(node.name, {"pid": pid, "start_time": st[1] if st else None})
+        return pid
+
+    def up(
+        self, nodes: int | None = None, base_port: int | None = None, timeout: float = UP_TIMEOUT
+    ) -> UpResult:
+        """Start every node that is not running and wait until all are up and see each other."""
+        with self._locked():
+            if not self.exists():
+                self._create(nodes or DEFAULT_NODES, base_port or DEFAULT_BASE_PORT)
+            else:
+                have = len(self.config().nodes)
+                if nodes is not None and nodes != have:
+                    raise ClusterError(
+                        f"{self.root} holds a cluster of {have} nodes; for another size, "
+                        f"`dfs cluster down` and remove {self.root} (or use another --dir)"
+                    )
+            every = self.nodes()
+            running = [n.name for n in every if self.daemon_pid(n) is not None]
+            todo = [n for n in every if n.name not in running]
+            if not todo:
+                return UpResult(started=[], already_running=running)
+            pids: dict[str, int] = {}
+            try:
+                for node in todo:
+                    pids[node.name] = self._spawn(node)
+                    self.say(f"started {node.name} (pid {pids[node.name]})")
+                self._wait_up(every, pids, timeout)
+            except BaseException:
+                self._stop_nodes([n for n in todo if n.name in pids], signal.SIGTERM)
+                raise
+            return UpResult(started=[n.name for n in todo], already_running=running)
+
+    def start(self, name: str, timeout: float = UP_TIMEOUT) -> bool:
+        """Start one node; False if it was running already."""
+        with self._locked():
+            node = self.node(name)
+            if self.daemon_pid(node) is not None:
+                return False
+            others = [n for n in self.nodes() if n.name != name and self.daemon_pid(n)]
+            pid = self._spawn(node)
+            try:
+                self._wait_up([node, *others], {name: pid}, timeout)
+            except BaseException:
+                self._stop_nodes([node], signal.SIGTERM)
+                raise
+            return True
+
+    def _wait_up(self, nodes: list[LocalNode], pids: dict[str, int], timeout: float) -> None:
+        """Until every node in ``nodes`` is up and reachable from the others in ``nodes``."""
+        names = {n.name for n in nodes}
+        deadline = time.monotonic() + timeout
+        while True:
+            waiting: dict[str, str] = {}
+            for node in nodes:
+                pid = pids.get(node.name)
+                if pid is not None and self.daemon_pid(node) is None:
+                    code = self._collect(pid)
+                    how = f"exited with status {code}" if code is not None else "died"
+                    raise LaunchError(node.name, f"dfs-mountd {how}", _tail(node.log_path))
+                why = self._not_up(node, names)
+                if why:
+                    waiting[node.name] = why
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                name, why = next(iter(waiting.items()))
+                more = "" if len(waiting) == 1 else f" (also waiting for {', '.join(waiting)})"
+                raise LaunchError(
+                    name,
+                    f"not up after {timeout:g}s: {why}{more}",
+                    _tail(self.node(name).log_path),
+                )
+            time.sleep(POLL)
+
+    def _not_up(self, node: LocalNode, names: set[str]) -> str | None:
+        """Why ``node`` is not up yet, or None."""
+        state = mount_state(node.mountpoint)
+        if state != "live":
+            return f"mount is {state}"
+        try:
+            status = request(node.control_path, "status", timeout=PROBE_TIMEOUT)
+        except (ControlError, FsError) as exc:
+            return f"control socket: {exc}"
+        missing = [
+            f"{p['name']} ({p.get('error_kind') or p.get('state')})"
+            for p in status.get("peers", [])
+            if p.get("name") in names and p.get("state") != "reachable"
+        ]
+        if missing:
+            return f"does not reach {', '.join(missing)}"
+        return None
+
+    # --- looking -------------------------------------------------------------------------------
+
+    def status(self) -> list[NodeStatus]:
+        """Each node's state; read-only, so it does not wait for the launcher lock."""
+        out = []
+        for node in self.nodes():
+            pid = self.daemon_pid(node)
+            st = NodeStatus(
+                name=node.name,
+                address=f"{node.address}:{node.port}",
+                mountpoint=str(node.mountpoint),
+                pid=pid,
+                state="running" if pid is not None else "dead",
+                mount=mount_state(node.mountpoint),
+            )
+            if pid is not None:
+                try:
+                    info = request(node.control_path, "status", timeout=PROBE_TIMEOUT)
+                    st.peers = list(info.get("peers", []))
+                except (ControlError, FsError) as exc:
+                    st.control_error = str(exc)
+            out.append(st)
+        return out
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    def stop(self, name: str, *, kill: bool = False, timeout: float = STOP_TIMEOUT) -> bool:
+        """Stop one node (SIGTERM, or SIGKILL with ``kill``); False if it was not running.
+
+        After SIGKILL its mount is left stale, as after a crash: ``start`` recovers it.
+        """
+        with self._locked():
+            node = self.node(name)
+            if self.daemon_pid(node) is None:
+                self._record(name, None)
+                return False
+            sig = signal.SIGKILL if kill else signal.SIGTERM
+            self._stop_nodes([node], sig, timeout=timeout, unmount=not kill)
+            return True
+
+    def down(self, timeout: float = STOP_TIMEOUT) -> list[str]:
+        """Stop every daemon we started and unmount what they left; what was done, per node."""
+        if not self.exists():
+            return []
+        with self._locked():
+            return self._stop_nodes(self.nodes(), signal.SIGTERM, timeout=timeout)
+
+    def _stop_nodes(
+        self,
+        nodes: list[LocalNode],
+        sig: signal.Signals,
+        *,
+        timeout: float = STOP_TIMEOUT,
+        unmount: bool = True,
+    ) -> list[str]:
+        report: dict[str, str] = {}
+        pids: dict[str, int] = {}
+        for node in nodes:
+            pid = self.daemon_pid(node)
+            if pid is None:
+                report[node.name] = "not running"
+                continue
+            with suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            pids[node.name] = pid
+            report[node.name] = f"stopped (pid {pid}, {sig.name})"
+        deadline = time.monotonic() + timeout
+        by_name = {n.name: n for n in nodes}
+        while pids and time.monotonic() < deadline:
+            pids = {k: p for k, p in pids.items() if self.daemon_pid(by_name[k]) is not None}
+            if pids:
+                time.sleep(POLL)
+        for name, pid in pids.items():  # did not stop in time
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            report[name] = f"killed (pid {pid}): did not stop within {timeout:g}s of SIGTERM"
+        kill_deadline = time.monotonic() + 10
+        while pids and time.monotonic() < kill_deadline:
+            pids = {k: p for k, p in pids.items() if self.daemon_pid(by_name[k]) is not None}
+            if pids:
+                time.sleep(POLL)
+        for node in nodes:
+            if node.name not in pids:
+                self._record(node.name, None)
+            if unmount and mount_state(node.mountpoint) in ("stale", "hung", "error"):
+                if node.name in pids or self.daemon_pid(node) is not None:
+                    continue  # still served by a daemon we could not stop
+                reason = force_unmount(node.mountpoint)
+                report[node.name] += (
+                    "; stale mount removed" if reason is None else f"; cannot unmount: {reason}"
+                )
+        return [f"{name}: {what}" for name, what in report.items()]

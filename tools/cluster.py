@@ -1,0 +1,265 @@
+"""``dfs cluster``: a local cluster of dfs-mountd nodes on loopback, thin over dfs.cluster.local."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dfs.cluster.local import (
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    ClusterError,
+    LaunchError,
+    LocalCluster,
+    NodeStatus,
+    default_dir,
+)
+
+_DIR_HELP = "Cluster directory (default: $DFS_RUN/cluster, else ./run/cluster)."
+
+
+def _dir_option(fn: Any) -> Any:
+    return click.option(
+        "--dir", "root", type=click.Path(path_type=Path, file_okay=False), help=_DIR_HELP
+    )(fn)
+
+
+def _cluster(root: Path | None) -> LocalCluster:
+    return LocalCluster(root or default_dir(), say=lambda msg: click.echo(msg, err=True))
+
+
+def _fail(exc: ClusterError) -> None:
+    click.echo(f"dfs cluster: {exc}", err=True)
+    if isinstance(exc, LaunchError) and exc.log_tail:
+        click.echo(f"---- last lines of the log of {exc.node} ----", err=True)
+        click.echo(exc.log_tail, err=True)
+    sys.exit(exc.exit_code)
+
+
+def _dir_arg(c: LocalCluster, root: Path | None) -> str:
+    return "" if root is None else f" --dir {shlex.quote(str(c.root))}"
+
+
+@click.group(name="cluster")
+def cluster() -> None:
+    """Run a local cluster: several nodes on this machine, on loopback, for trying dfs out.
+
+    \b
+    dfs cluster up               start 3 nodes (DIR/n1/mnt, DIR/n2/mnt, ...)
+    dfs cluster status           nodes, PIDs, mounts and who reaches whom
+    dfs cluster stop n2 --kill   crash a node; `dfs cluster start n2` restarts it
+    dfs cluster down             unmount and stop everything
+    """
+
+
+@cluster.command("up")
+@_dir_option
+@click.option(
+    "--nodes", type=click.IntRange(1, 64), default=None, help="Number of nodes (first up: 3)."
+)
+@click.option(
+    "--base-port",
+    type=click.IntRange(1, 65000),
+    default=None,
+    help="Port of the first node; the others follow (first up: 7801).",
+)
+@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True)
+def up_cmd(root: Path | None, nodes: int | None, base_port: int | None, timeout: float) -> None:
+    """Start the local cluster and wait until every node is mounted and sees the others.
+
+    The first `up` writes DIR/cluster.toml and a fresh secret; later ones reuse
+    them and the nodes' data. Exit codes: 0 up (or already running), 1 a node
+    did not come up (its log is shown; what was started is stopped again), 2 bad
+    usage or configuration.
+    """
+    c = _cluster(root)
+    try:
+        result = c.up(nodes, base_port, timeout=timeout)
+    except ClusterError as exc:
+        _fail(exc)
+        return
+    if not result.started:
+        click.echo(f"dfs cluster is already running in {c.root}: nothing started")
+        for line in _node_lines(c):
+            click.echo(line)
+        return
+    click.echo(f"dfs cluster is up: {len(c.nodes())} nodes in {c.root}")
+    for line in _node_lines(c):
+        click.echo(line)
+    d = _dir_arg(c, root)
+    first, second = c.nodes()[0], c.nodes()[-1]
+    tries = [
+        (f"dfs cluster status{d}", "nodes, PIDs, mounts, who reaches whom"),
+        (f"echo hello > {first.mountpoint}/hello.txt && ls -l {first.mountpoint}", ""),
+        (f"dfs cluster stop {second.name} --kill{d}", "crash a node: the others see it go"),
+        (f"dfs cluster start {second.name}{d}", "bring it back (stale mount recovered)"),
+        (f"dfs cluster down{d}", "unmount and stop every node"),
+    ]
+    width = max(len(cmd) for cmd, why in tries if why)
+    click.echo(
+        "\nThe nodes authenticate each other with the cluster secret and watch each other's\n"
+        "reachability. Replication is not built yet: each mount shows its own node's files.\n"
+        "Try:"
+    )
+    for cmd, why in tries:
+        click.echo(f"  {cmd.ljust(width)}   # {why}" if why else f"  {cmd}")
+
+
+def _node_lines(c: LocalCluster) -> list[str]:
+    out = []
+    for n in c.nodes():
+        pid = c.daemon_pid(n)
+        out.append(
+            f"  {n.name}  {n.address}:{n.port}  {n.mountpoint}  "
+            + (f"(pid {pid})" if pid else "(not running)")
+        )
+    return out
+
+
+def _peers_text(st: NodeStatus) -> str:
+    if st.control_error:
+        return f"control socket: {st.control_error}"
+    parts = []
+    for p in st.peers:
+        if p.get("state") == "reachable":
+            parts.append(f"{p['name']} ok")
+        else:
+            kind = p.get("error_kind") or p.get("state")
+            parts.append(f"{p['name']} UNREACHABLE ({kind})")
+    return ", ".join(parts) or "-"
+
+
+@cluster.command("status")
+@_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def status_cmd(root: Path | None, as_json: bool) -> None:
+    """Show each node: address, mount point, PID, state, and which peers it reaches.
+
+    A node is running when its daemon is alive; its mount is live, stale (the
+    daemon died), none, or hung. Exit codes: 0 every node running with a live
+    mount, 3 otherwise (also when there is no cluster in DIR), 2 bad usage.
+    """
+    c = _cluster(root)
+    if not c.exists():
+        if as_json:
+            click.echo(json.dumps({"dir": str(c.root), "nodes": [], "exit_code": 3}))
+        else:
+            click.echo(f"no cluster in {c.root} (start one with `dfs cluster up`)")
+        sys.exit(EXIT_NOT_RUNNING)
+    try:
+        nodes = c.status()
+    except ClusterError as exc:
+        _fail(exc)
+        return
+    all_up = all(n.running for n in nodes)
+    code = EXIT_OK if all_up else EXIT_NOT_RUNNING
+    if as_json:
+        doc = {
+            "dir": str(c.root),
+            "config": str(c.config_path),
+            "nodes": [n.as_json() for n in nodes],
+            "all_running": all_up,
+            "exit_code": code,
+        }
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        rows = [("NODE", "ADDRESS", "PID", "STATE", "MOUNT", "MOUNT POINT", "PEERS")]
+        for n in nodes:
+            rows.append(
+                (
+                    n.name,
+                    n.address,
+                    str(n.pid or "-"),
+                    n.state,
+                    n.mount,
+                    n.mountpoint,
+                    _peers_text(n) if n.pid else "-",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for r in rows:
+            click.echo(
+                "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1]
+            )
+        if any(n.mount == "stale" for n in nodes):
+            click.echo("stale mount: its daemon died; `dfs cluster start NODE` recovers it")
+    sys.exit(code)
+
+
+@cluster.command("down")
+@_dir_option
+@click.option("--timeout", type=click.FloatRange(min=1), default=20.0, show_default=True)
+def down_cmd(root: Path | None, timeout: float) -> None:
+    """Stop every node this launcher started and unmount what they left; safe to repeat.
+
+    Daemons get SIGTERM (they unmount cleanly), then SIGKILL after --timeout
+    seconds; stale mounts of nodes that died are detached. Exit code 0.
+    """
+    c = _cluster(root)
+    try:
+        report = c.down(timeout=timeout)
+    except ClusterError as exc:
+        _fail(exc)
+        return
+    if not report:
+        click.echo(f"no cluster in {c.root}: nothing to stop")
+        return
+    for line in report:
+        click.echo(line)
+    click.echo(f"dfs cluster in {c.root} is down")
+
+
+@cluster.command("stop")
+@click.argument("node")
+@_dir_option
+@click.option("--kill", is_flag=True, help="SIGKILL: a crash, leaving a stale mount behind.")
+def stop_cmd(node: str, root: Path | None, kill: bool) -> None:
+    """Stop one node: SIGTERM (it unmounts cleanly) or, with --kill, SIGKILL.
+
+    Exit codes: 0 stopped or not running, 2 unknown node or no cluster.
+    """
+    c = _cluster(root)
+    if not c.exists():
+        _fail(ClusterError(f"no cluster in {c.root}"))
+    try:
+        stopped = c.stop(node, kill=kill)
+    except ClusterError as exc:
+        _fail(exc)
+        return
+    if not stopped:
+        click.echo(f"{node} is not running")
+    elif kill:
+        click.echo(f"{node} killed; its mount is stale until `dfs cluster start {node}`")
+    else:
+        click.echo(f"{node} stopped")
+
+
+@cluster.command("start")
+@click.argument("node")
+@_dir_option
+@click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True)
+def start_cmd(node: str, root: Path | None, timeout: float) -> None:
+    """Start one node again (a stale mount left by a crash is recovered).
+
+    Returns once it is mounted and reaches every running node. Exit codes: 0
+    started or already running, 1 it did not come up (its log is shown), 2
+    unknown node or no cluster.
+    """
+    c = _cluster(root)
+    if not c.exists():
+        _fail(ClusterError(f"no cluster in {c.root}; use `dfs cluster up`"))
+    try:
+        started = c.start(node, timeout=timeout)
+    except ClusterError as exc:
+        _fail(exc)
+        return
+    n = c.node(node)
+    if not started:
+        click.echo(f"{node} is already running (pid {c.daemon_pid(n)})")
+    else:
+        click.echo(f"{node} is up: {n.mountpoint} (pid {c.daemon_pid(n)})")
