@@ -340,8 +340,14 @@ class Vfs:
         fh = self.files.open(ino, flags)
         if flags & os.O_TRUNC:
             try:
-                now = self.clock()  # O_TRUNC updates them even if the file was empty
-                ch = SetAttrs(size=0, mtime_ns=now, ctime_ns=now)
+                if self.files.stamp_writes:
+                    now = self.clock()  # O_TRUNC updates them even if the file was empty
+                    ch = SetAttrs(size=0, mtime_ns=now, ctime_ns=now)
+                else:
+                    # Under FUSE's writeback cache the kernel stamps the O_TRUNC itself and
+                    # sends the times when they change (see FileIO.stamp_writes): keep ours.
+                    a = self.getattr(ino)
+                    ch = SetAttrs(size=0, mtime_ns=a.mtime_ns, ctime_ns=a.ctime_ns)
                 if ctx.uid != 0:
                     a = self.getattr(ino)
                     kept = a.mode & ~stat.S_ISUID
@@ -739,8 +745,12 @@ class Vfs:
 
     def purge(self, ino: InodeId) -> None:
         with self.meta.write() as txn:
+            raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
+            inline = txn.get(S.inline_key(ino), db=self.meta.inline) is not None
             delete_inode_records(self.meta, txn, ino)
-        self.data.remove(ino)
+        # Only regular files that outgrew the inline limit have a data file to remove.
+        if raw is None or (S.unpack_inode(ino, raw).is_reg and not inline):
+            self.data.remove(ino)
 
     def recover(self) -> tuple[int, int]:
         """Start-up recovery: reclaim orphans of a dead daemon and settle unsettled checksums.
