@@ -20,7 +20,6 @@ import os
 import resource
 import signal
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import pyfuse3
@@ -35,7 +34,7 @@ from dfs.lockfile import DataDirLock
 from dfs.meta.store import STANDALONE_NODE, MetaStore
 from mountd.fuse_convert import Counters
 from mountd.fuse_ops import DfsOperations
-from mountd.mountpoint import MountPointError, prepare
+from mountd.mountpoint import MountPointError, fuse_device, prepare
 
 log = logging.getLogger("dfs.mountd")
 
@@ -102,13 +101,27 @@ READAHEAD_KB = 1024
 def set_readahead(mountpoint: Path, kb: int) -> None:
     """Raise the mount's readahead window (the kernel default, 128 KiB, means
     one FUSE request per 128 KiB of a sequential read; 1 MiB requests cut the
-    per-request cost eightfold). Needs root; without it the default stays."""
-    dev = os.stat(mountpoint).st_dev
-    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    per-request cost eightfold). Needs root; without it the default stays.
+
+    The device comes from mountinfo, not stat(): a stat of the mount point is a
+    request this daemon must answer, and after an unmount it would name the
+    file system underneath."""
+    dev = fuse_device(mountpoint)
+    if dev is None:
+        return
+    path = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
     try:
         path.write_text(f"{kb}\n")
     except OSError as exc:
         log.debug("cannot set readahead via %s: %s", path, exc)
+
+
+async def _raise_readahead(mountpoint: Path) -> None:
+    """The kernel sets the readahead when it processes the reply to FUSE INIT, which
+    this loop sends once it runs: set ours after that (twice, in case it was slow)."""
+    for delay in (0.2, 2.0):
+        await trio.sleep(delay)
+        set_readahead(mountpoint, READAHEAD_KB)
 
 
 def raise_fd_limit() -> None:
@@ -257,10 +270,7 @@ class _Node:
         self._fuse_running = True
         try:
             nursery.start_soon(self.vfs.sync_periodically, SYNC_INTERVAL)
-            # stat() of the mount point is answered by this very loop: run it in a thread.
-            nursery.start_soon(
-                partial(trio.to_thread.run_sync, set_readahead, opts.mountpoint, READAHEAD_KB)
-            )
+            nursery.start_soon(_raise_readahead, opts.mountpoint)
             self._log_ready()
             if not self._stopping:
                 await pyfuse3.main()

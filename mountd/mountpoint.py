@@ -37,6 +37,17 @@ def mounts() -> dict[str, str]:
     return out
 
 
+def fuse_device(path: Path) -> str | None:
+    """``major:minor`` of the FUSE mount at ``path`` (from mountinfo: no request to the mount)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            sep = parts.index("-")
+            if _unescape(parts[4]) == str(path) and parts[sep + 1].startswith("fuse"):
+                return parts[2]
+    return None
+
+
 def is_mounted(path: Path) -> bool:
     return str(path) in mounts()
 

@@ -23,3 +23,16 @@ def test_sigterm_unmounts(node: Mount) -> None:
     assert not node.is_mounted()
     node.start()
     assert (node.path / "f").read_bytes() == b"x" * 100
+
+
+def test_readahead_raised(node: Mount) -> None:
+    """Sequential reads arrive as 1 MiB requests: the daemon raises the mount's readahead."""
+    import os
+    import time
+
+    dev = os.stat(node.path).st_dev
+    knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    deadline = time.monotonic() + 5
+    while knob.read_text().strip() != "1024":
+        assert time.monotonic() < deadline, f"read_ahead_kb stays {knob.read_text().strip()}"
+        time.sleep(0.05)
