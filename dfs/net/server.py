@@ -93,6 +93,29 @@ def describe(stream: trio.abc.Stream) -> str:
     return str(addr)
 
 
+class _RateLimitedLog:
+    """Warn about a misbehaving address at most once per ``interval`` seconds per kind.
+
+    A node with a wrong secret retries every heartbeat; its peers should say so,
+    not fill their logs. Suppressed repeats are counted in the next warning.
+    """
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def warn(self, where: str, fmt: str, *args: object) -> None:
+        key = (where.rsplit(":", 1)[0], fmt)
+        now = trio.current_time()
+        last, suppressed = self._last.get(key, (-self.interval, 0))
+        if now - last < self.interval:
+            self._last[key] = (last, suppressed + 1)
+            return
+        more = f" ({suppressed} more since the last warning)" if suppressed else ""
+        log.warning("rpc: %s: " + fmt + more, where, *args)
+        self._last[key] = (now, 0)
+
+
 class RpcServer:
     """Serves ``methods`` to authenticated nodes of one cluster."""
 
@@ -119,6 +142,7 @@ class RpcServer:
         self.max_concurrent_per_conn = max_concurrent_per_conn
         self.max_frame = max_frame
         self._c = _Counters()
+        self._noisy = _RateLimitedLog()
 
     @classmethod
     def from_config(
@@ -205,10 +229,10 @@ class RpcServer:
                 )
             except AuthError as exc:
                 self._c.auth_failures += 1
-                log.warning("rpc: %s: authentication failed: %s", where, exc)
+                self._noisy.warn(where, "authentication failed: %s", exc)
             except ProtocolError as exc:
                 self._c.protocol_errors += 1
-                log.warning("rpc: %s: protocol error in the handshake: %s", where, exc)
+                self._noisy.warn(where, "protocol error in the handshake: %s", exc)
             except EOFError:
                 log.warning("rpc: %s: closed during the handshake", where)
             except _GONE as exc:

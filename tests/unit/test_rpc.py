@@ -818,3 +818,24 @@ async def test_arguments_that_cannot_be_sent_are_a_programming_error() -> None:
         assert await peer.call("add", {"a": 1, "b": 1}) == 2
         await peer.aclose()
         n.cancel_scope.cancel()
+
+
+def test_refusals_of_one_address_are_logged_at_a_bounded_rate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from dfs.net.server import _RateLimitedLog
+
+    async def main() -> None:
+        noisy = _RateLimitedLog(interval=60)
+        for _ in range(10):
+            noisy.warn("10.0.0.1:5000", "authentication failed: %s", "x")
+            await trio.sleep(1)
+        noisy.warn("10.0.0.2:5000", "authentication failed: %s", "x")  # another address
+        await trio.sleep(60)
+        noisy.warn("10.0.0.1:6000", "authentication failed: %s", "x")  # same host, new port
+
+    with caplog.at_level(logging.WARNING, logger="dfs.net.server"):
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "9 more since the last warning" in lines[2]
