@@ -147,7 +147,11 @@ def check_journal_keys(ctx: CheckContext) -> Iterator[Finding]:
             continue
         try:
             rec = msgpack.unpackb(raw)
-            ok = isinstance(rec, list) and bool(rec) and isinstance(rec[0], str)
+            ok = (
+                isinstance(rec, dict)
+                and isinstance(rec.get("op"), str)
+                and isinstance(rec.get("ws"), list)
+            )
         except Exception:  # noqa: BLE001 - any decoding failure is a finding
             ok = False
         if not ok:

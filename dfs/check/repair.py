@@ -38,7 +38,7 @@ from dfs.fs.files import FileIO, read_block
 from dfs.fs.vfs import Vfs
 from dfs.hashing import block_digest
 from dfs.meta import schema as S
-from dfs.meta.store import MetaStore, Txn
+from dfs.meta.store import MetaStore, Txn, WriteTxn
 from dfs.types import ROOT_INODE, ROOT_VOLUME, Attr, InodeId, VolumeId
 
 LOST_FOUND = b"lost+found"
@@ -135,10 +135,10 @@ class _Repairer:
         except Exception:  # noqa: BLE001 - a malformed record is left alone
             return None
 
-    def _put_inode(self, txn: Txn, a: Attr) -> None:
+    def _put_inode(self, txn: WriteTxn, a: Attr) -> None:
         txn.put(S.inode_key(a.ino), S.pack_inode(a), db=self.meta.inodes)
 
-    def _drop_entry(self, txn: Txn, parent: int, name: bytes) -> None:
+    def _drop_entry(self, txn: WriteTxn, parent: int, name: bytes) -> None:
         """Delete one directory entry and its readdir position (if that names it)."""
         key = S.dirent_key(parent, name)
         raw = get(txn, key, self.meta.dirents)
@@ -148,7 +148,7 @@ class _Repairer:
                 txn.delete(S.dirpos_key(parent, cookie), db=self.meta.dirpos)
         txn.delete(key, db=self.meta.dirents)
 
-    def _add_entry(self, txn: Txn, parent: int, name: bytes, child: int) -> None:
+    def _add_entry(self, txn: WriteTxn, parent: int, name: bytes, child: int) -> None:
         cookie = self.meta.new_cookie(txn)
         txn.put(S.dirent_key(parent, name), S.pack_dirent(child, cookie), db=self.meta.dirents)
         txn.put(S.dirpos_key(parent, cookie), name, db=self.meta.dirpos)
@@ -160,7 +160,7 @@ class _Repairer:
     # --- counters and records -----------------------------------------------------------
 
     def _counters(self, fs: list[Finding]) -> None:
-        with self.meta.write() as txn:
+        with self.meta.write(record=False) as txn:
             for f in fs:
                 assert f.value is not None
                 if f.code == "counter-ahead":
@@ -176,7 +176,7 @@ class _Repairer:
                     self.done.append(f"raised the sequence of volume {vol} to {f.value}")
 
     def _delete_records(self, fs: list[Finding]) -> None:
-        with self.meta.write() as txn:
+        with self.meta.write(record=False) as txn:
             for f in fs:
                 assert f.where is not None
                 db_name, key = f.where
@@ -199,7 +199,7 @@ class _Repairer:
             parent=ROOT_INODE,
             volume=ROOT_VOLUME,
         )
-        with self.meta.write() as txn:
+        with self.meta.write(record=False) as txn:
             if self._inode(txn, ROOT_INODE) is None:
                 self._put_inode(txn, root)
                 self.done.append("recreated the root directory (mode 755, owner root)")
@@ -207,7 +207,7 @@ class _Repairer:
     # --- directory entries ----------------------------------------------------------------
 
     def _drop_dirents(self, fs: list[Finding]) -> None:
-        with self.meta.write() as txn:
+        with self.meta.write(record=False) as txn:
             for f in fs:
                 assert f.where is not None
                 key = f.where[1]
@@ -219,13 +219,13 @@ class _Repairer:
 
     def _unname_root(self, fs: list[Finding]) -> None:
         idx = build_index(self.meta)
-        with self.meta.write() as txn:
+        with self.meta.write(record=False) as txn:
             for parent, name in idx.names.get(ROOT_INODE, []):
                 self._drop_entry(txn, parent, name)
                 self.done.append(f"removed entry {self._show(name)!r} of {parent:#x} naming /")
 
     def _readd_dirpos(self, fs: list[Finding]) -> None:
-        with self.meta.write() as txn:
+        with self.meta.write(record=False) as txn:
             for f in fs:
                 assert f.where is not None
                 key = f.where[1]
@@ -254,7 +254,7 @@ class _Repairer:
 
     def _one_name(self, fs: list[Finding]) -> None:
         idx = build_index(self.meta)
-        with self.meta.write() as txn:
+        with self.meta.write(record=False) as txn:
             for f in fs:
                 a = self._inode(txn, f.ino)
                 names = idx.names.get(f.ino, [])
@@ -272,7 +272,7 @@ class _Repairer:
                 self._put_inode(txn, a)
 
     def _set_parent(self, fs: list[Finding]) -> None:
-        with self.meta.write() as txn:
+        with self.meta.write(record=False) as txn:
             for f in fs:
                 a = self._inode(txn, f.ino)
                 if a is None or f.value is None:
@@ -303,7 +303,7 @@ class _Repairer:
             name = LOST_FOUND + f".{i + 1}".encode()
         return None
 
-    def _move_to(self, txn: Txn, lf: int, ino: int, idx: Index) -> str:
+    def _move_to(self, txn: WriteTxn, lf: int, ino: int, idx: Index) -> str:
         a = self._inode(txn, ino)
         assert a is not None
         for parent, name in idx.names.get(ino, []):
@@ -332,7 +332,7 @@ class _Repairer:
             if lf is None:
                 self.done.append(f"could not reconnect {len(lost)} unreachable inodes")
                 return
-            with self.meta.write() as txn:
+            with self.meta.write(record=False) as txn:
                 for ino in tops:
                     name = self._move_to(txn, lf, ino, idx)
                     kind = "directory" if idx.inodes[ino].is_dir else "inode"
@@ -345,7 +345,7 @@ class _Repairer:
             return
         for f in fs:
             now = self.meta.clock()
-            with self.meta.write() as txn:
+            with self.meta.write(record=False) as txn:
                 owner = self._inode(txn, f.ino)
                 if owner is None and get(txn, S.inode_key(f.ino), self.meta.inodes) is None:
                     ino = InodeId(f.ino)
@@ -373,7 +373,7 @@ class _Repairer:
 
         A nameless one is reconnected into lost+found by the re-check that follows.
         """
-        with self.meta.write() as txn:
+        with self.meta.write(record=False) as txn:
             for f in fs:
                 txn.delete(S.orphan_key(f.ino), db=self.meta.orphans)
                 why = "has names" if f.code == "orphan-linked" else "has a link count"
@@ -381,7 +381,7 @@ class _Repairer:
 
     def _recount(self, fs: list[Finding]) -> None:
         idx = build_index(self.meta)
-        with self.meta.write() as txn:
+        with self.meta.write(record=False) as txn:
             for f in fs:
                 a = self._inode(txn, f.ino)
                 want = idx.expected_nlink(f.ino) if f.ino in idx.inodes else None
@@ -392,7 +392,7 @@ class _Repairer:
                 self._put_inode(txn, a)
 
     def _symlink_size(self, fs: list[Finding]) -> None:
-        with self.meta.write() as txn:
+        with self.meta.write(record=False) as txn:
             for f in fs:
                 a = self._inode(txn, f.ino)
                 if a is not None and f.value is not None:
@@ -442,7 +442,7 @@ class _Repairer:
                     f"{f.ino:#x} block {blk}: NOT repaired, the block cannot be read: {exc}"
                 )
                 continue
-            with self.meta.write() as txn:
+            with self.meta.write(record=False) as txn:
                 txn.put(S.block_key(f.ino, blk), S.pack_digest(digest), db=self.meta.blocks)
             if f.code == "checksum-mismatch":
                 self.done.append(

@@ -32,7 +32,7 @@ from dfs.data.store import DataStore, data_blocks, digest_range, direct_eligible
 from dfs.errors import Corrupted, FsError, IsADir
 from dfs.hashing import BLOCK_SIZE, block_digest, blocks_spanning
 from dfs.meta import schema as S
-from dfs.meta.store import MetaStore, Txn
+from dfs.meta.store import MetaStore, Txn, WriteTxn
 from dfs.types import Attr, FileHandle, InodeId
 
 log = logging.getLogger(__name__)
@@ -472,14 +472,7 @@ class FileIO:
             txn.put(S.inode_key(ino), S.pack_inode(a), db=self.meta.inodes)
             if fd is not None:
                 txn.put(S.dirty_key(ino), b"", db=self.meta.dirty)
-            cur = txn.cursor(db=self.meta.blocks)
-            if cur.set_range(S.block_key(ino, keep)):
-                while True:
-                    key = cur.key()
-                    if not key or S.block_of_key(key)[0] != ino:
-                        break
-                    if not cur.delete():
-                        break
+            txn.delete_prefix(S.ino_prefix(ino), db=self.meta.blocks, start=S.block_key(ino, keep))
             for blk, d in fresh.items():
                 if txn.get(S.block_key(ino, blk), db=self.meta.blocks) is not None:
                     txn.put(S.block_key(ino, blk), S.pack_digest(d), db=self.meta.blocks)
@@ -543,11 +536,7 @@ class FileIO:
                 digests = digest_range(fd, held, size)
                 blocks = self.data.allocated_blocks(fd)
             with self.meta.write() as txn:
-                cur = txn.cursor(db=self.meta.blocks)
-                if cur.set_range(S.ino_prefix(ino)):
-                    while cur.key().startswith(S.ino_prefix(ino)):
-                        if not cur.delete():
-                            break
+                _delete_digests(txn, self.meta, ino)
                 for blk, d in digests.items():
                     if d != _EMPTY_DIGEST:
                         txn.put(S.block_key(ino, blk), S.pack_digest(d), db=self.meta.blocks)
@@ -585,13 +574,8 @@ def _verify_inline(ino: int, contents: bytes, digest_raw: bytes | None) -> None:
         raise Corrupted(message=f"inode {ino:#x}: inline checksum mismatch")
 
 
-def _delete_digests(txn: Txn, meta: MetaStore, ino: int) -> None:
-    cur = txn.cursor(db=meta.blocks)
-    prefix = S.ino_prefix(ino)
-    if cur.set_range(prefix):
-        while cur.key().startswith(prefix):
-            if not cur.delete():
-                break
+def _delete_digests(txn: WriteTxn, meta: MetaStore, ino: int) -> None:
+    txn.delete_prefix(S.ino_prefix(ino), db=meta.blocks)
 
 
 def read_block(meta: MetaStore, data: DataStore, ino: int, blk: int, size: int) -> bytes:

@@ -43,7 +43,7 @@ from dfs.errors import (
 from dfs.fs.ctx import Ctx, SetAttrs
 from dfs.fs.files import FileIO
 from dfs.meta import schema as S
-from dfs.meta.store import MetaStore, Txn
+from dfs.meta.store import MetaStore, Txn, WriteTxn
 from dfs.types import ROOT_INODE, Attr, FileHandle, InodeId, VolumeId
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Vfs:
             raise NotFound(message=f"no inode {ino:#x}")
         return S.unpack_inode(ino, raw)
 
-    def _put(self, txn: Txn, a: Attr) -> None:
+    def _put(self, txn: WriteTxn, a: Attr) -> None:
         txn.put(S.inode_key(a.ino), S.pack_inode(a), db=self.meta.inodes)
 
     def _child(self, txn: Txn, parent: int, name: bytes) -> tuple[InodeId, int] | None:
@@ -114,12 +114,12 @@ class Vfs:
             raise NotADir()
         return a
 
-    def _add_entry(self, txn: Txn, parent: int, name: bytes, child: int) -> None:
+    def _add_entry(self, txn: WriteTxn, parent: int, name: bytes, child: int) -> None:
         cookie = self.meta.new_cookie(txn)
         txn.put(S.dirent_key(parent, name), S.pack_dirent(child, cookie), db=self.meta.dirents)
         txn.put(S.dirpos_key(parent, cookie), name, db=self.meta.dirpos)
 
-    def _drop_entry(self, txn: Txn, parent: int, name: bytes, cookie: int) -> None:
+    def _drop_entry(self, txn: WriteTxn, parent: int, name: bytes, cookie: int) -> None:
         txn.delete(S.dirent_key(parent, name), db=self.meta.dirents)
         txn.delete(S.dirpos_key(parent, cookie), db=self.meta.dirpos)
 
@@ -131,11 +131,11 @@ class Vfs:
     def _count(self, ino: InodeId) -> None:
         self.lookups[ino] = self.lookups.get(ino, 0) + 1
 
-    def _unlinked(self, txn: Txn, a: Attr) -> None:
+    def _unlinked(self, txn: WriteTxn, a: Attr) -> None:
         """Called when a's link count dropped to zero: keep it as an orphan until forgotten."""
         txn.put(S.orphan_key(a.ino), b"", db=self.meta.orphans)
 
-    def _stamp(self, txn: Txn, vol: VolumeId, op: str, *args: object) -> int:
+    def _stamp(self, txn: WriteTxn, vol: VolumeId, op: str, *args: object) -> int:
         return self.meta.log(txn, vol, op, *args)
 
     # --- lookups and attributes ----------------------------------------------------------
@@ -230,7 +230,7 @@ class Vfs:
 
     def _new_inode(
         self,
-        txn: Txn,
+        txn: WriteTxn,
         parent: Attr,
         name: bytes,
         mode: int,
@@ -776,7 +776,7 @@ class Vfs:
         return len(orphans), resettled
 
 
-def delete_inode_records(meta: MetaStore, txn: Txn, ino: int) -> None:
+def delete_inode_records(meta: MetaStore, txn: WriteTxn, ino: int) -> None:
     """Remove every record keyed by ``ino`` (not its directory entries)."""
     txn.delete(S.inode_key(ino), db=meta.inodes)
     txn.delete(S.symlink_key(ino), db=meta.symlinks)
@@ -785,12 +785,7 @@ def delete_inode_records(meta: MetaStore, txn: Txn, ino: int) -> None:
     txn.delete(S.inline_key(ino), db=meta.inline)
     prefix = S.ino_prefix(ino)
     for db in (meta.xattrs, meta.blocks):
-        cur = txn.cursor(db=db)
-        if not cur.set_range(prefix):
-            continue
-        while cur.key().startswith(prefix):
-            if not cur.delete():
-                break
+        txn.delete_prefix(prefix, db=db)
 
 
 def data_root(data_dir: Path) -> Path:

@@ -22,7 +22,7 @@ Databases (lmdb named sub-databases) and their key families::
     orphans   ino:u64              -> b""   (nlink == 0, data kept until forgotten)
     dirty     ino:u64              -> b""   (data written whose checksums are not settled)
     volumes   vol:u32              -> msgpack {"root": ino, "path": mount path in the tree}
-    journal   vol:u32 seq:u64      -> msgpack [op, args...]   (applied updates, trimmed)
+    journal   vol:u32 seq:u64      -> msgpack write-set record (below; applied updates, trimmed)
     inline    ino:u64              -> the whole contents of a small regular file
 
 A regular file is *inline* while it has an ``inline`` record: its contents
@@ -30,6 +30,27 @@ A regular file is *inline* while it has an ``inline`` record: its contents
 transaction as its attributes and its block-0 digest, and it has no data file.
 It moves to a data file when it grows past INLINE_MAX; while moving, a
 ``dirty`` record marks it, and an inline record always wins over a data file.
+
+Journal records are write-sets. Every write transaction records each put and
+delete on the REPLICATED databases (inodes, dirents, dirpos, symlinks, xattrs,
+blocks, orphans, inline; not the per-node meta, dirty, volumes, journal), and
+at commit stores them as::
+
+    {"op": str, "ws": [[db_index, key, value or None (deleted)], ...]}
+
+``db_index`` is the database's index in DB_NAMES; each key appears once, with
+its value at the end of the transaction, so applying the list in any order to
+the store as it was before the transaction gives the store after it (this is
+what ``dfs.meta.replica.apply_writeset`` does on a replica). Values are
+records as stored, bounded by the layout: inline contents and xattr values
+are at most 64 KiB each. File data in data files is not in the record.
+``op`` names the update (``MetaStore.log``); it is "" for a transaction that
+logged nothing but changed replicated records (checksum settles, atime,
+purges of forgotten orphans): those get a sequence number of their own too,
+so replicas see every replicated change and stay byte-for-byte equal. Inode
+``version`` fields are stamped only where ``log`` names the update. Every
+sequence number of a volume has exactly one record: an aborted transaction
+gives its number back.
 
 Readdir cookies 1 and 2 are "." and ".."; real entries start at FIRST_COOKIE.
 A block with no ``blocks`` entry is a hole or not yet settled (see ``dirty``).
@@ -56,6 +77,13 @@ DB_NAMES = (
     "volumes",
     "journal",
     "inline",
+)
+
+# Databases whose records a volume's journal carries (indexes into DB_NAMES); the rest
+# (meta, dirty, volumes, journal) belong to one node.
+REPLICATED = tuple(
+    DB_NAMES.index(n)
+    for n in ("inodes", "dirents", "dirpos", "symlinks", "xattrs", "blocks", "orphans", "inline")
 )
 
 FIRST_COOKIE = 3

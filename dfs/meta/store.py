@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lmdb
 import msgpack
@@ -27,14 +28,30 @@ from dfs.meta import schema as S
 from dfs.types import ROOT_INODE, ROOT_VOLUME, Attr, InodeId, NodeId, VolumeId, make_inode_id
 
 if TYPE_CHECKING:
-    Txn = lmdb.Transaction[bytes]  # every transaction here is opened with buffers=False
+    from lmdb import _StatDict
+
+    ReadTxn = lmdb.Transaction[bytes]  # every transaction here is opened with buffers=False
 else:
-    Txn = lmdb.Transaction
+    ReadTxn = lmdb.Transaction
+
+
+class Txn(Protocol):
+    """Any transaction, for code that only reads: ``read()``'s and ``write()``'s both fit."""
+
+    def get(
+        self, key: bytes, default: None = None, db: lmdb._Database | None = None
+    ) -> bytes | None: ...
+
+    def cursor(self, db: lmdb._Database | None = None) -> lmdb.Cursor[bytes]: ...
+
+    def stat(self, db: lmdb._Database | None = None) -> _StatDict: ...
+
 
 STANDALONE_NODE = NodeId(1)
 MAP_SIZE = 1 << 40  # address space only; the file grows as pages are used
 JOURNAL_KEEP = 100_000  # entries kept per volume for replicas to catch up from
 JOURNAL_TRIM_EVERY = 1024
+_INODES = S.DB_NAMES.index("inodes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,26 +91,105 @@ def _required(txn: Txn, key: bytes, db: lmdb._Database) -> bytes:
     return raw
 
 
-class _WriteTxn:
-    """Context manager for one write transaction (a class: this is on every update's path)."""
+class WriteTxn:
+    """One write transaction that records its write-set; ``with meta.write() as txn:``.
 
-    __slots__ = ("env", "txn")
+    Every put and delete on a replicated database (``schema.REPLICATED``) is
+    recorded as ``(db index, key) -> value or None`` (last write wins: the
+    record describes the transaction's effect, which is all a replica needs).
+    Just before the commit the write-set becomes the volume's journal record
+    (see ``MetaStore.log`` and schema.py). Deletes must go through
+    ``delete``/``delete_prefix``: a cursor is for reading only, since a
+    ``Cursor.delete`` would escape the record. A class, not a generator: this
+    is on every update's path.
+    """
 
-    def __init__(self, env: lmdb.Environment) -> None:
-        self.env = env
+    __slots__ = ("ws", "vol", "seq", "op", "_meta", "_rep", "_txn", "_gone_vol")
 
-    def __enter__(self) -> Txn:
-        self.txn: Txn = self.env.begin(write=True)
-        return self.txn
+    def __init__(self, meta: MetaStore, record: bool) -> None:
+        self._meta = meta
+        self._rep = meta._replicated if record else {}
+        self.ws: dict[tuple[int, bytes], bytes | None] = {}
+        self.vol: VolumeId | None = None
+        self.seq = 0  # reserved by MetaStore.log; 0: none yet
+        self.op = ""
+        self._gone_vol: VolumeId | None = None
+
+    def __enter__(self) -> WriteTxn:
+        self._txn: ReadTxn = self._meta.env.begin(write=True)
+        return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        meta = self._meta
         if exc_type is not None:
-            self.txn.abort()
+            self._txn.abort()
+            meta._unreserve(self)
             return
         try:
-            self.txn.commit()
+            if self.ws or self.seq:
+                meta._journal_writeset(self)
+            self._txn.commit()
         except lmdb.Error as err:
-            raise lmdb_to_fs_error(err, self.env.path()) from err
+            self._txn.abort()
+            meta._unreserve(self)
+            raise lmdb_to_fs_error(err, meta.env.path()) from err
+        except BaseException:
+            self._txn.abort()
+            meta._unreserve(self)
+            raise
+
+    @property
+    def raw(self) -> ReadTxn:
+        """The lmdb transaction itself, for per-node records only (nothing is recorded)."""
+        return self._txn
+
+    # --- the lmdb Transaction subset the core uses ---------------------------------------
+
+    def get(
+        self, key: bytes, default: None = None, db: lmdb._Database | None = None
+    ) -> bytes | None:
+        return self._txn.get(key, db=db)
+
+    def cursor(self, db: lmdb._Database | None = None) -> lmdb.Cursor[bytes]:
+        return self._txn.cursor(db=db)
+
+    def stat(self, db: lmdb._Database | None = None) -> _StatDict:
+        return self._txn.stat(db)
+
+    def put(self, key: bytes, value: bytes | bytearray, *, db: lmdb._Database) -> bool:
+        idx = self._rep.get(db)
+        if idx is not None:
+            self.ws[idx, key] = bytes(value)
+        return self._txn.put(key, value, db=db)
+
+    def delete(self, key: bytes, *, db: lmdb._Database) -> bool:
+        idx = self._rep.get(db)
+        if idx is None:
+            return self._txn.delete(key, db=db)
+        if idx == _INODES and self.seq == 0 and self._gone_vol is None:
+            self._gone_vol = self._meta._volume_of_raw(self._txn.get(key, db=db))
+        if not self._txn.delete(key, db=db):
+            return False
+        self.ws[idx, key] = None
+        return True
+
+    def delete_prefix(self, prefix: bytes, *, db: lmdb._Database, start: bytes = b"") -> int:
+        """Delete every key starting with ``prefix`` (and >= ``start``); returns how many."""
+        cur = self._txn.cursor(db=db)
+        if not cur.set_range(max(prefix, start)):
+            return 0
+        idx = self._rep.get(db)
+        n = 0
+        while True:
+            key = cur.key()
+            if not key.startswith(prefix):
+                break
+            if idx is not None:
+                self.ws[idx, key] = None
+            if not cur.delete():
+                break
+            n += 1
+        return n
 
 
 class MetaStore:
@@ -116,6 +212,8 @@ class MetaStore:
         self.volumes = self.dbs["volumes"]
         self.journal = self.dbs["journal"]
         self.inline = self.dbs["inline"]
+        self._replicated = {self.dbs[S.DB_NAMES[i]]: i for i in S.REPLICATED}
+        self._pack = msgpack.Packer(use_bin_type=True).pack  # reused: this is on every commit
         with env.begin() as txn:
             self._next_counter = S.read_u64(_required(txn, S.META_NEXT_COUNTER, self.meta))
             self._next_cookie = S.read_u64(_required(txn, S.META_NEXT_COOKIE, self.meta))
@@ -247,13 +345,19 @@ class MetaStore:
 
     # --- transactions ----------------------------------------------------------------
 
-    def read(self) -> Txn:
+    def read(self) -> ReadTxn:
         """A read-only transaction, used as ``with meta.read() as txn:``."""
         return self.env.begin(buffers=False)
 
-    def write(self) -> _WriteTxn:
-        """A write transaction; lmdb failures surface as FsError (ENOSPC, EIO)."""
-        return _WriteTxn(self.env)
+    def write(self, *, record: bool = True) -> WriteTxn:
+        """A write transaction; lmdb failures surface as FsError (ENOSPC, EIO).
+
+        It records its write-set and journals it at commit (see ``log``).
+        ``record=False`` is for local-only writes that are not volume updates:
+        offline repair, and applying a replicated record (which journals the
+        primary's record as it is).
+        """
+        return WriteTxn(self, record)
 
     def sync(self) -> None:
         """Make every committed transaction durable (blocking: call off the event loop)."""
@@ -261,19 +365,19 @@ class MetaStore:
 
     # --- counters (single writer: cached, persisted in the transaction that uses them) ---
 
-    def new_inode_id(self, txn: Txn) -> InodeId:
+    def new_inode_id(self, txn: WriteTxn) -> InodeId:
         self._next_counter += 1
         txn.put(S.META_NEXT_COUNTER, S.u64(self._next_counter), db=self.meta)
         return make_inode_id(self.identity.node_id, self._next_counter)
 
-    def new_cookie(self, txn: Txn) -> int:
+    def new_cookie(self, txn: WriteTxn) -> int:
         self._next_cookie += 1
         txn.put(S.META_NEXT_COOKIE, S.u64(self._next_cookie), db=self.meta)
         return self._next_cookie
 
     def raise_counters(
         self,
-        txn: Txn,
+        txn: WriteTxn,
         *,
         counter: int = 0,
         cookie: int = 0,
@@ -312,23 +416,85 @@ class MetaStore:
     def seq(self, vol: VolumeId) -> int:
         return self._seq.get(vol, 0)
 
-    def log(self, txn: Txn, vol: VolumeId, op: str, *args: Any) -> int:
-        """Append one applied update to the volume's journal; returns its sequence number.
+    def reset_seq(self, vol: VolumeId, seq: int) -> None:
+        """Set the cached counter back to what is stored (after an aborted transaction)."""
+        self._seq[vol] = seq
 
-        The sequence orders every update of a volume (it becomes the primary's
-        order once volumes replicate) and is stamped into the changed inodes'
-        ``version``.
+    @property
+    def next_cookie(self) -> int:
+        """The last directory cookie handed out."""
+        return self._next_cookie
+
+    def log(self, txn: WriteTxn, vol: VolumeId, op: str, *args: Any) -> int:
+        """Name the transaction's update of ``vol``; returns its sequence number.
+
+        The sequence orders every update of a volume (the primary's order once
+        volumes replicate) and is stamped into the changed inodes' ``version``.
+        It is reserved here and the journal record is written when the
+        transaction commits: the record is the whole transaction's write-set
+        (schema.py), including puts made after this call. ``args`` only say
+        what the operation was for a reader of the code; they are not stored.
+        A transaction updates one volume: logging twice returns the same seq.
         """
+        if txn.seq:
+            if txn.vol != vol:
+                raise StoreError(f"one transaction updates volumes {txn.vol} and {vol}")
+            return txn.seq
         seq = self._seq.get(vol, 0) + 1
         self._seq[vol] = seq
-        txn.put(S.journal_key(vol, seq), msgpack.packb([op, *args]), db=self.journal)
+        txn.vol, txn.seq, txn.op = vol, seq, op
+        return seq
+
+    def _unreserve(self, txn: WriteTxn) -> None:
+        """The transaction was aborted: give its sequence number back (no gaps)."""
+        if txn.seq and txn.vol is not None and self._seq.get(txn.vol) == txn.seq:
+            self._seq[txn.vol] = txn.seq - 1
+        txn.seq = 0
+
+    def _volume_of_raw(self, raw: bytes | None) -> VolumeId | None:
+        """The volume of a packed inode, if it is a readable inode of a known volume."""
+        if raw is None:
+            return None
+        try:
+            vol = S.unpack_inode(0, raw).volume
+        except struct.error:
+            return None
+        return vol if vol in self._seq else None
+
+    def _volume_of_writeset(self, txn: WriteTxn) -> VolumeId:
+        """The volume an unlogged transaction changed: that of the first inode it touched.
+
+        Every replicated key starts with an inode number (the directory's, for
+        dirents and dirpos). An inode deleted in the transaction (a purge) is
+        known by the volume of the record it had.
+        """
+        for _idx, key in txn.ws:
+            vol = self._volume_of_raw(txn.get(key[:8], db=self.inodes))
+            if vol is not None:
+                return vol
+        return txn._gone_vol if txn._gone_vol is not None else ROOT_VOLUME
+
+    def _journal_writeset(self, txn: WriteTxn) -> None:
+        """Called just before the commit: the write-set becomes the journal record."""
+        if not txn.seq:
+            self.log(txn, self._volume_of_writeset(txn), "")
+        assert txn.vol is not None
+        record = self._pack({"op": txn.op, "ws": [[i, k, v] for (i, k), v in txn.ws.items()]})
+        self.store_record(txn._txn, txn.vol, txn.seq, record)
+
+    def store_record(self, txn: ReadTxn, vol: VolumeId, seq: int, record: bytes) -> None:
+        """Write journal record ``seq`` of ``vol`` and move the volume's counter to it.
+
+        ``txn`` is the raw lmdb transaction (the journal is not replicated).
+        """
+        txn.put(S.journal_key(vol, seq), record, db=self.journal)
         txn.put(S.seq_key(vol), S.u64(seq), db=self.meta)
+        self._seq[vol] = max(self._seq.get(vol, 0), seq)
         self._appends += 1
         if self._appends % JOURNAL_TRIM_EVERY == 0:
             self._trim_journal(txn, vol, seq - JOURNAL_KEEP)
-        return seq
 
-    def _trim_journal(self, txn: Txn, vol: VolumeId, below: int) -> None:
+    def _trim_journal(self, txn: ReadTxn, vol: VolumeId, below: int) -> None:
         if below <= 0:
             return
         cur = txn.cursor(db=self.journal)
@@ -343,8 +509,9 @@ class MetaStore:
                 break
             removed += 1
 
-    def journal_entries(self, vol: VolumeId, after: int = 0) -> Iterator[tuple[int, list[Any]]]:
-        """Journal records of ``vol`` with sequence > ``after``, oldest first."""
+    def journal_entries(self, vol: VolumeId, after: int = 0) -> Iterator[tuple[int, bytes]]:
+        """Journal records of ``vol`` (packed, see schema.py) with sequence > ``after``, oldest
+        first: what a replica applies with ``dfs.meta.replica.apply_writeset``."""
         with self.read() as txn:
             cur = txn.cursor(db=self.journal)
             if not cur.set_range(S.journal_key(vol, after + 1)):
@@ -353,4 +520,4 @@ class MetaStore:
                 v, s = S.journal_of_key(key)
                 if v != vol:
                     break
-                yield s, list(msgpack.unpackb(raw))
+                yield s, raw

@@ -355,8 +355,9 @@ def test_unrepairable_symlink_without_target(tree: Core) -> None:
 def test_journal_records(tree: Core) -> None:
     with tree.meta.write() as txn:
         seq = S.read_u64(txn.get(S.seq_key(1), db=tree.meta.meta))
-        txn.put(S.journal_key(1, seq + 5), msgpack.packb(["create"]), db=tree.meta.journal)
-        txn.put(S.journal_key(77, 1), msgpack.packb(["create"]), db=tree.meta.journal)
+        record = msgpack.packb({"op": "create", "ws": []})
+        txn.put(S.journal_key(1, seq + 5), record, db=tree.meta.journal)
+        txn.put(S.journal_key(77, 1), record, db=tree.meta.journal)
         txn.put(b"short", b"", db=tree.meta.journal)
     found = {f.code for f in tree.findings()}
     assert found == {"journal-seq-ahead", "journal-bad-key"}

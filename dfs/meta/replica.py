@@ -1,0 +1,94 @@
+"""Applying a primary's journal records (write-sets) to a replica's metadata store.
+
+A record (layout in ``dfs/meta/schema.py``) lists the final value, or the
+deletion, of every replicated key one update transaction changed. Applying the
+records of a volume in sequence order to a store that holds the same
+replicated databases as the primary did before them makes both equal byte for
+byte; no operation logic runs on the replica. Each record is applied in one
+transaction that also stores it, unchanged, in the replica's journal and moves
+the replica's sequence counter of the volume to it, so the replica can serve
+catch-up to others later.
+
+Counters: inode ids carry the allocating node's id (``make_inode_id``), so ids
+the primary allocated never collide with the replica's own; they need no care.
+Directory cookies are a per-node counter, so the replica's cookie counter is
+raised past every cookie a record brings: readdir order stays right if this
+node ever adds entries to those directories (as a later primary).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from dfs.errors import StoreError
+from dfs.meta import schema as S
+from dfs.meta.store import MetaStore
+from dfs.types import VolumeId
+
+_DIRENTS = S.DB_NAMES.index("dirents")
+_DIRPOS = S.DB_NAMES.index("dirpos")
+_REPLICATED = frozenset(S.REPLICATED)
+
+
+class ReplicaError(StoreError):
+    """A record that cannot be applied: out of sequence or malformed."""
+
+
+def decode_writeset(record: bytes) -> tuple[str, list[tuple[int, bytes, bytes | None]]]:
+    """The (op, write-set) of a journal record, validated; ReplicaError if malformed."""
+    try:
+        rec: Any = msgpack.unpackb(record)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means a bad record
+        raise ReplicaError(f"journal record does not decode: {exc}") from exc
+    if not isinstance(rec, dict) or not isinstance(rec.get("op"), str):
+        raise ReplicaError("journal record is not a write-set")
+    ws = rec.get("ws")
+    if not isinstance(ws, list):
+        raise ReplicaError("journal record has no write-set")
+    out: list[tuple[int, bytes, bytes | None]] = []
+    for item in ws:
+        if not (isinstance(item, list) and len(item) == 3):
+            raise ReplicaError(f"malformed write-set entry {item!r:.80}")
+        idx, key, value = item
+        if idx not in _REPLICATED or not isinstance(key, bytes) or len(key) < 8:
+            raise ReplicaError(f"write-set entry for a non-replicated record: {item!r:.80}")
+        if value is not None and not isinstance(value, bytes):
+            raise ReplicaError(f"malformed write-set value: {item!r:.80}")
+        out.append((idx, key, value))
+    return rec["op"], out
+
+
+def apply_writeset(meta: MetaStore, vol: VolumeId, seq: int, record: bytes) -> None:
+    """Apply journal record ``seq`` of volume ``vol`` (packed, as the primary stored it).
+
+    The replica must have applied exactly ``seq - 1`` before: a gap (a record
+    is missing) and a duplicate (already applied) raise ReplicaError and
+    change nothing.
+    """
+    have = meta.seq(vol)
+    if seq != have + 1:
+        what = "duplicate" if seq <= have else "gap"
+        raise ReplicaError(f"volume {vol}: record {seq} is a {what}; this store has {have}")
+    _op, ws = decode_writeset(record)
+    dbs = [meta.dbs[name] for name in S.DB_NAMES]
+    cookie = 0
+    try:
+        with meta.write(record=False) as txn:
+            for idx, key, value in ws:
+                db = dbs[idx]
+                if value is None:
+                    txn.delete(key, db=db)
+                    continue
+                txn.put(key, value, db=db)
+                if idx == _DIRENTS and len(value) == 16:
+                    cookie = max(cookie, S.unpack_dirent(value)[1])
+                elif idx == _DIRPOS and len(key) == 16:
+                    cookie = max(cookie, S.read_u64(key[8:]))
+            if cookie > meta.next_cookie:
+                meta.raise_counters(txn, cookie=cookie)
+            meta.store_record(txn.raw, vol, seq, record)
+    except BaseException:
+        meta.reset_seq(vol, have)
+        raise
