@@ -131,14 +131,21 @@ class FileIO:
 
     # --- handles --------------------------------------------------------------------------
 
-    def open(self, ino: InodeId, flags: int) -> FileHandle:
-        with self.meta.read() as txn:
-            raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
-        if raw is None:
-            raise FsError(errno.ENOENT)
-        a = S.unpack_inode(ino, raw)
+    def open(self, ino: InodeId, flags: int, attr: Attr | None = None) -> FileHandle:
+        """A handle on ``ino``; ``attr`` saves a lookup when the caller just had it."""
+        a = attr
+        if a is None:
+            with self.meta.read() as txn:
+                raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
+            if raw is None:
+                raise FsError(errno.ENOENT)
+            a = S.unpack_inode(ino, raw)
         if a.is_dir:
             raise IsADir()
+        if not a.is_reg:
+            # The kernel follows symlinks and handles FIFOs, sockets and devices itself;
+            # only regular files have contents here.
+            raise FsError(errno.ELOOP if a.is_lnk else errno.ENXIO)
         st = self._inodes.get(ino)
         if st is None:
             st = self._inodes[ino] = OpenInode(ino)

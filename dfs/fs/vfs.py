@@ -153,15 +153,14 @@ class Vfs:
         if len(name) > S.MAX_NAME:
             raise NameTooLong()
         with self.meta.read() as txn:
-            p = self._dir(txn, parent)
-            if name == b".":
-                return p
-            if name == b"..":
-                return self._get(txn, p.parent or ROOT_INODE)
+            if name == b"." or name == b"..":
+                p = self._dir(txn, parent)
+                return p if name == b"." else self._get(txn, p.parent or ROOT_INODE)
             ent = self._child(txn, parent, name)
-            if ent is None:
-                return None
-            return self._get(txn, ent[0])
+            if ent is not None:
+                return self._get(txn, ent[0])
+            self._dir(txn, parent)  # ENOENT/ENOTDIR for a bad parent, as before
+            return None
 
     def getattr(self, ino: InodeId) -> Attr:
         with self.meta.read() as txn:
@@ -330,7 +329,7 @@ class Vfs:
             if a.is_dir:
                 self.forget([(a.ino, 1)])
                 raise IsADir() from None
-        return self.files.open(a.ino, flags), a
+        return self.files.open(a.ino, flags, a), a
 
     async def open(self, ino: InodeId, flags: int, ctx: Ctx) -> FileHandle:
         """Open a file. The kernel leaves O_TRUNC to us (FUSE atomic_o_trunc, a libfuse3
@@ -630,8 +629,11 @@ class Vfs:
         self._check_xattr_name(name)
         with self.meta.read() as txn:
             v = txn.get(S.xattr_key(ino, name), db=self.meta.xattrs)
+            # A miss is by far the common case (the kernel asks for security.capability
+            # before every write(2)); only then does it cost a second lookup.
             if v is None:
-                self._get(txn, ino)
+                if txn.get(S.inode_key(ino), db=self.meta.inodes) is None:
+                    raise NotFound()
                 raise NoData()
             return bytes(v)
 
