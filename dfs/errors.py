@@ -9,6 +9,10 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+# Logged with the traceback of every exception that is a bug (not an FsError): the test
+# harness fails any test whose daemon log contains it.
+BUG_MARKER = "UNEXPECTED EXCEPTION"
+
 
 class FsError(Exception):
     """A POSIX-visible failure. ``errno`` is what the system call returns."""

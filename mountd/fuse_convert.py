@@ -15,7 +15,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from dfs.errors import FsError
+from dfs.errors import BUG_MARKER, FsError
 from dfs.fs.ctx import Ctx
 from dfs.types import Attr
 
@@ -23,8 +23,6 @@ log = logging.getLogger("dfs.fuse")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-BUG_MARKER = "UNEXPECTED EXCEPTION"
 
 
 class Counters:

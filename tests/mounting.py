@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from mountd.fuse_convert import BUG_MARKER
+from dfs.errors import BUG_MARKER
 from mountd.mountpoint import force_unmount, mounts
 
 MOUNTD = [sys.executable, "-m", "mountd"]
@@ -127,3 +127,36 @@ class Mount:
         if repair:
             cmd.append("--repair")
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def mounts_under(scope: Path) -> set[str]:
+    return {p for p in mounts() if p == str(scope) or p.startswith(f"{scope}/")}
+
+
+def mountd(*args: str | Path, scope: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run the daemon expecting it to exit by itself; it must leave no mount under ``scope``.
+
+    Only mounts under ``scope`` (the test's own directory) are looked at or
+    cleaned up: other tests on this machine have theirs.
+    """
+    before = mounts_under(scope)
+    proc = subprocess.Popen(
+        [*MOUNTD, *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        for path in mounts_under(scope) - before:
+            force_unmount(Path(path))
+        raise AssertionError(f"dfs-mountd {args} did not exit:\n{err}") from None
+    leaked = mounts_under(scope) - before
+    for path in leaked:
+        force_unmount(Path(path))
+    assert not leaked, f"dfs-mountd {args} left mounts behind: {leaked}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

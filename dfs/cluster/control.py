@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from dfs.errors import FsError
+from dfs.errors import BUG_MARKER
 from dfs.net.frames import (
     FrameBuffer,
     Message,
@@ -44,14 +44,12 @@ from dfs.net.frames import (
     ProtocolError,
     decode,
     encode,
-    validate_fields,
 )
-from dfs.net.rpc import Methods, RemoteError, error_body, wire_errno
+from dfs.net.rpc import Methods, RemoteError, dispatch, error_body, wire_errno
 from dfs.net.stream import MessageStream
 
 log = logging.getLogger("dfs.cluster.control")
 
-BUG_MARKER = "UNEXPECTED EXCEPTION"
 SOCKET_NAME = "control.sock"
 CONTROL_MAX_FRAME = 1 << 20
 MAX_CLIENTS = 16
@@ -79,26 +77,6 @@ def _directory(path: Path) -> Iterator[tuple[int, str]]:
         yield fd, full
     finally:
         os.close(fd)
-
-
-async def dispatch(methods: Methods, peer: str, body: dict[str, Any]) -> tuple[MessageType, Any]:
-    """Run one request against ``methods``: (RESPONSE or ERROR, body); raises only Cancelled."""
-    name: str = body["m"]
-    method = methods.get(name)
-    if method is None:
-        return MessageType.ERROR, error_body(errno.ENOSYS, f"unknown method {name!r}")
-    try:
-        args = validate_fields(name, method.schema, body["a"])
-    except ProtocolError as exc:
-        return MessageType.ERROR, error_body(errno.EINVAL, f"invalid arguments: {exc}")
-    try:
-        result = await method.handler(peer, args)
-    except FsError as exc:
-        return MessageType.ERROR, error_body(exc.errno, str(exc))
-    except Exception:
-        log.exception("%s in control method %r; answering EIO", BUG_MARKER, name)
-        return MessageType.ERROR, error_body(errno.EIO, "internal error")
-    return MessageType.RESPONSE, {"r": result}
 
 
 class ControlServer:
@@ -164,7 +142,7 @@ class ControlServer:
                 msg = await ms.receive()
                 if msg.type is not MessageType.REQUEST:
                     raise ProtocolError(f"unexpected {msg.type.name} message")
-                mtype, body = await dispatch(self.methods, LOCAL_PEER, msg.body)
+                mtype, body = await dispatch(self.methods, LOCAL_PEER, msg.body, label="control")
                 try:
                     await ms.send(mtype, msg.request_id, body)
                 except (ValueError, TypeError) as exc:  # not encodable: nothing was sent

@@ -35,11 +35,11 @@ from typing import Any
 
 import trio
 
+from dfs.errors import BUG_MARKER
 from dfs.net.rpc import PeerAuthError, PeerTimeout, PeerUnavailable, RemoteError, RpcError
 
 log = logging.getLogger("dfs.cluster.health")
 
-BUG_MARKER = "UNEXPECTED EXCEPTION"
 
 Probe = Callable[[str, float], Awaitable[Mapping[str, Any]]]
 """``await probe(peer_name, timeout)`` -> the peer's pong; raises ``RpcError`` on failure."""

@@ -30,6 +30,7 @@ from typing import Any
 import trio
 
 from dfs.config import ClusterConfig, Timeouts
+from dfs.errors import BUG_MARKER
 from dfs.net.frames import MAX_FRAME, Message, MessageType, ProtocolError, encode
 from dfs.net.handshake import AuthError, client_handshake
 from dfs.net.rpc import (
@@ -44,7 +45,6 @@ from dfs.net.stream import MessageStream
 
 log = logging.getLogger("dfs.net.peer")
 
-BUG_MARKER = "UNEXPECTED EXCEPTION"
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 2.0
 MAX_ABANDONED = 100_000  # late answers we are prepared to drop on one connection

@@ -17,13 +17,16 @@ case the remote side may or may not have carried it out.
 from __future__ import annotations
 
 import errno as _errno
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from dfs.errors import FsError
+from dfs.errors import BUG_MARKER, FsError
 from dfs.net import handshake as _handshake  # noqa: F401 - registers the ERROR schema
-from dfs.net.frames import Field, MessageType, Schema, register
+from dfs.net.frames import Field, MessageType, ProtocolError, Schema, register, validate_fields
+
+log = logging.getLogger(__name__)
 
 MAX_METHOD_NAME = 64
 MAX_REASON = 1024  # the ERROR schema's limit on "reason"
@@ -128,3 +131,39 @@ class Methods:
 
     def __len__(self) -> int:
         return len(self._methods)
+
+
+async def dispatch(
+    methods: Methods,
+    peer: str,
+    body: dict[str, Any],
+    *,
+    label: str = "rpc",
+    on_bug: Callable[[], None] | None = None,
+) -> tuple[MessageType, dict[str, Any]]:
+    """Run one request against ``methods``: (RESPONSE or ERROR, body); raises only Cancelled.
+
+    Unknown methods answer ENOSYS, arguments that fail the method's schema EINVAL
+    (the handler never sees them), an FsError its errno; anything else is a bug:
+    logged with its traceback and answered EIO.
+    """
+    name: str = body["m"]
+    method = methods.get(name)
+    if method is None:
+        return MessageType.ERROR, error_body(_errno.ENOSYS, f"unknown method {name!r}")
+    try:
+        args = validate_fields(name, method.schema, body["a"])
+    except ProtocolError as exc:
+        return MessageType.ERROR, error_body(_errno.EINVAL, f"invalid arguments: {exc}")
+    try:
+        result = await method.handler(peer, args)
+    except FsError as exc:
+        return MessageType.ERROR, error_body(exc.errno, str(exc))
+    except Exception:
+        if on_bug is not None:
+            on_bug()
+        log.exception(
+            "%s in %s method %r called by %s; answering EIO", BUG_MARKER, label, name, peer
+        )
+        return MessageType.ERROR, error_body(_errno.EIO, "internal error")
+    return MessageType.RESPONSE, {"r": result}

@@ -27,15 +27,14 @@ from typing import Any
 import trio
 
 from dfs.config import ClusterConfig
-from dfs.errors import FsError
-from dfs.net.frames import MAX_FRAME, Message, MessageType, ProtocolError, validate_fields
+from dfs.errors import BUG_MARKER
+from dfs.net.frames import MAX_FRAME, Message, MessageType, ProtocolError
 from dfs.net.handshake import AuthError, Session, server_handshake
-from dfs.net.rpc import Methods, error_body
+from dfs.net.rpc import Methods, dispatch, error_body
 from dfs.net.stream import MessageStream
 
 log = logging.getLogger("dfs.net.server")
 
-BUG_MARKER = "UNEXPECTED EXCEPTION"  # the same marker mountd uses; tests fail on it
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -311,20 +310,7 @@ class RpcServer:
     async def _dispatch(
         self, peer: str, body: dict[str, Any]
     ) -> tuple[MessageType, dict[str, Any]]:
-        name: str = body["m"]
-        method = self.methods.get(name)
-        if method is None:
-            return MessageType.ERROR, error_body(errno.ENOSYS, f"unknown method {name!r}")
-        try:
-            args = validate_fields(name, method.schema, body["a"])
-        except ProtocolError as exc:
-            return MessageType.ERROR, error_body(errno.EINVAL, f"invalid arguments: {exc}")
-        try:
-            result = await method.handler(peer, args)
-        except FsError as exc:
-            return MessageType.ERROR, error_body(exc.errno, str(exc))
-        except Exception:
-            self._c.handler_errors += 1
-            log.exception("%s in rpc method %r called by %s; answering EIO", BUG_MARKER, name, peer)
-            return MessageType.ERROR, error_body(errno.EIO, "internal error")
-        return MessageType.RESPONSE, {"r": result}
+        return await dispatch(self.methods, peer, body, label="rpc", on_bug=self._count_bug)
+
+    def _count_bug(self) -> None:
+        self._c.handler_errors += 1

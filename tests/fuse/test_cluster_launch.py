@@ -25,12 +25,12 @@ import pytest
 
 from dfs.cluster.control import request
 from dfs.config import init, load
+from dfs.errors import BUG_MARKER
 from dfs.meta.store import MetaStore
 from dfs.types import NodeId
 from mountd.daemon import EXIT_DATADIR, EXIT_FAILURE, EXIT_USAGE
-from mountd.fuse_convert import BUG_MARKER
 from mountd.mountpoint import force_unmount, mounts
-from tests.mounting import MOUNTD
+from tests.mounting import MOUNTD, mountd, mounts_under
 
 pytestmark = pytest.mark.fuse
 
@@ -60,10 +60,6 @@ def free_base_port(n: int) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError("no free ports")
-
-
-def mounts_under(scope: Path) -> set[str]:
-    return {p for p in mounts() if p == str(scope) or p.startswith(f"{scope}/")}
 
 
 def is_our_daemon(pid: int, config: Path) -> bool:
@@ -406,31 +402,6 @@ def cfg(tmp_path: Path) -> Path:
     init(path, [("n1", "127.0.0.1", base), ("n2", "127.0.0.1", base + 1)], name="t")
     (tmp_path / "mnt").mkdir()
     return path
-
-
-def mountd(*args: str | Path, scope: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run the daemon expecting it to exit by itself, leaving nothing mounted under ``scope``."""
-    before = mounts_under(scope)
-    proc = subprocess.Popen(
-        [*MOUNTD, *map(str, args)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        for path in mounts_under(scope) - before:
-            force_unmount(Path(path))
-        raise AssertionError(f"dfs-mountd {args} did not exit:\n{err}") from None
-    leaked = mounts_under(scope) - before
-    for path in leaked:
-        force_unmount(Path(path))
-    assert not leaked, f"dfs-mountd {args} left mounts behind: {leaked}"
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def refused(r: subprocess.CompletedProcess[str], code: int, *phrases: str) -> None:

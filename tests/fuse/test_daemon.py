@@ -19,43 +19,10 @@ import pytest
 from dfs.meta import schema as S
 from dfs.meta.store import MetaStore
 from mountd.daemon import EXIT_DATADIR, EXIT_MOUNTPOINT, EXIT_OK, EXIT_USAGE
-from mountd.mountpoint import force_unmount, mounts
-from tests.mounting import MOUNTD, Mount
+from mountd.mountpoint import mounts
+from tests.mounting import Mount, mountd
 
 pytestmark = pytest.mark.fuse
-
-
-def mounts_under(scope: Path) -> set[str]:
-    return {p for p in mounts() if p == str(scope) or p.startswith(f"{scope}/")}
-
-
-def mountd(*args: str | Path, scope: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run the daemon expecting it to exit by itself; it must leave no mount under ``scope``.
-
-    Only mounts under ``scope`` (the test's own directory) are looked at or
-    cleaned up: other tests on this machine have theirs.
-    """
-    before = mounts_under(scope)
-    proc = subprocess.Popen(
-        [*MOUNTD, *map(str, args)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        for path in mounts_under(scope) - before:
-            force_unmount(Path(path))
-        raise AssertionError(f"dfs-mountd {args} did not exit:\n{err}") from None
-    leaked = mounts_under(scope) - before
-    for path in leaked:
-        force_unmount(Path(path))
-    assert not leaked, f"dfs-mountd {args} left mounts behind: {leaked}"
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def assert_refused(r: subprocess.CompletedProcess[str], code: int, *phrases: str) -> str:

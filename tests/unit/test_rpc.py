@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dfs.config import Timeouts, parse
-from dfs.errors import FsError
+from dfs.errors import BUG_MARKER, FsError
 from dfs.net.frames import HEADER, MAX_FRAME, Field, MessageType, encode
 from dfs.net.handshake import client_handshake, server_handshake
 from dfs.net.peer import Connector, Peer, PeerPool
@@ -38,7 +38,7 @@ from dfs.net.rpc import (
     RemoteError,
     RpcError,
 )
-from dfs.net.server import BUG_MARKER, RpcServer
+from dfs.net.server import RpcServer
 from dfs.net.stream import MessageStream
 
 SECRET = b"s" * 32
