@@ -299,7 +299,7 @@ class FileIO:
                     a.size = off + n
                 if self.stamp_writes:
                     a.mtime_ns = a.ctime_ns = now
-                a.version = self.meta.log(txn, a.volume, "write", st.ino, off, n, a.size)
+                a.version = self.meta.log(txn, a.volume, "write")
                 txn.put(S.inode_key(st.ino), S.pack_inode(a), db=self.meta.inodes)
         return n
 
@@ -324,7 +324,7 @@ class FileIO:
             a.blocks = inline_blocks(buf)
             if self.stamp_writes:
                 a.mtime_ns = a.ctime_ns = now
-            a.version = self.meta.log(txn, a.volume, "write", ino, off, len(data), a.size)
+            a.version = self.meta.log(txn, a.volume, "write")
             txn.put(S.inode_key(ino), S.pack_inode(a), db=self.meta.inodes)
         return True
 

@@ -44,7 +44,7 @@ from dfs.fs.ctx import Ctx, SetAttrs
 from dfs.fs.files import FileIO
 from dfs.meta import schema as S
 from dfs.meta.store import MetaStore, Txn, WriteTxn
-from dfs.types import ROOT_INODE, Attr, FileHandle, InodeId, VolumeId
+from dfs.types import ROOT_INODE, Attr, FileHandle, InodeId
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,6 @@ class Vfs:
         """Called when a's link count dropped to zero: keep it as an orphan until forgotten."""
         txn.put(S.orphan_key(a.ino), b"", db=self.meta.orphans)
 
-    def _stamp(self, txn: WriteTxn, vol: VolumeId, op: str, *args: object) -> int:
-        return self.meta.log(txn, vol, op, *args)
-
     # --- lookups and attributes ----------------------------------------------------------
 
     def lookup(self, parent: InodeId, name: bytes) -> Attr:
@@ -211,7 +208,7 @@ class Vfs:
             if ch.mtime_ns is not None:
                 a.mtime_ns = ch.mtime_ns
             a.ctime_ns = ch.ctime_ns if ch.ctime_ns is not None else now
-            a.version = self._stamp(txn, a.volume, "setattr", ino, S.pack_inode(a))
+            a.version = self.meta.log(txn, a.volume, "setattr")
             self._put(txn, a)
         return a
 
@@ -290,7 +287,7 @@ class Vfs:
             if target is not None:
                 txn.put(S.symlink_key(a.ino), target, db=self.meta.symlinks)
                 a.size = len(target)
-            seq = self._stamp(txn, p.volume, "create", parent, name, a.ino, S.pack_inode(a), target)
+            seq = self.meta.log(txn, p.volume, "create")
             a.version = p.version = seq
             self._put(txn, a)
             self._put(txn, p)
@@ -377,7 +374,7 @@ class Vfs:
             a.nlink += 1
             a.ctime_ns = now
             p.mtime_ns = p.ctime_ns = now
-            seq = self._stamp(txn, p.volume, "link", ino, new_parent, new_name)
+            seq = self.meta.log(txn, p.volume, "link")
             a.version = p.version = seq
             self._put(txn, a)
             self._put(txn, p)
@@ -421,7 +418,7 @@ class Vfs:
             self._drop_entry(txn, parent, name, cookie)
             a.ctime_ns = now
             p.mtime_ns = p.ctime_ns = now
-            seq = self._stamp(txn, p.volume, "rmdir" if want_dir else "unlink", parent, name, child)
+            seq = self.meta.log(txn, p.volume, "rmdir" if want_dir else "unlink")
             a.version = p.version = seq
             self._put(txn, p)
             self._put(txn, a)
@@ -512,9 +509,7 @@ class Vfs:
             a.ctime_ns = now
             op.mtime_ns = op.ctime_ns = now
             np.mtime_ns = np.ctime_ns = now
-            seq = self._stamp(
-                txn, op.volume, "rename", old_parent, old_name, new_parent, new_name, flags
-            )
+            seq = self.meta.log(txn, op.volume, "rename")
             for x in (a, op, np, b):
                 if x is not None:
                     x.version = seq
@@ -668,7 +663,7 @@ class Vfs:
                 raise NoSpace(message="extended attribute space of this inode is full")
             txn.put(key, value, db=self.meta.xattrs)
             a.ctime_ns = self.clock()
-            a.version = self._stamp(txn, a.volume, "setxattr", ino, name, value)
+            a.version = self.meta.log(txn, a.volume, "setxattr")
             self._put(txn, a)
 
     def _xattr_total(self, txn: Txn, ino: int) -> int:
@@ -689,7 +684,7 @@ class Vfs:
             if not txn.delete(S.xattr_key(ino, name), db=self.meta.xattrs):
                 raise NoData()
             a.ctime_ns = self.clock()
-            a.version = self._stamp(txn, a.volume, "removexattr", ino, name)
+            a.version = self.meta.log(txn, a.volume, "removexattr")
             self._put(txn, a)
 
     # --- file system ----------------------------------------------------------------------

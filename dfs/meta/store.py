@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import lmdb
 import msgpack
@@ -425,15 +425,14 @@ class MetaStore:
         """The last directory cookie handed out."""
         return self._next_cookie
 
-    def log(self, txn: WriteTxn, vol: VolumeId, op: str, *args: Any) -> int:
+    def log(self, txn: WriteTxn, vol: VolumeId, op: str) -> int:
         """Name the transaction's update of ``vol``; returns its sequence number.
 
         The sequence orders every update of a volume (the primary's order once
         volumes replicate) and is stamped into the changed inodes' ``version``.
         It is reserved here and the journal record is written when the
         transaction commits: the record is the whole transaction's write-set
-        (schema.py), including puts made after this call. ``args`` only say
-        what the operation was for a reader of the code; they are not stored.
+        (schema.py), including puts made after this call; ``op`` names it.
         A transaction updates one volume: logging twice returns the same seq.
         """
         if txn.seq:
