@@ -129,6 +129,17 @@ class DataStore:
         except OSError as exc:
             raise _fs_error(exc, f"opening data of inode {ino:#x}") from exc
 
+    def create(self, ino: int) -> tuple[int, bool]:
+        """An fd for ino's data file, creating it; and whether this call created it."""
+        try:
+            return os.open(self.fspath(ino), _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o600), True
+        except FileExistsError:
+            fd = self.open(ino, create=True)
+            assert fd is not None
+            return fd, False
+        except OSError as exc:
+            raise _fs_error(exc, f"creating data of inode {ino:#x}") from exc
+
     def open_direct(self, ino: int) -> int | None:
         """A second fd on ino's (existing) data file that bypasses the page cache, or None."""
         if not self.direct:

@@ -2,7 +2,7 @@
 
 Checksums (``dfs/hashing.py``) are settled lazily. A write that covers whole
 blocks hashes them from the buffer it already holds ("pending"); a write that
-covers part of a block marks it "dirty". Settling (flush, fsync, release,
+covers part of a block marks it "dirty". Settling (release, fsync,
 truncate) re-reads dirty blocks from disk, stores every new digest in lmdb and
 clears the inode's ``dirty`` intent record. That record is committed before
 the first unsettled write reaches the data file, so after ``kill -9`` start-up
@@ -84,6 +84,7 @@ class OpenInode:
     pending: dict[int, int] = field(default_factory=dict)
     intent: bool = False  # the lmdb ``dirty`` record exists
     written: bool = False  # data changed since the last settle
+    new_file: bool = False  # the data file was created and its directory not yet synced
 
 
 @dataclass(eq=False)
@@ -342,8 +343,7 @@ class FileIO:
             with self.meta.write() as txn:
                 txn.put(S.dirty_key(ino), b"", db=self.meta.dirty)
             st.intent = True
-        fd = self.data.open(ino, create=True)
-        assert fd is not None
+        fd, st.new_file = self.data.create(ino)
         if inl is not None:
             try:
                 DataStore.pwrite(fd, 0, inl)
@@ -354,14 +354,15 @@ class FileIO:
                 raise
         return fd
 
-    async def flush(self, fh: int) -> None:
-        await self.settle(self.handle(fh).inode)
-
     async def fsync(self, fh: int, datasync: bool) -> None:
         st = self.handle(fh).inode
         await self.settle(st)
         if st.fd is not None:
             await trio.to_thread.run_sync(DataStore.fsync, st.fd, limiter=io_limiter())
+        if st.new_file:
+            # The data file's name must be durable too, not only its contents.
+            await trio.to_thread.run_sync(self.data.sync_dirs, st.ino, limiter=io_limiter())
+            st.new_file = False
         await trio.to_thread.run_sync(self.meta.sync, limiter=io_limiter())
 
     async def settle(self, st: OpenInode) -> None:

@@ -22,7 +22,6 @@ import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
@@ -783,7 +782,3 @@ def delete_inode_records(meta: MetaStore, txn: WriteTxn, ino: int) -> None:
     prefix = S.ino_prefix(ino)
     for db in (meta.xattrs, meta.blocks):
         txn.delete_prefix(prefix, db=db)
-
-
-def data_root(data_dir: Path) -> Path:
-    return data_dir / "data"

@@ -291,7 +291,3 @@ def pack_digest(d: int) -> bytes:
 
 def unpack_digest(raw: bytes) -> int:
     return int(_DIGEST.unpack(raw)[0])
-
-
-def volume_id(v: int) -> VolumeId:
-    return VolumeId(v)

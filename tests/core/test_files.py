@@ -201,3 +201,22 @@ def test_inline_file_open_twice(core: Core) -> None:
     assert core.read(fh1, 0, S.INLINE_MAX + 5) == pattern(S.INLINE_MAX + 5)
     core.release(fh1)
     core.release(fh2)
+
+
+def test_fsync_of_a_new_data_file_syncs_its_directory(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data file's directory entry must be durable too: synced once, at the first fsync."""
+    synced: list[int] = []
+    monkeypatch.setattr(core.data, "sync_dirs", synced.append)
+    fh, a = core.create("/big")
+    core.write(fh, 0, pattern(S.INLINE_MAX + 1))  # past the inline limit: a new data file
+    core.fsync(fh)
+    core.fsync(fh)
+    core.release(fh)
+    assert synced == [a.ino]
+    small, b = core.create("/small")
+    core.write(small, 0, b"inline")
+    core.fsync(small)
+    core.release(small)
+    assert synced == [a.ino]  # an inline file has no data file to sync
