@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from tests.mounting import MOUNTD, Mount
 
@@ -40,6 +40,14 @@ if os.getppid() != int(sys.argv[1]):
     sys.exit(1)  # the benchmark is already gone
 os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
+
+
+def die_with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` (a Python command line, interpreter first) run under the PR_SET_PDEATHSIG wrapper.
+
+    Its process gets SIGTERM when the calling thread of this process exits.
+    """
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd[1:]]
 
 
 class BenchMount(Mount):
@@ -165,10 +173,16 @@ class BenchTimeout(Exception):
     pass
 
 
+class Killable(Protocol):
+    """What the watchdog kills besides the command: a daemon (BenchMount) or several."""
+
+    def kill(self) -> None: ...
+
+
 class Watchdog:
     """Kills the current command and the daemon when a workload overruns its deadline."""
 
-    def __init__(self, mount: BenchMount | None) -> None:
+    def __init__(self, mount: Killable | None) -> None:
         self.mount = mount
         self.fired: str | None = None
         self._deadline: float | None = None

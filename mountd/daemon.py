@@ -15,23 +15,41 @@ unlock.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import queue
 import resource
 import signal
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
+from dfs.cluster.clusterfs import PURGE_BATCH, NodeFs
 from dfs.cluster.node import ClusterNode, StartError
-from dfs.config import ClusterConfig, ConfigError, NodeConfig, load
+from dfs.cluster.remote import LocalReader, Reader, RemoteReader, register_read_methods
+from dfs.cluster.replication import (
+    Inval,
+    LeaseKeeper,
+    Notifier,
+    ReplicaApplier,
+    Replicator,
+    register_site_methods,
+)
+from dfs.cluster.views import HostViews
+from dfs.config import ClusterConfig, ConfigError, NodeConfig, VolumeConfig, load
 from dfs.data.store import DataStore
-from dfs.errors import StoreError
+from dfs.errors import FsError, StoreError
 from dfs.fs.vfs import Vfs
 from dfs.lockfile import DataDirLock
 from dfs.meta.store import STANDALONE_NODE, MetaStore
+from dfs.net.frames import Field
+from dfs.types import ROOT_INODE, ROOT_VOLUME
 from mountd.fuse_convert import Counters
 from mountd.fuse_ops import DfsOperations
 from mountd.mountpoint import MountPointError, fuse_device, prepare
@@ -55,12 +73,32 @@ class ClusterSetup:
     node: NodeConfig
     secret: bytes
 
+    @property
+    def root(self) -> VolumeConfig:
+        return next(v for v in self.config.volumes if v.path == "/")
+
+    @property
+    def role(self) -> str:
+        """ "primary" or "site" of the root volume."""
+        return "primary" if self.root.primary == self.node.name else "site"
+
 
 def load_cluster(config_path: Path, node_name: str) -> ClusterSetup:
     """Read and check the configuration and the secret; ConfigError says what is wrong."""
     config = load(config_path)
     node = config.node(node_name)
-    return ClusterSetup(config, node, config.read_secret())
+    others = [v.path for v in config.volumes if v.path != "/"]
+    if others:
+        raise ConfigError(
+            f"volumes {', '.join(others)}: only the root volume is supported by this version"
+        )
+    setup = ClusterSetup(config, node, config.read_secret())
+    if node.name not in setup.root.sites and node.name != setup.root.primary:
+        raise ConfigError(
+            f"node {node.name} is not a storage site of the root volume (sites: "
+            f"{', '.join(setup.root.sites)}); nodes without a replica are not supported yet"
+        )
+    return setup
 
 
 def default_data_dir(setup: ClusterSetup) -> Path:
@@ -176,6 +214,8 @@ def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
     raise_fd_limit()
     was_clean = meta.set_clean(False)
     vfs = Vfs(meta, DataStore(opts.data_dir / "data"))
+    if opts.cluster is not None and opts.cluster.role == "site":
+        vfs.make_replica()
     orphans, resettled = vfs.recover()
     if not was_clean:
         log.warning(
@@ -234,6 +274,9 @@ class _Node:
     async def _run(self, nursery: trio.Nursery) -> int:
         opts = self.opts
         cluster: ClusterNode | None = None
+        invalidator = _Invalidator()
+        fs = NodeFs(self.vfs)
+        views: HostViews | None = None
         if opts.cluster is not None:
             setup = opts.cluster
             cluster = ClusterNode(
@@ -243,9 +286,13 @@ class _Node:
                 data_dir=opts.data_dir,
                 mountpoint=opts.mountpoint,
             )
+            replication = _Replication(setup, cluster, self.vfs, invalidator)
+            fs = replication.fs
+            views = replication.views()
             with self._startup:
                 try:
                     await cluster.start(nursery)
+                    await replication.start(nursery)
                 except StartError as exc:
                     log.error("%s", exc)
                     return EXIT_FAILURE
@@ -259,7 +306,7 @@ class _Node:
                 await cluster.aclose()
             return EXIT_OK
         try:
-            pyfuse3.init(DfsOperations(self.vfs), str(opts.mountpoint), self.fuse_options)
+            pyfuse3.init(DfsOperations(fs, views=views), str(opts.mountpoint), self.fuse_options)
         except RuntimeError as exc:
             log.error("%s: mount failed: %s", opts.mountpoint, exc)
             if cluster is not None:
@@ -271,6 +318,7 @@ class _Node:
         try:
             nursery.start_soon(self.vfs.sync_periodically, SYNC_INTERVAL)
             nursery.start_soon(_raise_readahead, opts.mountpoint)
+            invalidator.start()
             self._log_ready()
             if not self._stopping:
                 await pyfuse3.main()
@@ -318,3 +366,241 @@ class _Node:
                 else:
                     self._startup.cancel()
                 return
+
+
+INVALIDATE_WAIT = 0.2
+
+
+class _Invalidator:
+    """Drops what the kernel caches about changes made on other nodes (a ``Notifier``).
+
+    pyfuse3's notifications may block until the kernel can take the inode's
+    locks or write back its dirty pages; a request of this node in progress on
+    that directory or file (itself perhaps waiting for the primary, which waits
+    for this node's answer) holds them. So they run in a thread of their own,
+    fed by a queue, and ``flush`` — which an update's answer waits for, so that
+    no kernel shows the old state once the update returned — gives up after
+    INVALIDATE_WAIT: a bounded delay instead of a deadlock, in the rare case of
+    such a conflict. Batches queued before the mount is live are dropped: the
+    kernel has nothing cached yet.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[int, list[Inval]]] = queue.SimpleQueue()
+        self._live = False
+        self._issued = 0
+        self._done = 0
+        self._changed = trio.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def put(self, batch: list[Inval]) -> int:
+        if not self._live:
+            return 0
+        self._issued += 1
+        self._queue.put((self._issued, batch))
+        return self._issued
+
+    async def flush(self, ticket: int) -> None:
+        with trio.move_on_after(INVALIDATE_WAIT):
+            while self._done < ticket:
+                await self._changed.wait()
+
+    def _progress(self, done: int) -> None:
+        self._done = max(self._done, done)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def start(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._live = True
+        threading.Thread(target=self._run, name="dfs-invalidate", daemon=True).start()
+
+    def _run(self) -> None:
+        assert self._token is not None
+        while True:
+            ticket, batch = self._queue.get()
+            while True:
+                try:
+                    ticket, more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                batch = batch + more
+            _invalidate_batch(batch)
+            try:
+                self._token.run_sync_soon(self._progress, ticket)
+            except trio.RunFinishedError:
+                return
+
+
+def _invalidate_batch(batch: list[Inval]) -> None:
+    seen: set[Inval] = set()
+    for item in batch:
+        if item in seen:
+            continue
+        seen.add(item)
+        try:
+            if item[0] == "e":
+                pyfuse3.invalidate_entry(
+                    pyfuse3.InodeT(item[1]),
+                    item[2],  # type: ignore[misc]
+                )
+            else:
+                pyfuse3.invalidate_inode(pyfuse3.InodeT(item[1]), attr_only=item[0] == "i")
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EBADF):
+                log.warning("cannot invalidate the kernel's cache of %r: %s", item[:2], exc)
+
+
+LEASE_HEARTBEATS = 3
+CATCH_UP_WAIT = 10.0
+
+
+class _Replication:
+    """This node's part in replicating the root volume (see dfs/cluster/replication.py)."""
+
+    def __init__(
+        self,
+        setup: ClusterSetup,
+        cluster: ClusterNode,
+        vfs: Vfs,
+        notify: Notifier,
+    ) -> None:
+        self.setup = setup
+        self.cluster = cluster
+        config = setup.config
+        root = setup.root
+        self.primary = root.primary
+        self.lease = LEASE_HEARTBEATS * config.timeouts.heartbeat
+        self.replicator: Replicator | None = None
+        self.keeper: LeaseKeeper | None = None
+        methods = cluster.methods
+        if setup.role == "primary":
+            sites = [n for n in root.sites if n != setup.node.name]
+            self.replicator = Replicator(
+                vfs.meta,
+                vfs.data,
+                ROOT_VOLUME,
+                sites,
+                self._call,
+                call_timeout=config.timeouts.call,
+                lease=self.lease,
+            )
+            self.fs = NodeFs(vfs, replicator=self.replicator, notify=notify)
+            self.fs.register(methods, lambda name: config.node(name).id)
+            methods.add("repl.lease", {}, self._grant)
+            self._sites = sites
+            methods.add("repl.hello", {}, self._hello)
+            cluster.extra_status = lambda: {"role": "primary", "sites": self._snapshot()}
+        else:
+            applier = ReplicaApplier(vfs.meta, vfs.data, setup.node.id, notify)
+            register_site_methods(methods, applier, lambda vol: self.primary)
+            methods.add("repl.holds", {"inos": Field(list, max_len=PURGE_BATCH)}, self._holds)
+            self.fs = NodeFs(vfs, forward=self._forward, notify=notify)
+            self.keeper = LeaseKeeper(
+                self._ask_lease, interval=config.timeouts.heartbeat, lease=self.lease
+            )
+            cluster.extra_status = lambda: {
+                "role": "site",
+                "primary": self.primary,
+                "lease": self.keeper is not None and self.keeper.current(),
+                "applied": vfs.meta.seq(ROOT_VOLUME),
+            }
+
+    def views(self) -> HostViews:
+        """``MOUNT/.../HOST``: this node's replica read locally, the others' over RPC."""
+        register_read_methods(self.cluster.methods, self.fs.vfs)
+        me = self.setup.node.name
+        timeout = self.setup.config.timeouts.call
+        hosts: dict[str, Reader] = {
+            n.name: LocalReader(self.fs.vfs)
+            if n.name == me
+            else RemoteReader(_PeerCaller(self.cluster, n.name), timeout=timeout)
+            for n in self.setup.config.nodes
+        }
+        return HostViews(hosts, root=lambda: self.fs.vfs.getattr(ROOT_INODE))
+
+    def _snapshot(self) -> list[dict[str, Any]]:
+        assert self.replicator is not None
+        return self.replicator.snapshot()
+
+    async def _call(self, node: str, method: str, args: dict[str, Any], limit: float) -> Any:
+        assert self.cluster.pool is not None
+        return await self.cluster.pool.peer(node).call(method, args, timeout=limit)
+
+    async def _forward(self, op: str, args: list[Any], ctx: list[Any]) -> Any:
+        return await self._call(
+            self.primary,
+            "fs.op",
+            {"op": op, "args": args, "ctx": ctx},
+            self.setup.config.timeouts.call,
+        )
+
+    async def _grant(self, peer: str, args: dict[str, Any]) -> bool:
+        assert self.replicator is not None
+        return self.replicator.grant(peer)
+
+    async def _hello(self, peer: str, args: dict[str, Any]) -> None:
+        assert self.replicator is not None
+        await self.fs.release_node(peer)
+        self.replicator.kick(peer)
+
+    async def _holds(self, peer: str, args: dict[str, Any]) -> list[int]:
+        return self.fs.holds(args["inos"])
+
+    async def _ask_holds(self, inos: list[int]) -> set[int]:
+        """The inodes of ``inos`` that some in-sync site still uses (raises if one cannot say)."""
+        assert self.replicator is not None
+        held: set[int] = set()
+        for link in self.replicator.links.values():
+            if link.in_sync:
+                got = await self._call(
+                    link.name, "repl.holds", {"inos": inos}, self.setup.config.timeouts.call
+                )
+                held.update(i for i in got if isinstance(i, int))
+        return held
+
+    async def _ask_lease(self) -> Any:
+        return await self._call(
+            self.primary, "repl.lease", {}, self.setup.config.timeouts.heartbeat
+        )
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start replicating; a site waits (bounded) until it has caught up with the primary."""
+        if self.replicator is not None:
+            nursery.start_soon(self.replicator.run)
+            nursery.start_soon(self.fs.purge_orphans, self._ask_holds)
+            return
+        assert self.keeper is not None
+        nursery.start_soon(self.keeper.run)
+        try:
+            await self._call(self.primary, "repl.hello", {}, self.setup.config.timeouts.call)
+        except FsError as exc:
+            log.warning("primary %s unreachable at start (%s)", self.primary, exc)
+        if await self.keeper.wait_current(CATCH_UP_WAIT):
+            log.info("caught up with primary %s", self.primary)
+        else:
+            log.warning(
+                "not caught up with primary %s after %.0f s: serving the local replica, "
+                "which may be stale, and refusing updates until the primary answers",
+                self.primary,
+                CATCH_UP_WAIT,
+            )
+
+
+class _PeerCaller:
+    """A peer of the cluster's pool, looked up at call time (the pool exists once started)."""
+
+    def __init__(self, cluster: ClusterNode, name: str) -> None:
+        self.cluster = cluster
+        self.name = name
+
+    async def call(
+        self,
+        method: str,
+        args: Mapping[str, Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - as Peer.call
+    ) -> Any:
+        if self.cluster.pool is None:
+            raise FsError(errno.EHOSTDOWN, "the cluster is not started")
+        return await self.cluster.pool.peer(self.name).call(method, dict(args), timeout=timeout)

@@ -9,17 +9,21 @@ invalidate explicitly for changes made elsewhere.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Sequence
 
 import pyfuse3
 
-from dfs.errors import NotFound
+from dfs.cluster.clusterfs import NodeFs
+from dfs.cluster.views import VIEW_DIR_NAME, HostViews, is_view
+from dfs.errors import FsError, NotFound
 from dfs.fs.ctx import SetAttrs
-from dfs.fs.vfs import Vfs
 from dfs.types import InodeId
 from mountd.fuse_convert import ctx_of, entry, fuse_errors, negative_entry
 
 CACHE_TIMEOUT = 300.0
+VIEW_TIMEOUT = 1.0  # host views are not invalidated: the kernel re-asks after this
+VIEW_FH = 1 << 62  # handles of files and directories opened through a host view
 DOTS = (b".", b"..")
 
 
@@ -27,16 +31,50 @@ class DfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = True
 
-    def __init__(self, vfs: Vfs, timeout: float = CACHE_TIMEOUT) -> None:
+    def __init__(
+        self, fs: NodeFs, timeout: float = CACHE_TIMEOUT, views: HostViews | None = None
+    ) -> None:
         super().__init__()
-        self.vfs = vfs
+        self.vfs = fs
         self.timeout = timeout
-        vfs.files.stamp_writes = not self.enable_writeback_cache
+        self.views = views
+        self._view_fh: dict[int, InodeId] = {}
+        self._next_view_fh = VIEW_FH
+        # Under the writeback cache the kernel owns the size and times of regular files
+        # it has cached and ignores the values we send, even after an invalidation: a
+        # node whose files change elsewhere must do without it (docs/ARCHITECTURE.md).
+        self.enable_writeback_cache = fs.standalone
+        fs.files.stamp_writes = not self.enable_writeback_cache
+
+    # --- host views (MOUNT/.../HOST/path, dfs/cluster/views.py) --------------------------------
+
+    def _real(self, ino: int) -> InodeId:
+        """The inode an update names: a view inode stands for the same file in the tree."""
+        if self.views is None or not is_view(ino):
+            return InodeId(ino)
+        return self.views.real(InodeId(ino))[1]
+
+    def _new_view_fh(self, ino: InodeId) -> pyfuse3.FileHandleT:
+        fh = self._next_view_fh
+        self._next_view_fh += 1
+        self._view_fh[fh] = ino
+        return pyfuse3.FileHandleT(fh)
+
+    def _view_ino(self, fh: int) -> InodeId:
+        try:
+            return self._view_fh[fh]
+        except KeyError:
+            raise FsError(errno.EBADF) from None
 
     @fuse_errors
     async def lookup(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if self.views is not None:
+            if is_view(parent_inode):
+                return entry(await self.views.lookup(InodeId(parent_inode), name), VIEW_TIMEOUT)
+            if parent_inode == pyfuse3.ROOT_INODE and name == VIEW_DIR_NAME:
+                return entry(self.views.dots_attr(), VIEW_TIMEOUT)
         try:
             a = self.vfs.lookup(InodeId(parent_inode), name)
         except NotFound:
@@ -45,6 +83,9 @@ class DfsOperations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         try:
+            if self.views is not None and any(is_view(i) for i, _ in inode_list):
+                self.views.forget([(InodeId(i), n) for i, n in inode_list if is_view(i)])
+                inode_list = [(i, n) for i, n in inode_list if not is_view(i)]
             self.vfs.forget([(InodeId(i), n) for i, n in inode_list])
         except Exception:  # forget must never raise
             import logging
@@ -55,6 +96,8 @@ class DfsOperations(pyfuse3.Operations):
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if self.views is not None and is_view(inode):
+            return entry(await self.views.getattr(InodeId(inode)), VIEW_TIMEOUT)
         return entry(self.vfs.getattr(InodeId(inode)), self.timeout)
 
     @fuse_errors
@@ -75,11 +118,16 @@ class DfsOperations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
-        a = await self.vfs.setattr(InodeId(inode), ch, ctx_of(ctx))
+        a = await self.vfs.setattr(self._real(inode), ch, ctx_of(ctx))
+        if self.views is not None and is_view(inode):
+            a.ino = InodeId(inode)
+            return entry(a, VIEW_TIMEOUT)
         return entry(a, self.timeout)
 
     @fuse_errors
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        if self.views is not None and is_view(inode):
+            return await self.views.readlink(InodeId(inode))
         return self.vfs.readlink(InodeId(inode))
 
     @fuse_errors
@@ -91,7 +139,7 @@ class DfsOperations(pyfuse3.Operations):
         rdev: int,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        a = self.vfs.mknod(InodeId(parent_inode), name, mode, rdev, ctx_of(ctx))
+        a = await self.vfs.mknod(self._real(parent_inode), name, mode, rdev, ctx_of(ctx))
         return entry(a, self.timeout)
 
     @fuse_errors
@@ -102,19 +150,20 @@ class DfsOperations(pyfuse3.Operations):
         mode: pyfuse3.ModeT,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        return entry(self.vfs.mkdir(InodeId(parent_inode), name, mode, ctx_of(ctx)), self.timeout)
+        a = await self.vfs.mkdir(self._real(parent_inode), name, mode, ctx_of(ctx))
+        return entry(a, self.timeout)
 
     @fuse_errors
     async def unlink(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        self.vfs.unlink(InodeId(parent_inode), name)
+        await self.vfs.unlink(self._real(parent_inode), name)
 
     @fuse_errors
     async def rmdir(
         self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        self.vfs.rmdir(InodeId(parent_inode), name)
+        await self.vfs.rmdir(self._real(parent_inode), name)
 
     @fuse_errors
     async def symlink(
@@ -124,7 +173,7 @@ class DfsOperations(pyfuse3.Operations):
         target: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        a = self.vfs.symlink(InodeId(parent_inode), name, target, ctx_of(ctx))
+        a = await self.vfs.symlink(self._real(parent_inode), name, target, ctx_of(ctx))
         return entry(a, self.timeout)
 
     @fuse_errors
@@ -137,8 +186,8 @@ class DfsOperations(pyfuse3.Operations):
         flags: pyfuse3.FlagT,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        self.vfs.rename(
-            InodeId(parent_inode_old), name_old, InodeId(parent_inode_new), name_new, flags
+        await self.vfs.rename(
+            self._real(parent_inode_old), name_old, self._real(parent_inode_new), name_new, flags
         )
 
     @fuse_errors
@@ -149,13 +198,20 @@ class DfsOperations(pyfuse3.Operations):
         new_name: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        a = self.vfs.link(InodeId(inode), InodeId(new_parent_inode), new_name)
+        a = await self.vfs.link(self._real(inode), self._real(new_parent_inode), new_name)
         return entry(a, self.timeout)
 
     @fuse_errors
     async def open(
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
+        if self.views is not None and is_view(inode):
+            if not flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+                await self.views.getattr(InodeId(inode))  # ENOENT/EHOSTDOWN now, not at read
+                return pyfuse3.FileInfo(fh=self._new_view_fh(InodeId(inode)), direct_io=True)
+            # A write through a view is a write to the same file in the tree.
+            fh = await self.vfs.open(self._real(inode), flags, ctx_of(ctx))
+            return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=True)
         fh = await self.vfs.open(InodeId(inode), flags, ctx_of(ctx))
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
@@ -168,19 +224,22 @@ class DfsOperations(pyfuse3.Operations):
         flags: pyfuse3.FlagT,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, a = self.vfs.create(InodeId(parent_inode), name, mode, flags, ctx_of(ctx))
+        fh, a = await self.vfs.create(self._real(parent_inode), name, mode, flags, ctx_of(ctx))
         fi = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
         return fi, entry(a, self.timeout)
 
     @fuse_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        data = await self.vfs.files.read(fh, off, size)
-        self.vfs.touch_atime(self.vfs.files.inode_of(fh))
+        if fh >= VIEW_FH:
+            assert self.views is not None
+            return await self.views.read(self._view_ino(fh), off, size)
+        data = await self.vfs.read(fh, off, size)
+        self.vfs.touch_atime(self.vfs.inode_of(fh))
         return data
 
     @fuse_errors
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
-        return await self.vfs.files.write(fh, off, buf)
+        return await self.vfs.write(fh, off, buf)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         """Tell the kernel to stop sending FLUSH: there is nothing left for it to do.
@@ -194,22 +253,39 @@ class DfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        await self.vfs.files.release(fh)
+        if fh >= VIEW_FH:
+            self._view_fh.pop(fh, None)
+            return
+        await self.vfs.release(fh)
 
     @fuse_errors
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
-        await self.vfs.files.fsync(fh, datasync)
+        if fh < VIEW_FH:
+            await self.vfs.fsync(fh, datasync)
 
     @fuse_errors
     async def opendir(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileHandleT:
+        if self.views is not None and is_view(inode):
+            await self.views.getattr(InodeId(inode))
+            return self._new_view_fh(InodeId(inode))
         return pyfuse3.FileHandleT(self.vfs.opendir(InodeId(inode)))
 
     @fuse_errors
     async def readdir(
         self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
     ) -> None:
+        if fh >= VIEW_FH:
+            assert self.views is not None
+            view_dir = self._view_ino(fh)
+            entries = await self.views.readdir(view_dir, start_id)
+            for e in entries:
+                if not pyfuse3.readdir_reply(token, e.name, entry(e.attr, VIEW_TIMEOUT), e.cookie):
+                    break
+                if e.name not in DOTS:
+                    self.views.remember(e.attr.ino)
+            return
         ino = self.vfs.dir_of_handle(fh)
         for e in self.vfs.readdir(ino, start_id):
             if not pyfuse3.readdir_reply(token, e.name, entry(e.attr, self.timeout), e.cookie):
@@ -220,11 +296,14 @@ class DfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        if fh >= VIEW_FH:
+            self._view_fh.pop(fh, None)
+            return
         self.vfs.releasedir(fh)
 
     @fuse_errors
     async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
-        await self.vfs.sync()
+        await self.vfs.fsyncdir()
 
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -245,22 +324,26 @@ class DfsOperations(pyfuse3.Operations):
     async def setxattr(
         self, inode: pyfuse3.InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        self.vfs.setxattr(InodeId(inode), name, value)
+        await self.vfs.setxattr(self._real(inode), name, value)
 
     @fuse_errors
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> bytes:
+        if self.views is not None and is_view(inode):
+            return await self.views.getxattr(InodeId(inode), name)
         return self.vfs.getxattr(InodeId(inode), name)
 
     @fuse_errors
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> Sequence[bytes]:
+        if self.views is not None and is_view(inode):
+            return await self.views.listxattr(InodeId(inode))
         return self.vfs.listxattr(InodeId(inode))
 
     @fuse_errors
     async def removexattr(
         self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        self.vfs.removexattr(InodeId(inode), name)
+        await self.vfs.removexattr(self._real(inode), name)

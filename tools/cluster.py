@@ -94,16 +94,17 @@ def up_cmd(root: Path | None, nodes: int | None, base_port: int | None, timeout:
     d = _dir_arg(c, root)
     first, second = c.nodes()[0], c.nodes()[-1]
     tries = [
-        (f"dfs cluster status{d}", "nodes, PIDs, mounts, who reaches whom"),
-        (f"echo hello > {first.mountpoint}/hello.txt && ls -l {first.mountpoint}", ""),
-        (f"dfs cluster stop {second.name} --kill{d}", "crash a node: the others see it go"),
-        (f"dfs cluster start {second.name}{d}", "bring it back (stale mount recovered)"),
+        (f"dfs cluster status{d}", "nodes, PIDs, mounts, replication state"),
+        (f"echo hello > {second.mountpoint}/hello.txt", "write on one node..."),
+        (f"cat {first.mountpoint}/hello.txt", "...read on another: one tree"),
+        (f"dfs cluster stop {second.name} --kill{d}", "crash a storage site: updates go on"),
+        (f"dfs cluster start {second.name}{d}", "bring it back: it catches up"),
         (f"dfs cluster down{d}", "unmount and stop every node"),
     ]
     width = max(len(cmd) for cmd, why in tries if why)
     click.echo(
-        "\nThe nodes authenticate each other with the cluster secret and watch each other's\n"
-        "reachability. Replication is not built yet: each mount shows its own node's files.\n"
+        f"\nEvery mount shows the same tree. {first.name} is the primary of the root volume: it\n"
+        "orders every update and replicates it to every node before the update returns.\n"
         "Try:"
     )
     for cmd, why in tries:

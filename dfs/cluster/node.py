@@ -102,6 +102,8 @@ class ClusterNode:
         self.pool: PeerPool | None = None
         self._serving: list[trio.CancelScope] = []
         self._heartbeat: trio.CancelScope | None = None
+        # What the replication layer adds to ``status`` (role, sites, lease).
+        self.extra_status: Callable[[], dict[str, Any]] | None = None
 
     # --- what the node says about itself ------------------------------------------------------
 
@@ -130,6 +132,7 @@ class ClusterNode:
             "heartbeat": self.config.timeouts.heartbeat,
             "peers": self.health.snapshot(),
             "rpc": dataclasses.asdict(self.server.statistics()),
+            **({"replication": self.extra_status()} if self.extra_status is not None else {}),
         }
 
     async def _ping(self, peer: str, args: dict[str, Any]) -> dict[str, Any]:

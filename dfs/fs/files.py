@@ -126,6 +126,10 @@ class FileIO:
         # changes them; stamping here too would store times nobody saw (the kernel skips
         # an update within one clock tick), which show up after a restart.
         self.stamp_writes = True
+        # A storage site's replica: blocks of a file with a ``dirty`` record may be newer
+        # than their digests (the primary's settle record follows), and recovery writes
+        # only per-node records.
+        self.replica = False
         self._inodes: dict[InodeId, OpenInode] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -174,7 +178,9 @@ class FileIO:
             return
         st = h.inode
         try:
-            await self.settle(st)
+            if h.flags & os.O_ACCMODE != os.O_RDONLY or st.opens == 1:
+                # A reader's close settles nothing while a writer keeps the file open.
+                await self.settle(st)
         finally:
             st.opens -= 1
             if st.opens == 0:
@@ -209,7 +215,9 @@ class FileIO:
             blocks = blocks_spanning(off, end - off)
             digests: dict[int, int] = {}
             cur = txn.cursor(db=self.meta.blocks)
-            if cur.set_range(S.block_key(st.ino, blocks.start)):
+            if self.replica and txn.get(S.dirty_key(st.ino), db=self.meta.dirty) is not None:
+                pass  # being written on the primary: digests follow
+            elif cur.set_range(S.block_key(st.ino, blocks.start)):
                 for key, raw in cur:
                     ino, blk = S.block_of_key(key)
                     if ino != st.ino or blk >= blocks.stop:
@@ -302,6 +310,7 @@ class FileIO:
                     a.mtime_ns = a.ctime_ns = now
                 a.version = self.meta.log(txn, a.volume, "write")
                 txn.put(S.inode_key(st.ino), S.pack_inode(a), db=self.meta.inodes)
+                txn.data_op("w", st.ino, off, data)
         return n
 
     # --- inline files (see dfs/meta/schema.py) ---------------------------------------------
@@ -349,6 +358,7 @@ class FileIO:
                 DataStore.pwrite(fd, 0, inl)
                 with self.meta.write() as txn:
                     txn.delete(S.inline_key(ino), db=self.meta.inline)
+                    txn.data_op("w", ino, 0, inl)
             except BaseException:
                 self.data.close(fd)
                 raise
@@ -484,6 +494,8 @@ class FileIO:
             for blk, d in fresh.items():
                 if txn.get(S.block_key(ino, blk), db=self.meta.blocks) is not None:
                     txn.put(S.block_key(ino, blk), S.pack_digest(d), db=self.meta.blocks)
+            if fd is not None:
+                txn.data_op("t", ino, size)
         if fd is not None:
             await trio.to_thread.run_sync(DataStore.truncate, fd, size, limiter=io_limiter())
             with self.meta.write() as txn:
@@ -524,7 +536,7 @@ class FileIO:
         if inl is not None:
             # Interrupted move to a data file: the inline contents win.
             self.data.remove(ino)
-            with self.meta.write() as txn:
+            with self.meta.write(record=not self.replica) as txn:
                 _delete_digests(txn, self.meta, ino)
                 txn.put(S.block_key(ino, 0), S.pack_digest(block_digest(inl)), db=self.meta.blocks)
                 txn.delete(S.dirty_key(ino), db=self.meta.dirty)
@@ -543,7 +555,7 @@ class FileIO:
                 held = sorted(data_blocks(fd, size)) if fd is not None else []
                 digests = digest_range(fd, held, size)
                 blocks = self.data.allocated_blocks(fd)
-            with self.meta.write() as txn:
+            with self.meta.write(record=not self.replica) as txn:
                 _delete_digests(txn, self.meta, ino)
                 for blk, d in digests.items():
                     if d != _EMPTY_DIGEST:

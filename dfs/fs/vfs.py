@@ -20,7 +20,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -91,6 +91,16 @@ class Vfs:
         self.files = FileIO(meta, data, clock, self._maybe_purge)
         self._dir_handles: dict[int, InodeId] = {}
         self._next_dir_fh = 1
+        # False on a storage site that is not the primary: its replicated records change
+        # only by applying the primary's journal (no purges, atime, recovery writes here).
+        self.authority = True
+        # Set on a primary with storage sites: an orphan this node no longer uses is
+        # handed over instead of purged, since other nodes' kernels may still use it.
+        self.defer_purge: Callable[[InodeId], None] | None = None
+
+    def make_replica(self) -> None:
+        self.authority = False
+        self.files.replica = True
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -136,12 +146,17 @@ class Vfs:
 
     # --- lookups and attributes ----------------------------------------------------------
 
-    def lookup(self, parent: InodeId, name: bytes) -> Attr:
-        """The entry's attributes, counting one kernel reference. ENOENT if absent."""
+    def lookup(self, parent: InodeId, name: bytes, count: bool = True) -> Attr:
+        """The entry's attributes, counting one kernel reference. ENOENT if absent.
+
+        ``count=False`` (here and in the calls that create names): the caller is
+        another node, whose kernel references that node counts itself.
+        """
         a = self.peek(parent, name)
         if a is None:
             raise NotFound()
-        self._count(a.ino)
+        if count:
+            self._count(a.ino)
         return a
 
     def peek(self, parent: InodeId, name: bytes) -> Attr | None:
@@ -278,6 +293,7 @@ class Vfs:
         ctx: Ctx,
         rdev: int = 0,
         target: bytes | None = None,
+        count: bool = True,
     ) -> Attr:
         self.data.require_space(NAME_COST + len(target or b""))
         with self.meta.write() as txn:
@@ -290,40 +306,48 @@ class Vfs:
             a.version = p.version = seq
             self._put(txn, a)
             self._put(txn, p)
-        self._count(a.ino)
+        if count:
+            self._count(a.ino)
         return a
 
-    def mknod(self, parent: InodeId, name: bytes, mode: int, rdev: int, ctx: Ctx) -> Attr:
+    def mknod(
+        self, parent: InodeId, name: bytes, mode: int, rdev: int, ctx: Ctx, count: bool = True
+    ) -> Attr:
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise Invalid()
-        return self._create_node(parent, name, mode & ~(ctx.umask & 0o777), ctx, rdev)
+        return self._create_node(parent, name, mode & ~(ctx.umask & 0o777), ctx, rdev, count=count)
 
-    def mkdir(self, parent: InodeId, name: bytes, mode: int, ctx: Ctx) -> Attr:
+    def mkdir(self, parent: InodeId, name: bytes, mode: int, ctx: Ctx, count: bool = True) -> Attr:
         mode = (mode & 0o7777 & ~(ctx.umask & 0o777)) | stat.S_IFDIR
-        return self._create_node(parent, name, mode, ctx)
+        return self._create_node(parent, name, mode, ctx, count=count)
 
-    def symlink(self, parent: InodeId, name: bytes, target: bytes, ctx: Ctx) -> Attr:
+    def symlink(
+        self, parent: InodeId, name: bytes, target: bytes, ctx: Ctx, count: bool = True
+    ) -> Attr:
         if len(target) > S.MAX_SYMLINK:
             raise NameTooLong()
         if not target:
             raise NotFound()
-        return self._create_node(parent, name, stat.S_IFLNK | 0o777, ctx, target=target)
+        return self._create_node(
+            parent, name, stat.S_IFLNK | 0o777, ctx, target=target, count=count
+        )
 
     def create(
-        self, parent: InodeId, name: bytes, mode: int, flags: int, ctx: Ctx
+        self, parent: InodeId, name: bytes, mode: int, flags: int, ctx: Ctx, count: bool = True
     ) -> tuple[FileHandle, Attr]:
         """Create and open a regular file (O_EXCL: EEXIST if the name exists)."""
         mode = (mode & 0o7777 & ~(ctx.umask & 0o777)) | stat.S_IFREG
         try:
-            a = self._create_node(parent, name, mode, ctx)
+            a = self._create_node(parent, name, mode, ctx, count=count)
         except Exists:
             if flags & os.O_EXCL:
                 raise
-            a = self.lookup(parent, name)
+            a = self.lookup(parent, name, count=count)
             if a.is_dir:
-                self.forget([(a.ino, 1)])
+                if count:
+                    self.forget([(a.ino, 1)])
                 raise IsADir() from None
         return self.files.open(a.ino, flags, a), a
 
@@ -356,7 +380,7 @@ class Vfs:
                 raise
         return fh
 
-    def link(self, ino: InodeId, new_parent: InodeId, new_name: bytes) -> Attr:
+    def link(self, ino: InodeId, new_parent: InodeId, new_name: bytes, count: bool = True) -> Attr:
         self.data.require_space(NAME_COST)
         now = self.clock()
         with self.meta.write() as txn:
@@ -377,7 +401,8 @@ class Vfs:
             a.version = p.version = seq
             self._put(txn, a)
             self._put(txn, p)
-        self._count(a.ino)
+        if count:
+            self._count(a.ino)
         return a
 
     # --- removing names -------------------------------------------------------------------
@@ -598,6 +623,8 @@ class Vfs:
 
     def touch_atime(self, ino: InodeId) -> None:
         """relatime: update atime when it is older than mtime/ctime or a day old."""
+        if not self.authority:
+            return  # atime is kept by the primary, for accesses made there
         now = self.clock()
         with self.meta.read() as txn:
             a = self._get(txn, ino)
@@ -731,9 +758,25 @@ class Vfs:
             self._maybe_purge(ino)
 
     def _maybe_purge(self, ino: InodeId) -> None:
-        """Free an inode once it has no name, no kernel reference and no open handle."""
-        if ino in self.lookups or self.files.is_open(ino):
+        """Free an inode once it has no name, no kernel reference and no open handle.
+
+        Only the node that owns the volume's updates purges (``authority``): on a
+        replica the purge arrives with the primary's records."""
+        if ino in self.lookups or self.files.is_open(ino) or not self.authority:
             return
+        with self.meta.read() as txn:
+            if txn.get(S.orphan_key(ino), db=self.meta.orphans) is None:
+                return
+        if self.defer_purge is not None:
+            self.defer_purge(ino)
+            return
+        self.purge(ino)
+
+    def unused(self, ino: InodeId) -> bool:
+        """No kernel reference and no open handle on this node."""
+        return ino not in self.lookups and not self.files.is_open(ino)
+
+    def purge_if_orphan(self, ino: InodeId) -> None:
         with self.meta.read() as txn:
             if txn.get(S.orphan_key(ino), db=self.meta.orphans) is None:
                 return
@@ -744,8 +787,11 @@ class Vfs:
             raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
             inline = txn.get(S.inline_key(ino), db=self.meta.inline) is not None
             delete_inode_records(self.meta, txn, ino)
-        # Only regular files that outgrew the inline limit have a data file to remove.
-        if raw is None or (S.unpack_inode(ino, raw).is_reg and not inline):
+            # Only regular files that outgrew the inline limit have a data file to remove.
+            has_data = raw is None or (S.unpack_inode(ino, raw).is_reg and not inline)
+            if has_data:
+                txn.data_op("rm", ino)
+        if has_data:
             self.data.remove(ino)
 
     def recover(self) -> tuple[int, int]:
@@ -762,6 +808,8 @@ class Vfs:
                 InodeId(S.read_u64(k))
                 for k in txn.cursor(db=self.meta.dirty).iternext(values=False)
             ]
+        if not self.authority:
+            orphans = []  # the primary purges them; its records say so
         for ino in orphans:
             self.purge(ino)
         resettled = 0

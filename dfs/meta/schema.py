@@ -36,14 +36,22 @@ delete on the REPLICATED databases (inodes, dirents, dirpos, symlinks, xattrs,
 blocks, orphans, inline; not the per-node meta, dirty, volumes, journal), and
 at commit stores them as::
 
-    {"op": str, "ws": [[db_index, key, value or None (deleted)], ...]}
+    {"op": str, "ws": [[db_index, key, value or None (deleted)], ...],
+     "d": [[kind, ino, a, n], ...],   # optional: data store changes, applied first
+     "o": node id}                    # optional: the node the update came from
+
+``d`` lists what the transaction changed in the data store, in order: ``"w"``
+(n bytes written at offset a), ``"t"`` (data file cut to a bytes), ``"rm"``
+(data file removed). The bytes themselves are not journaled: the primary
+ships them with the record while it has them, and the file's current
+contents of that range when a replica catches up later.
 
 ``db_index`` is the database's index in DB_NAMES; each key appears once, with
 its value at the end of the transaction, so applying the list in any order to
 the store as it was before the transaction gives the store after it (this is
 what ``dfs.meta.replica.apply_writeset`` does on a replica). Values are
 records as stored, bounded by the layout: inline contents and xattr values
-are at most 64 KiB each. File data in data files is not in the record.
+are at most 64 KiB each.
 ``op`` names the update (``MetaStore.log``); it is "" for a transaction that
 logged nothing but changed replicated records (checksum settles, atime,
 purges of forgotten orphans): those get a sequence number of their own too,

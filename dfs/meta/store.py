@@ -10,14 +10,15 @@ against a machine crash and is what ``fsync``/``fsyncdir`` call.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lmdb
 import msgpack
@@ -52,6 +53,11 @@ MAP_SIZE = 1 << 40  # address space only; the file grows as pages are used
 JOURNAL_KEEP = 100_000  # entries kept per volume for replicas to catch up from
 JOURNAL_TRIM_EVERY = 1024
 _INODES = S.DB_NAMES.index("inodes")
+
+# The node an update being executed came from (a forwarded update runs on the primary in
+# a task of its own, so a context variable follows it across awaits); 0: this node.
+# Journal records carry it ("o") so that node can skip invalidating its own kernel cache.
+ORIGIN: contextvars.ContextVar[int] = contextvars.ContextVar("dfs_origin", default=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,12 +110,15 @@ class WriteTxn:
     is on every update's path.
     """
 
-    __slots__ = ("ws", "vol", "seq", "op", "_meta", "_rep", "_txn", "_gone_vol")
+    __slots__ = ("ws", "data", "live", "vol", "seq", "op", "_meta", "_rep", "_txn", "_gone_vol")
 
     def __init__(self, meta: MetaStore, record: bool) -> None:
         self._meta = meta
         self._rep = meta._replicated if record else {}
         self.ws: dict[tuple[int, bytes], bytes | None] = {}
+        # Changes to the data store that go with the write-set (see ``data_op``).
+        self.data: list[list[Any]] = []
+        self.live: list[bytes | memoryview | None] = []
         self.vol: VolumeId | None = None
         self.seq = 0  # reserved by MetaStore.log; 0: none yet
         self.op = ""
@@ -126,7 +135,7 @@ class WriteTxn:
             meta._unreserve(self)
             return
         try:
-            if self.ws or self.seq:
+            if self.ws or self.seq or self.data:
                 meta._journal_writeset(self)
             self._txn.commit()
         except lmdb.Error as err:
@@ -137,6 +146,21 @@ class WriteTxn:
             self._txn.abort()
             meta._unreserve(self)
             raise
+        if self.seq and meta.on_commit is not None:
+            meta.on_commit(self)
+
+    def data_op(
+        self, kind: str, ino: int, a: int = 0, live: bytes | memoryview | None = None
+    ) -> None:
+        """Record a change of ino's contents in the data store that this transaction goes with.
+
+        ``"w"``: bytes ``live`` were written at offset ``a`` (the journal keeps only the
+        range; a replica that catches up later gets the bytes the file holds then);
+        ``"t"``: the data file was cut to ``a`` bytes; ``"rm"``: it was removed. A replica
+        applies them before the write-set, in order (``dfs.cluster.replication``).
+        """
+        self.data.append([kind, ino, a, len(live) if live is not None else 0])
+        self.live.append(live)
 
     @property
     def raw(self) -> ReadTxn:
@@ -223,6 +247,9 @@ class MetaStore:
                 raw = txn.get(S.seq_key(vol), db=self.meta)
                 self._seq[vol] = S.read_u64(raw) if raw is not None else 0
         self._appends = 0
+        # Replication hook (dfs.cluster): called with each committed transaction that
+        # logged an update (its ``vol``, ``seq``, ``ws``, ``data`` and ``live`` bytes).
+        self.on_commit: Callable[[WriteTxn], None] | None = None
 
     # --- opening -------------------------------------------------------------------
 
@@ -478,7 +505,13 @@ class MetaStore:
         if not txn.seq:
             self.log(txn, self._volume_of_writeset(txn), "")
         assert txn.vol is not None
-        record = self._pack({"op": txn.op, "ws": [[i, k, v] for (i, k), v in txn.ws.items()]})
+        rec: dict[str, Any] = {"op": txn.op, "ws": [[i, k, v] for (i, k), v in txn.ws.items()]}
+        if txn.data:
+            rec["d"] = txn.data
+        origin = ORIGIN.get()
+        if origin:
+            rec["o"] = origin
+        record = self._pack(rec)
         self.store_record(txn._txn, txn.vol, txn.seq, record)
 
     def store_record(self, txn: ReadTxn, vol: VolumeId, seq: int, record: bytes) -> None:

@@ -8,14 +8,11 @@ the test if a daemon logged an unexpected exception.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,130 +27,25 @@ from dfs.meta.store import MetaStore
 from dfs.types import NodeId
 from mountd.daemon import EXIT_DATADIR, EXIT_FAILURE, EXIT_USAGE
 from mountd.mountpoint import force_unmount, mounts
+from tests.fuse.clusters import (
+    HEARTBEAT,
+    Launcher,
+    free_base_port,
+    is_our_daemon,
+    launched,
+    need_fuse,
+)
 from tests.mounting import MOUNTD, mountd, mounts_under
 
 pytestmark = pytest.mark.fuse
 
-DFS = [sys.executable, "-m", "dfs_tools"]
-HEARTBEAT = 1.0  # what dfs init writes
-
-
-def _need_fuse() -> None:
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.skip("needs root and /dev/fuse")
-
-
-def free_base_port(n: int) -> int:
-    """A port P such that P..P+n-1 are free on 127.0.0.1 right now."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - n)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
-def is_our_daemon(pid: int, config: Path) -> bool:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z" and os.fsencode(str(config)) in argv
-
-
-class Launcher:
-    """Runs ``dfs cluster ... --dir ROOT`` and remembers every daemon PID it saw."""
-
-    def __init__(self, root: Path, base_port: int) -> None:
-        self.root = root
-        self.base_port = base_port
-        self.seen_pids: set[int] = set()
-
-    @property
-    def config(self) -> Path:
-        return self.root / "cluster.toml"
-
-    def dfs(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*DFS, "cluster", *args, "--dir", str(self.root)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def up(self, nodes: int = 3) -> subprocess.CompletedProcess[str]:
-        return self.dfs("up", "--nodes", str(nodes), "--base-port", str(self.base_port))
-
-    def status(self) -> tuple[int, dict[str, Any]]:
-        r = self.dfs("status", "--json")
-        doc = json.loads(r.stdout)
-        assert doc["exit_code"] == r.returncode
-        self.seen_pids |= {n["pid"] for n in doc["nodes"] if n["pid"]}
-        return r.returncode, doc
-
-    def nodes(self) -> dict[str, dict[str, Any]]:
-        return {n["name"]: n for n in self.status()[1]["nodes"]}
-
-    def wait(self, what: str, cond: Callable[[dict[str, dict[str, Any]]], bool], limit: float):
-        deadline = time.monotonic() + limit
-        while True:
-            nodes = self.nodes()
-            if cond(nodes):
-                return nodes
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not within {limit}s: {what}\n{json.dumps(nodes, indent=1)}")
-            time.sleep(0.2)
-
-    def logs(self) -> str:
-        out = []
-        for log in sorted(self.root.glob("*/mountd.log")):
-            out.append(f"---- {log} ----\n{log.read_text(errors='replace')}")
-        return "\n".join(out)
-
-    def bugs(self) -> list[str]:
-        return [
-            line
-            for line in self.logs().splitlines()
-            if BUG_MARKER in line or line.startswith("Traceback")
-        ]
-
 
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Launcher]:
-    _need_fuse()
-    launcher = Launcher(tmp_path / "c", free_base_port(3))
-    failed = True
-    try:
+    with launched(
+        tmp_path / "c", show_logs=lambda: getattr(request.node, "rep_call_failed", False)
+    ) as launcher:
         yield launcher
-        failed = False
-    finally:
-        down = launcher.dfs("down")
-        leaked = mounts_under(tmp_path)
-        for path in leaked:
-            with contextlib.suppress(Exception):
-                force_unmount(Path(path))
-        alive = [p for p in launcher.seen_pids if is_our_daemon(p, launcher.config)]
-        for pid in alive:  # processes this test started (verified above): end them
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if failed or getattr(request.node, "rep_call_failed", False):
-            print(launcher.logs())
-        assert down.returncode == 0, down.stderr
-        assert not leaked, f"left mounted after dfs cluster down: {leaked}"
-        assert not alive, f"daemons left after dfs cluster down: {alive}"
-        bugs = launcher.bugs()
-        assert not bugs, "a daemon logged unexpected exceptions:\n" + "\n".join(bugs)
 
 
 def assert_live(mnt: Path) -> None:
@@ -295,7 +187,7 @@ def test_up_fails_cleanly_when_a_port_is_taken(cluster: Launcher) -> None:
 
 
 def test_bad_usage(tmp_path: Path) -> None:
-    _need_fuse()
+    need_fuse()
     launcher = Launcher(tmp_path / "c", 7801)
     r = launcher.dfs("status")
     assert r.returncode == 3 and "no cluster" in r.stdout
@@ -396,7 +288,7 @@ def test_a_node_with_the_wrong_secret_is_reported_not_crashing(
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> Path:
-    _need_fuse()
+    need_fuse()
     path = tmp_path / "cluster.toml"
     base = free_base_port(2)
     init(path, [("n1", "127.0.0.1", base), ("n2", "127.0.0.1", base + 1)], name="t")

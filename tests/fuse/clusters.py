@@ -1,0 +1,151 @@
+"""A local cluster for tests: `dfs cluster ... --dir ROOT` run as a user would, always brought down.
+
+``Launcher`` runs the CLI and remembers every daemon PID it saw; ``launched``
+is the context manager behind the ``cluster`` fixtures: whatever happens it
+runs ``dfs cluster down``, unmounts and kills what is left (only the daemons
+of this configuration, by PID), and fails if anything was left or a daemon
+logged an unexpected exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dfs.errors import BUG_MARKER
+from mountd.mountpoint import force_unmount
+from tests.mounting import mounts_under
+
+DFS = [sys.executable, "-m", "dfs_tools"]
+HEARTBEAT = 1.0  # what dfs init writes
+
+
+def need_fuse() -> None:
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("needs root and /dev/fuse")
+
+
+def free_base_port(n: int) -> int:
+    """A port P such that P..P+n-1 are free on 127.0.0.1 right now."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - n)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def is_our_daemon(pid: int, config: Path) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and os.fsencode(str(config)) in argv
+
+
+class Launcher:
+    """Runs ``dfs cluster ... --dir ROOT`` and remembers every daemon PID it saw."""
+
+    def __init__(self, root: Path, base_port: int) -> None:
+        self.root = root
+        self.base_port = base_port
+        self.seen_pids: set[int] = set()
+
+    @property
+    def config(self) -> Path:
+        return self.root / "cluster.toml"
+
+    def dfs(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*DFS, "cluster", *args, "--dir", str(self.root)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def up(self, nodes: int = 3) -> subprocess.CompletedProcess[str]:
+        return self.dfs("up", "--nodes", str(nodes), "--base-port", str(self.base_port))
+
+    def status(self) -> tuple[int, dict[str, Any]]:
+        r = self.dfs("status", "--json")
+        doc = json.loads(r.stdout)
+        assert doc["exit_code"] == r.returncode
+        self.seen_pids |= {n["pid"] for n in doc["nodes"] if n["pid"]}
+        return r.returncode, doc
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        return {n["name"]: n for n in self.status()[1]["nodes"]}
+
+    def wait(self, what: str, cond: Callable[[dict[str, dict[str, Any]]], bool], limit: float):
+        deadline = time.monotonic() + limit
+        while True:
+            nodes = self.nodes()
+            if cond(nodes):
+                return nodes
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {limit}s: {what}\n{json.dumps(nodes, indent=1)}")
+            time.sleep(0.2)
+
+    def logs(self) -> str:
+        out = []
+        for log in sorted(self.root.glob("*/mountd.log")):
+            out.append(f"---- {log} ----\n{log.read_text(errors='replace')}")
+        return "\n".join(out)
+
+    def bugs(self) -> list[str]:
+        return [
+            line
+            for line in self.logs().splitlines()
+            if BUG_MARKER in line or line.startswith("Traceback")
+        ]
+
+
+@contextlib.contextmanager
+def launched(root: Path, nodes: int = 3, *, show_logs: Callable[[], bool]) -> Iterator[Launcher]:
+    """A Launcher on ``root`` with free ports; always brought down and checked (see above)."""
+    need_fuse()
+    launcher = Launcher(root, free_base_port(nodes))
+    failed = True
+    try:
+        yield launcher
+        failed = False
+    finally:
+        down = launcher.dfs("down")
+        leaked = mounts_under(root.parent)
+        for path in leaked:
+            with contextlib.suppress(Exception):
+                force_unmount(Path(path))
+        alive = [p for p in launcher.seen_pids if is_our_daemon(p, launcher.config)]
+        for pid in alive:  # processes this test started (verified above): end them
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if failed or show_logs():
+            print(launcher.logs())
+        assert down.returncode == 0, down.stderr
+        assert not leaked, f"left mounted after dfs cluster down: {leaked}"
+        assert not alive, f"daemons left after dfs cluster down: {alive}"
+        bugs = launcher.bugs()
+        assert not bugs, "a daemon logged unexpected exceptions:\n" + "\n".join(bugs)

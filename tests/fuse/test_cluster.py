@@ -1,0 +1,424 @@
+"""One tree on three nodes: updates made through one mount, checked through the others.
+
+A 3-node cluster on loopback (``dfs cluster up``; n1 is the root volume's
+primary, n2 and n3 storage sites) with real mounts. Shell workloads run on one
+node and the trees seen through the other mounts are compared entry by entry:
+names, type, mode, owner, size, times, link counts, inode numbers, xattrs,
+symlink targets and contents. Then the parts where nodes interact:
+concurrent creates of one name, renames seen atomically, the kernel caches
+of other nodes invalidated, a storage site killed with SIGKILL mid-workload
+and restarted, and an unreachable primary refusing updates fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fuse.clusters import Launcher, launched
+
+pytestmark = [pytest.mark.fuse, pytest.mark.slow]
+
+NODES = ("n1", "n2", "n3")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    root = tmp_path_factory.mktemp("cl") / "c"
+    with launched(root, show_logs=lambda: False) as launcher:
+        r = launcher.up()
+        assert r.returncode == 0, r.stdout + r.stderr + launcher.logs()
+        yield launcher
+
+
+@pytest.fixture
+def mnts(cluster: Launcher, request: pytest.FixtureRequest) -> Iterator[dict[str, Path]]:
+    """Each node's view of one fresh directory (made on the primary) for this test."""
+    name = request.node.name.replace("[", "_").replace("]", "")
+    (cluster.root / "n1" / "mnt" / name).mkdir()
+    yield {n: cluster.root / n / "mnt" / name for n in NODES}
+    bugs = cluster.bugs()
+    if bugs:
+        print(cluster.logs())
+    assert not bugs, "a daemon logged unexpected exceptions:\n" + "\n".join(bugs)
+
+
+def run(cmd: str, cwd: Path) -> str:
+    r = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
+    return r.stdout
+
+
+def snapshot(top: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything a user can see of a tree, keyed by relative path."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            xattrs = {
+                x: os.getxattr(p, x, follow_symlinks=False)
+                for x in sorted(os.listxattr(p, follow_symlinks=False))
+            }
+            if os.path.islink(p):
+                body: Any = os.readlink(p)
+            elif p.is_file():
+                body = p.read_bytes()
+            else:
+                body = None
+            out[str(p.relative_to(top))] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_nlink,
+                st.st_ino,
+                st.st_size if not p.is_dir() else None,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                xattrs,
+                body,
+            )
+    return out
+
+
+def assert_same_everywhere(mnts: dict[str, Path], origin: str) -> dict[str, tuple[Any, ...]]:
+    want = snapshot(mnts[origin])
+    assert want, "the workload left nothing to compare"
+    for node, path in mnts.items():
+        if node == origin:
+            continue
+        got = snapshot(path)
+        missing = sorted(set(want) - set(got))
+        extra = sorted(set(got) - set(want))
+        assert not missing and not extra, f"{node}: missing {missing[:5]}, extra {extra[:5]}"
+        diff = [k for k in want if want[k] != got[k]]
+        first = diff[0] if diff else ""
+        assert not diff, f"{node} differs at {diff[:5]}: {want[first]!r:.300} / {got[first]!r:.300}"
+    return want
+
+
+# A real source tree of a few hundred files: the standard library's email and json packages.
+SOURCES = " ".join(str(Path(shutil.__file__).parent / p) for p in ("email", "json"))
+
+
+@pytest.mark.parametrize("origin", ["n1", "n2"])
+def test_shell_workload_is_seen_on_every_node(mnts: dict[str, Path], origin: str) -> None:
+    here = mnts[origin]
+    run(
+        f"mkdir tree && cp -a {SOURCES} tree/ && "
+        "mkdir -p t2 && tar cf - -C tree . | tar xf - -C t2 && "
+        "ln t2/$(ls t2 | head -1) hard 2>/dev/null || true; "
+        "ln -s tree/../t2 sym && ln -s dangling dsym && "
+        "printf 'hello\\n' > f && chmod 640 f && chown 65534:65534 f && "
+        "setfattr -n user.colour -v blue f && touch -d '2001-02-03 04:05:06.789' f && "
+        "mkfifo fifo && mkdir -p a/b/c && echo deep > a/b/c/d && mv a/b/c a/c && "
+        "dd if=/dev/urandom of=big bs=64K count=37 status=none && "
+        "dd if=/dev/urandom of=big conv=notrunc bs=1000 seek=77 count=3 status=none && "
+        "truncate -s 10M sparse && echo tail >> sparse && "
+        "sed -i s/hello/bye/ f && rm -rf t2/$(ls t2 | tail -1)",
+        here,
+    )
+    want = assert_same_everywhere(mnts, origin)
+    assert want["f"][-1] == b"bye\n" and want["f"][1] == 65534
+    # Removing it from a third node empties it everywhere.
+    third = "n3"
+    shutil.rmtree(mnts[third] / "tree")
+    for node in NODES:
+        assert not (mnts[node] / "tree").exists()
+
+
+def test_git_on_one_node_fsck_on_another(mnts: dict[str, Path]) -> None:
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    run(
+        "git init -q repo && cd repo && for i in $(seq 40); do echo $i > f$i; done && "
+        "git add . && git -c user.name=t -c user.email=t@t commit -qm one && "
+        "echo changed >> f7 && git -c user.name=t -c user.email=t@t commit -qam two && git gc -q",
+        mnts["n3"],
+    )
+    out = run(
+        "git fsck --strict && git log --oneline | wc -l && git status --porcelain",
+        mnts["n1"] / "repo",
+    )
+    assert out.split() == ["2"]
+    assert_same_everywhere(mnts, "n3")
+
+
+def test_sqlite_written_on_one_node_read_on_others(mnts: dict[str, Path]) -> None:
+    if shutil.which("sqlite3") is None:
+        pytest.skip("sqlite3 not installed")
+    run(
+        "sqlite3 db 'create table t(x); "
+        + " ".join(f"insert into t values({i});" for i in range(200))
+        + "'",
+        mnts["n2"],
+    )
+    for node in ("n1", "n3"):
+        assert run("sqlite3 db 'select count(*), sum(x) from t'", mnts[node]).split() == [
+            "200|19900"
+        ]
+
+
+def test_changes_show_at_once_in_cached_views(mnts: dict[str, Path]) -> None:
+    """The other kernels cached the old state (attributes, data, names, absence)."""
+    a, b = mnts["n2"], mnts["n3"]
+    (a / "f").write_text("one\n")
+    assert (b / "f").read_text() == "one\n"
+    assert not (b / "new").exists()  # a negative entry in n3's kernel
+    listing = sorted(os.listdir(b))
+    for _ in range(20):
+        (a / "f").write_text("two, longer\n")
+        assert (b / "f").read_text() == "two, longer\n"
+        assert os.stat(b / "f").st_size == 12
+        (a / "f").write_text("one\n")
+        assert (b / "f").read_text() == "one\n"
+    (a / "new").write_text("x")
+    assert (b / "new").read_text() == "x"
+    assert sorted(os.listdir(b)) == sorted([*listing, "new"])
+    os.chmod(a / "f", 0o600)
+    assert os.stat(b / "f").st_mode & 0o777 == 0o600
+    os.rename(a / "new", a / "renamed")
+    assert not (b / "new").exists() and (b / "renamed").read_text() == "x"
+    os.unlink(mnts["n1"] / "renamed")
+    assert not (a / "renamed").exists() and not (b / "renamed").exists()
+    # Appends on one node, reads of the growing file on another.
+    with open(a / "log", "ab") as w:
+        for i in range(50):
+            w.write(b"%d\n" % i)
+            w.flush()
+            assert (b / "log").read_bytes().endswith(b"%d\n" % i)
+
+
+def test_concurrent_creates_of_one_name_one_wins(mnts: dict[str, Path]) -> None:
+    results: dict[str, list[int]] = {n: [] for n in NODES}
+    names = [f"x{i}" for i in range(60)]
+    start = threading.Barrier(len(NODES))
+
+    def creator(node: str) -> None:
+        start.wait()
+        for name in names:
+            try:
+                fd = os.open(mnts[node] / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except OSError as exc:
+                results[node].append(exc.errno)
+                continue
+            os.write(fd, node.encode())
+            os.close(fd)
+            results[node].append(0)
+
+    threads = [threading.Thread(target=creator, args=(n,)) for n in NODES]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, name in enumerate(names):
+        outcomes = sorted(results[n][i] for n in NODES)
+        assert outcomes == [0, errno.EEXIST, errno.EEXIST], (name, outcomes)
+        winner = [n for n in NODES if results[n][i] == 0][0]
+        for node in NODES:
+            got = (mnts[node] / name).read_text()
+            assert got == winner, (name, node, got, os.stat(mnts[node] / name))
+    # mkdir races too.
+    errs: list[int] = []
+    lock = threading.Lock()
+
+    def mkdirs(node: str) -> None:
+        for i in range(30):
+            try:
+                os.mkdir(mnts[node] / f"d{i}")
+                e = 0
+            except OSError as exc:
+                e = exc.errno or -1
+            with lock:
+                errs.append(e)
+
+    threads = [threading.Thread(target=mkdirs, args=(n,)) for n in NODES]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errs.count(0) == 30 and errs.count(errno.EEXIST) == 60
+    assert_same_everywhere(mnts, "n1")
+
+
+def test_rename_is_atomic_as_seen_from_other_nodes(mnts: dict[str, Path]) -> None:
+    writer = mnts["n2"]
+    (writer / "current").write_text("v0")
+    stop = threading.Event()
+    bad: list[str] = []
+
+    def reader(node: str) -> None:
+        while not stop.is_set():
+            try:
+                text = (mnts[node] / "current").read_text()
+            except OSError as exc:
+                bad.append(f"{node}: {exc}")
+                return
+            if not text.startswith("v"):
+                bad.append(f"{node}: read {text!r}")
+                return
+
+    readers = [threading.Thread(target=reader, args=(n,)) for n in ("n1", "n3")]
+    for t in readers:
+        t.start()
+    try:
+        for i in range(1, 150):
+            (writer / "tmp").write_text(f"v{i}")
+            os.rename(writer / "tmp", writer / "current")
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(30)
+    assert not bad, bad
+    for node in NODES:
+        assert (mnts[node] / "current").read_text() == "v149"
+
+
+def test_writes_are_durable_on_every_site(mnts: dict[str, Path]) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 12345)
+    with open(mnts["n3"] / "big", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    for node in NODES:
+        assert (mnts[node] / "big").read_bytes() == data
+    with open(mnts["n1"] / "big", "r+b") as f:
+        f.seek(100_000)
+        f.write(b"Z" * 10)
+        f.truncate(2_000_000)
+    expect = data[:100_000] + b"Z" * 10 + data[100_010:2_000_000]
+    for node in NODES:
+        assert (mnts[node] / "big").read_bytes() == expect
+
+
+def _status(cluster: Launcher) -> dict[str, dict[str, Any]]:
+    return cluster.nodes()
+
+
+def test_storage_site_killed_mid_workload_catches_up(
+    cluster: Launcher, mnts: dict[str, Path]
+) -> None:
+    """SIGKILL n3 while n2 writes; updates go on; n3 restarts and catches up; nothing lost."""
+    a = mnts["n2"]
+    done = threading.Event()
+    acked: list[str] = []
+    errors: list[str] = []
+
+    def workload() -> None:
+        i = 0
+        while not done.is_set() and i < 2000:
+            name = f"f{i:04d}"
+            try:
+                with open(a / name, "wb") as f:
+                    f.write(os.urandom(100 + (i % 7) * 30000))
+                    f.flush()
+                    os.fsync(f.fileno())
+                if i % 5 == 0:
+                    os.rename(a / name, a / f"r{i:04d}")
+                    name = f"r{i:04d}"
+                acked.append(name)
+            except OSError as exc:
+                errors.append(f"{name}: {exc}")
+                return
+            i += 1
+
+    t = threading.Thread(target=workload)
+    t.start()
+    try:
+        time.sleep(1.0)
+        r = cluster.dfs("stop", "n3", "--kill")
+        assert r.returncode == 0, r.stderr
+        n_at_kill = len(acked)
+        # The primary waits for the dead site's read lease (3 heartbeats) to run out, once.
+        deadline = time.monotonic() + 10
+        while len(acked) < n_at_kill + 20 and time.monotonic() < deadline and not errors:
+            time.sleep(0.1)
+        assert len(acked) >= n_at_kill + 20, "updates stopped while a storage site was down"
+        r = cluster.dfs("start", "n3")
+        assert r.returncode == 0, r.stdout + r.stderr
+        time.sleep(1.0)
+    finally:
+        done.set()
+        t.join(60)
+    assert not errors, errors
+    assert len(acked) > 10
+    want = assert_same_everywhere(mnts, "n2")
+    assert set(acked) <= set(want)
+
+
+def test_updates_fail_fast_without_the_primary(cluster: Launcher, mnts: dict[str, Path]) -> None:
+    (mnts["n1"] / "kept").write_text("still here")
+    r = cluster.dfs("stop", "n1", "--kill")
+    assert r.returncode == 0, r.stderr
+    try:
+        for node in ("n2", "n3"):
+            start = time.monotonic()
+            with pytest.raises(OSError) as exc:
+                os.mkdir(mnts[node] / "new")
+            assert exc.value.errno == errno.EROFS
+            with pytest.raises(OSError):
+                (mnts[node] / "kept").write_text("changed")
+            assert time.monotonic() - start < 15
+            assert (mnts[node] / "kept").read_text() == "still here"
+    finally:
+        r = cluster.dfs("start", "n1")
+        assert r.returncode == 0, r.stdout + r.stderr
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            os.mkdir(mnts["n2"] / "after")
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert (mnts["n3"] / "after").is_dir()
+    assert (mnts["n2"] / "kept").read_text() == "still here"
+
+
+def test_host_views_show_each_nodes_copy(cluster: Launcher, mnts: dict[str, Path]) -> None:
+    top = cluster.root / "n1" / "mnt"
+    name = mnts["n1"].name
+    (mnts["n2"] / "hv").write_text("one")
+    os.mkdir(mnts["n2"] / "sub")
+    os.symlink("hv", mnts["n2"] / "link")
+    os.setxattr(mnts["n2"] / "hv", "user.k", b"v")
+    assert "..." not in os.listdir(top)
+    assert sorted(os.listdir(top / "...")) == list(NODES)
+    for host in NODES:
+        view = top / "..." / host / name
+        assert sorted(os.listdir(view)) == ["hv", "link", "sub"]
+        assert (view / "hv").read_text() == "one"
+        assert os.readlink(view / "link") == "hv"
+        assert os.getxattr(view / "hv", "user.k") == b"v"
+        assert (view / "sub").is_dir()
+        assert os.stat(view / "hv").st_size == 3
+        with pytest.raises(FileNotFoundError):
+            os.stat(view / "absent")
+    # A write through a view is a write to the same file in the tree.
+    (top / "..." / "n3" / name / "hv").write_text("two")
+    for node in NODES:
+        assert (mnts[node] / "hv").read_text() == "two"
+    # A node that is down: listed, but reading under it fails fast.
+    r = cluster.dfs("stop", "n3", "--kill")
+    assert r.returncode == 0, r.stderr
+    try:
+        assert "n3" in os.listdir(top / "...")
+        start = time.monotonic()
+        with pytest.raises(OSError) as exc:
+            os.listdir(top / "..." / "n3" / name)
+        assert exc.value.errno in (errno.EHOSTDOWN, errno.ETIMEDOUT, errno.ENOENT)
+        assert time.monotonic() - start < 15
+        assert (top / "..." / "n2" / name / "hv").read_text() == "two"
+    finally:
+        r = cluster.dfs("start", "n3")
+        assert r.returncode == 0, r.stdout + r.stderr
