@@ -43,12 +43,10 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -67,6 +65,7 @@ from bench.harness import (  # noqa: E402
     process_cpu,
 )
 from bench.report import Figure  # noqa: E402
+from bench.run import open_workdir  # noqa: E402
 from bench.workloads import (  # noqa: E402
     DROP,
     MAKE,
@@ -110,10 +109,6 @@ ANSWER_S = 5.0  # for a poller's first look (before the change): longer means it
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -977,13 +972,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     for line in env_lines(info, args, sizes):
         say(line)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
-    remove_stale(args.dir)
-    base = Path(tempfile.mkdtemp(prefix=PREFIX, dir=args.dir))
-    (base / "pid").write_text(f"{os.getpid()}\n")
-    say(f"working in {base}")
-    run = ClusterRun(base)
+    run = ClusterRun(open_workdir(args.dir, PREFIX, remove_stale))
     rc = 0
     try:
         run.execute(args, sizes)

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -135,6 +136,21 @@ def remove_stale(parent: Path) -> None:
                 continue
         say(f"removing {d}, left by an earlier run that was killed")
         shutil.rmtree(d, ignore_errors=True)
+
+
+def open_workdir(
+    parent: Path, prefix: str = PREFIX, cleanup: Callable[[Path], None] | None = None
+) -> Path:
+    """Make this run's directory under ``parent`` after ``cleanup`` (default ``remove_stale``)
+    removed those of runs that died, with SIGTERM/SIGHUP turned into KeyboardInterrupt so
+    the caller cleans up."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    (cleanup or remove_stale)(parent)
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    (base / "pid").write_text(f"{os.getpid()}\n")
+    say(f"working in {base}")
+    return base
 
 
 def select(workloads: list[Workload], only: str | None) -> list[Workload]:
@@ -284,13 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     for line in header_lines(info, args.quick):
         say(line)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
-    remove_stale(args.dir)
-    base = Path(tempfile.mkdtemp(prefix=PREFIX, dir=args.dir))
-    (base / "pid").write_text(f"{os.getpid()}\n")
-    say(f"working in {base}")
-    run = Run(base)
+    run = Run(open_workdir(args.dir))
     rc = 0
     try:
         run.execute(args, sizes)

@@ -413,7 +413,6 @@ class NodeFs:
         return fh
 
     async def _serve(self, peer: str, op: str, a: list[Any], ctx: Ctx) -> Any:
-        vfs = self.vfs
         try:
             result = await self._execute(peer, op, a, ctx)
         except (TypeError, ValueError, IndexError) as exc:
@@ -422,7 +421,6 @@ class NodeFs:
         ticket = self._ticket.get()
         if ticket and self.notify is not None:
             await self.notify.flush(ticket)
-        del vfs
         return result
 
     async def _execute(self, peer: str, op: str, a: list[Any], ctx: Ctx) -> Any:

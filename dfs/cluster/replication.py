@@ -38,14 +38,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import msgpack
 import trio
 
 from dfs.data.store import DataStore
 from dfs.errors import FsError
 from dfs.meta import schema as S
-from dfs.meta.replica import ReplicaError, apply_writeset, decode_writeset
-from dfs.meta.store import ORIGIN, MetaStore, WriteTxn
+from dfs.meta.replica import ReplicaError, apply_writeset, decode_record
+from dfs.meta.store import MetaStore, WriteTxn
 from dfs.net.frames import Field
 from dfs.net.rpc import Methods, RpcError
 from dfs.types import InodeId, NodeId, VolumeId
@@ -101,26 +100,6 @@ def invalidations(
     return out
 
 
-def decode_data_ops(record: bytes) -> tuple[list[list[Any]], int]:
-    """The data-store changes and the origin node of a journal record (validated)."""
-    rec = msgpack.unpackb(record)
-    ops = rec.get("d", [])
-    if not isinstance(ops, list):
-        raise ReplicaError("journal record: malformed data operations")
-    for op in ops:
-        if not (
-            isinstance(op, list)
-            and len(op) == 4
-            and op[0] in ("w", "t", "rm")
-            and all(isinstance(x, int) and x >= 0 for x in op[1:])
-        ):
-            raise ReplicaError(f"journal record: malformed data operation {op!r:.80}")
-    origin = rec.get("o", 0)
-    if not isinstance(origin, int):
-        raise ReplicaError("journal record: malformed origin")
-    return ops, origin
-
-
 # --- the site side ------------------------------------------------------------------------
 
 INLINE_APPLY_BYTES = 256 * 1024
@@ -149,7 +128,6 @@ class ReplicaApplier:
         self.me = me
         self.notify = notify
         self._lock = trio.Lock()
-        self.applied = 0  # records applied since start
 
     async def apply(self, vol: VolumeId, records: list[Any]) -> int:
         """Apply ``records`` ([seq, record, blobs]) in order; returns the sequence now applied.
@@ -186,8 +164,8 @@ class ReplicaApplier:
         return self.meta.seq(vol)
 
     def _apply_one(self, vol: VolumeId, seq: int, record: bytes, blobs: Any) -> list[Inval]:
-        _op, ws = decode_writeset(record)
-        ops, origin = decode_data_ops(record)
+        rec = decode_record(record)
+        ws, ops = rec.ws, rec.data
         if not isinstance(blobs, list) or len(blobs) != len(ops):
             raise ReplicaError(f"record {seq}: {len(ops)} data operations, bytes for {blobs!r:.40}")
         touched = {int(op[1]) for op in ops if op[0] != "rm"}
@@ -199,15 +177,14 @@ class ReplicaApplier:
                     txn.put(S.dirty_key(ino), b"", db=self.meta.dirty)
         for op, blob in zip(ops, blobs, strict=True):
             self._data_op(op, blob)
-        apply_writeset(self.meta, vol, seq, record)
+        apply_writeset(self.meta, vol, seq, record, ws)
         settled = {S.read_u64(key[:8]) for idx, key, _v in ws if idx == _BLOCKS} - touched
         settled |= {int(op[1]) for op in ops if op[0] == "rm"}
         if settled:
             with self.meta.write() as txn:
                 for ino in settled:
                     txn.delete(S.dirty_key(ino), db=self.meta.dirty)
-        self.applied += 1
-        if origin == self.me:
+        if rec.origin == self.me:
             return []
         return invalidations(ws, ops)
 
@@ -354,7 +331,7 @@ class Replicator:
                 if link.acked >= self.meta.seq(self.vol):
                     await link.wake.wait()
                 continue
-            batch, nbytes = self._batch(link.acked)
+            batch = self._batch(link.acked)
             try:
                 reply = await self._call(
                     link.name,
@@ -403,7 +380,6 @@ class Replicator:
                 link.in_sync = True
                 log.info("site %s in sync at update %d of volume %d", link.name, have, self.vol)
             self._progress()
-            del nbytes
 
     def _drop(self, link: SiteLink, exc: BaseException) -> None:
         link.last_error = str(exc)
@@ -422,22 +398,21 @@ class Replicator:
             return s == seq
         return False
 
-    def _batch(self, after: int) -> tuple[list[list[Any]], int]:
+    def _batch(self, after: int) -> list[list[Any]]:
         """Records after ``after`` (none to learn the site's position when it is unknown)."""
         if after < 0:
-            return [], 0
+            return []
         out: list[list[Any]] = []
         total = 0
         for seq, raw in self.meta.journal_entries(self.vol, after):
             if out and seq != out[-1][0] + 1:
                 break
-            ops, _origin = decode_data_ops(raw)
-            blobs = self._blobs(seq, ops)
+            blobs = self._blobs(seq, decode_record(raw).data)
             out.append([seq, raw, blobs])
             total += len(raw) + sum(len(b) for b in blobs if b is not None)
             if len(out) >= BATCH_RECORDS or total >= BATCH_BYTES:
                 break
-        return out, total
+        return out
 
     def _blobs(self, seq: int, ops: list[list[Any]]) -> list[bytes | None]:
         live = self._live.get(seq)
@@ -514,8 +489,3 @@ def register_site_methods(
         {"vol": Field(int), "records": Field(list)},
         apply,
     )
-
-
-def set_origin(node: int) -> None:
-    """Tag the updates the current task makes as coming from ``node`` (see store.ORIGIN)."""
-    ORIGIN.set(node)

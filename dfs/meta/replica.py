@@ -18,6 +18,7 @@ node ever adds entries to those directories (as a later primary).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -36,8 +37,18 @@ class ReplicaError(StoreError):
     """A record that cannot be applied: out of sequence or malformed."""
 
 
-def decode_writeset(record: bytes) -> tuple[str, list[tuple[int, bytes, bytes | None]]]:
-    """The (op, write-set) of a journal record, validated; ReplicaError if malformed."""
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A decoded journal record (layout in ``dfs/meta/schema.py``)."""
+
+    op: str
+    ws: list[tuple[int, bytes, bytes | None]]
+    data: list[list[Any]]  # [kind, ino, a, n]: the data-store changes, applied first
+    origin: int  # the node the update came from; 0: the node that executed it
+
+
+def decode_record(record: bytes) -> Record:
+    """A journal record, validated; ReplicaError if malformed."""
     try:
         rec: Any = msgpack.unpackb(record)
     except Exception as exc:  # noqa: BLE001 - any decoding failure means a bad record
@@ -57,21 +68,48 @@ def decode_writeset(record: bytes) -> tuple[str, list[tuple[int, bytes, bytes | 
         if value is not None and not isinstance(value, bytes):
             raise ReplicaError(f"malformed write-set value: {item!r:.80}")
         out.append((idx, key, value))
-    return rec["op"], out
+    data = rec.get("d", [])
+    if not isinstance(data, list):
+        raise ReplicaError("journal record: malformed data operations")
+    for op in data:
+        if not (
+            isinstance(op, list)
+            and len(op) == 4
+            and op[0] in ("w", "t", "rm")
+            and all(isinstance(x, int) and x >= 0 for x in op[1:])
+        ):
+            raise ReplicaError(f"journal record: malformed data operation {op!r:.80}")
+    origin = rec.get("o", 0)
+    if not isinstance(origin, int):
+        raise ReplicaError("journal record: malformed origin")
+    return Record(rec["op"], out, data, origin)
 
 
-def apply_writeset(meta: MetaStore, vol: VolumeId, seq: int, record: bytes) -> None:
+def decode_writeset(record: bytes) -> tuple[str, list[tuple[int, bytes, bytes | None]]]:
+    """The (op, write-set) of a journal record, validated; ReplicaError if malformed."""
+    rec = decode_record(record)
+    return rec.op, rec.ws
+
+
+def apply_writeset(
+    meta: MetaStore,
+    vol: VolumeId,
+    seq: int,
+    record: bytes,
+    ws: list[tuple[int, bytes, bytes | None]] | None = None,
+) -> None:
     """Apply journal record ``seq`` of volume ``vol`` (packed, as the primary stored it).
 
     The replica must have applied exactly ``seq - 1`` before: a gap (a record
     is missing) and a duplicate (already applied) raise ReplicaError and
-    change nothing.
+    change nothing. ``ws``: the record's write-set, if the caller decoded it already.
     """
     have = meta.seq(vol)
     if seq != have + 1:
         what = "duplicate" if seq <= have else "gap"
         raise ReplicaError(f"volume {vol}: record {seq} is a {what}; this store has {have}")
-    _op, ws = decode_writeset(record)
+    if ws is None:
+        ws = decode_record(record).ws
     dbs = [meta.dbs[name] for name in S.DB_NAMES]
     cookie = 0
     try:

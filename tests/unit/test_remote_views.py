@@ -10,7 +10,6 @@ compared with what each ``Vfs`` says locally.
 from __future__ import annotations
 
 import errno
-import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -43,24 +42,13 @@ from dfs.net.rpc import Methods
 from dfs.net.server import RpcServer
 from dfs.types import ROOT_INODE, Attr, InodeId, NodeId, make_inode_id
 from tests.core.harness import Core
+from tests.unit.test_rpc import trio_test
 
 SECRET = b"v" * 32
 CLUSTER = "views"
 TIMEOUTS = Timeouts(connect=1.0, call=2.0, heartbeat=1.0)
 BIG = bytes(range(256)) * 1200  # 300 KiB: data file, several blocks, threaded reads
 PATHS = ["/", "/docs", "/docs/a.txt", "/docs/sub", "/docs/sub/deep", "/big", "/ln", "/empty"]
-
-
-def trio_test(*, mock_clock: bool = False) -> Callable[[Callable[..., Awaitable[None]]], Any]:
-    def deco(fn: Callable[..., Awaitable[None]]) -> Any:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> None:
-            clock = trio.testing.MockClock(autojump_threshold=0) if mock_clock else None
-            trio.run(functools.partial(fn, *args, **kwargs), clock=clock)
-
-        return wrapper
-
-    return deco
 
 
 CONTENTS = {"a": b"hello from a\n", "b": b"b has another a.txt\n"}
