@@ -22,34 +22,26 @@ import queue
 import resource
 import signal
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyfuse3
 import trio
 
-from dfs.cluster.clusterfs import PURGE_BATCH, NodeFs
+from dfs.cluster.clusterfs import NodeFs
 from dfs.cluster.node import ClusterNode, StartError
-from dfs.cluster.remote import LocalReader, Reader, RemoteReader, register_read_methods
 from dfs.cluster.replication import (
     Inval,
-    LeaseKeeper,
-    Notifier,
-    ReplicaApplier,
-    Replicator,
-    register_site_methods,
 )
+from dfs.cluster.service import ClusterService, root_volume
 from dfs.cluster.views import HostViews
+from dfs.cluster.volumes import VolumeTable
 from dfs.config import ClusterConfig, ConfigError, NodeConfig, VolumeConfig, load
 from dfs.data.store import DataStore
-from dfs.errors import FsError, StoreError
+from dfs.errors import StoreError
 from dfs.fs.vfs import Vfs
 from dfs.lockfile import DataDirLock
 from dfs.meta.store import STANDALONE_NODE, MetaStore
-from dfs.net.frames import Field
-from dfs.types import ROOT_INODE, ROOT_VOLUME
 from mountd.fuse_convert import Counters
 from mountd.fuse_ops import DfsOperations
 from mountd.mountpoint import MountPointError, fuse_device, prepare
@@ -90,7 +82,8 @@ def load_cluster(config_path: Path, node_name: str) -> ClusterSetup:
     others = [v.path for v in config.volumes if v.path != "/"]
     if others:
         raise ConfigError(
-            f"volumes {', '.join(others)}: only the root volume is supported by this version"
+            f"volumes {', '.join(others)}: only the root volume is configured in the file; "
+            "make the others with `dfs volume create`"
         )
     setup = ClusterSetup(config, node, config.read_secret())
     if node.name not in setup.root.sites and node.name != setup.root.primary:
@@ -134,6 +127,16 @@ def check_data_dir(data_dir: Path) -> None:
 
 
 READAHEAD_KB = 1024
+
+
+def fsname(data_dir: Path) -> str:
+    """The mount's source as the mount table shows it: ``dfs:DATA_DIR``, so that tools
+    find the daemon (its control socket) from a path in the mount; plain ``dfs`` when
+    the path cannot travel in a mount option (not ASCII, or a comma or backslash)."""
+    path = str(data_dir.resolve())
+    if path.isascii() and path.isprintable() and not set(path) & {",", "\\", " "}:
+        return f"dfs:{path}"
+    return "dfs"
 
 
 def set_readahead(mountpoint: Path, kb: int) -> None:
@@ -214,8 +217,11 @@ def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
     raise_fd_limit()
     was_clean = meta.set_clean(False)
     vfs = Vfs(meta, DataStore(opts.data_dir / "data"))
-    if opts.cluster is not None and opts.cluster.role == "site":
-        vfs.make_replica()
+    volumes: VolumeTable | None = None
+    if opts.cluster is not None:
+        volumes = VolumeTable(meta, root_volume(opts.cluster.config))
+        me = opts.cluster.node.name
+        vfs.make_replica(lambda vol: (v := volumes.get(vol)) is None or v.primary != me)
     orphans, resettled = vfs.recover()
     if not was_clean:
         log.warning(
@@ -225,11 +231,11 @@ def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
             resettled,
         )
     options = set(pyfuse3.default_options)  # default_permissions
-    options |= {"fsname=dfs", "subtype=dfs"}
+    options |= {f"fsname={fsname(opts.data_dir)}", "subtype=dfs"}
     allow_other = os.geteuid() == 0 if opts.allow_other is None else opts.allow_other
     if allow_other:
         options.add("allow_other")
-    node = _Node(opts, meta, vfs, options)
+    node = _Node(opts, meta, vfs, options, volumes)
     try:
         return trio.run(node.main)
     finally:
@@ -253,8 +259,16 @@ SYNC_INTERVAL = 5.0
 class _Node:
     """One run of the daemon inside trio: what is up, so that it comes down in order."""
 
-    def __init__(self, opts: DaemonOptions, meta: MetaStore, vfs: Vfs, options: set[str]) -> None:
+    def __init__(
+        self,
+        opts: DaemonOptions,
+        meta: MetaStore,
+        vfs: Vfs,
+        options: set[str],
+        volumes: VolumeTable | None,
+    ) -> None:
         self.opts = opts
+        self.volumes = volumes
         self.meta = meta
         self.vfs = vfs
         self.fuse_options = options
@@ -286,7 +300,10 @@ class _Node:
                 data_dir=opts.data_dir,
                 mountpoint=opts.mountpoint,
             )
-            replication = _Replication(setup, cluster, self.vfs, invalidator)
+            assert self.volumes is not None
+            replication = ClusterService(
+                setup.config, setup.node, cluster, self.vfs, invalidator, self.volumes
+            )
             fs = replication.fs
             views = replication.views()
             with self._startup:
@@ -449,158 +466,3 @@ def _invalidate_batch(batch: list[Inval]) -> None:
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.EBADF):
                 log.warning("cannot invalidate the kernel's cache of %r: %s", item[:2], exc)
-
-
-LEASE_HEARTBEATS = 3
-CATCH_UP_WAIT = 10.0
-
-
-class _Replication:
-    """This node's part in replicating the root volume (see dfs/cluster/replication.py)."""
-
-    def __init__(
-        self,
-        setup: ClusterSetup,
-        cluster: ClusterNode,
-        vfs: Vfs,
-        notify: Notifier,
-    ) -> None:
-        self.setup = setup
-        self.cluster = cluster
-        config = setup.config
-        root = setup.root
-        self.primary = root.primary
-        self.lease = LEASE_HEARTBEATS * config.timeouts.heartbeat
-        self.replicator: Replicator | None = None
-        self.keeper: LeaseKeeper | None = None
-        methods = cluster.methods
-        if setup.role == "primary":
-            sites = [n for n in root.sites if n != setup.node.name]
-            self.replicator = Replicator(
-                vfs.meta,
-                vfs.data,
-                ROOT_VOLUME,
-                sites,
-                self._call,
-                call_timeout=config.timeouts.call,
-                lease=self.lease,
-            )
-            self.fs = NodeFs(vfs, replicator=self.replicator, notify=notify)
-            self.fs.register(methods, lambda name: config.node(name).id)
-            methods.add("repl.lease", {}, self._grant)
-            self._sites = sites
-            methods.add("repl.hello", {}, self._hello)
-            cluster.extra_status = lambda: {"role": "primary", "sites": self._snapshot()}
-        else:
-            applier = ReplicaApplier(vfs.meta, vfs.data, setup.node.id, notify)
-            register_site_methods(methods, applier, lambda vol: self.primary)
-            methods.add("repl.holds", {"inos": Field(list, max_len=PURGE_BATCH)}, self._holds)
-            self.fs = NodeFs(vfs, forward=self._forward, notify=notify)
-            self.keeper = LeaseKeeper(
-                self._ask_lease, interval=config.timeouts.heartbeat, lease=self.lease
-            )
-            cluster.extra_status = lambda: {
-                "role": "site",
-                "primary": self.primary,
-                "lease": self.keeper is not None and self.keeper.current(),
-                "applied": vfs.meta.seq(ROOT_VOLUME),
-            }
-
-    def views(self) -> HostViews:
-        """``MOUNT/.../HOST``: this node's replica read locally, the others' over RPC."""
-        register_read_methods(self.cluster.methods, self.fs.vfs)
-        me = self.setup.node.name
-        timeout = self.setup.config.timeouts.call
-        hosts: dict[str, Reader] = {
-            n.name: LocalReader(self.fs.vfs)
-            if n.name == me
-            else RemoteReader(_PeerCaller(self.cluster, n.name), timeout=timeout)
-            for n in self.setup.config.nodes
-        }
-        return HostViews(hosts, root=lambda: self.fs.vfs.getattr(ROOT_INODE))
-
-    def _snapshot(self) -> list[dict[str, Any]]:
-        assert self.replicator is not None
-        return self.replicator.snapshot()
-
-    async def _call(self, node: str, method: str, args: dict[str, Any], limit: float) -> Any:
-        assert self.cluster.pool is not None
-        return await self.cluster.pool.peer(node).call(method, args, timeout=limit)
-
-    async def _forward(self, op: str, args: list[Any], ctx: list[Any]) -> Any:
-        return await self._call(
-            self.primary,
-            "fs.op",
-            {"op": op, "args": args, "ctx": ctx},
-            self.setup.config.timeouts.call,
-        )
-
-    async def _grant(self, peer: str, args: dict[str, Any]) -> bool:
-        assert self.replicator is not None
-        return self.replicator.grant(peer)
-
-    async def _hello(self, peer: str, args: dict[str, Any]) -> None:
-        assert self.replicator is not None
-        await self.fs.release_node(peer)
-        self.replicator.kick(peer)
-
-    async def _holds(self, peer: str, args: dict[str, Any]) -> list[int]:
-        return self.fs.holds(args["inos"])
-
-    async def _ask_holds(self, inos: list[int]) -> set[int]:
-        """The inodes of ``inos`` that some in-sync site still uses (raises if one cannot say)."""
-        assert self.replicator is not None
-        held: set[int] = set()
-        for link in self.replicator.links.values():
-            if link.in_sync:
-                got = await self._call(
-                    link.name, "repl.holds", {"inos": inos}, self.setup.config.timeouts.call
-                )
-                held.update(i for i in got if isinstance(i, int))
-        return held
-
-    async def _ask_lease(self) -> Any:
-        return await self._call(
-            self.primary, "repl.lease", {}, self.setup.config.timeouts.heartbeat
-        )
-
-    async def start(self, nursery: trio.Nursery) -> None:
-        """Start replicating; a site waits (bounded) until it has caught up with the primary."""
-        if self.replicator is not None:
-            nursery.start_soon(self.replicator.run)
-            nursery.start_soon(self.fs.purge_orphans, self._ask_holds)
-            return
-        assert self.keeper is not None
-        nursery.start_soon(self.keeper.run)
-        try:
-            await self._call(self.primary, "repl.hello", {}, self.setup.config.timeouts.call)
-        except FsError as exc:
-            log.warning("primary %s unreachable at start (%s)", self.primary, exc)
-        if await self.keeper.wait_current(CATCH_UP_WAIT):
-            log.info("caught up with primary %s", self.primary)
-        else:
-            log.warning(
-                "not caught up with primary %s after %.0f s: serving the local replica, "
-                "which may be stale, and refusing updates until the primary answers",
-                self.primary,
-                CATCH_UP_WAIT,
-            )
-
-
-class _PeerCaller:
-    """A peer of the cluster's pool, looked up at call time (the pool exists once started)."""
-
-    def __init__(self, cluster: ClusterNode, name: str) -> None:
-        self.cluster = cluster
-        self.name = name
-
-    async def call(
-        self,
-        method: str,
-        args: Mapping[str, Any],
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - as Peer.call
-    ) -> Any:
-        if self.cluster.pool is None:
-            raise FsError(errno.EHOSTDOWN, "the cluster is not started")
-        return await self.cluster.pool.peer(self.name).call(method, dict(args), timeout=timeout)

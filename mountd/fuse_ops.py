@@ -18,11 +18,12 @@ from dfs.cluster.clusterfs import NodeFs
 from dfs.cluster.views import VIEW_DIR_NAME, HostViews, is_view
 from dfs.errors import FsError, NotFound
 from dfs.fs.ctx import SetAttrs
-from dfs.types import InodeId
+from dfs.types import InodeId, VolumeId
 from mountd.fuse_convert import ctx_of, entry, fuse_errors, negative_entry
 
 CACHE_TIMEOUT = 300.0
 VIEW_TIMEOUT = 1.0  # host views are not invalidated: the kernel re-asks after this
+REMOTE_TIMEOUT = 1.0  # nor are volumes this node does not store (docs/CONSISTENCY.md)
 VIEW_FH = 1 << 62  # handles of files and directories opened through a host view
 DOTS = (b".", b"..")
 
@@ -54,6 +55,14 @@ class DfsOperations(pyfuse3.Operations):
             return InodeId(ino)
         return self.views.real(InodeId(ino))[1]
 
+    def _timeout(self, ino: int, vol: int | None = None) -> float:
+        """How long the kernel may trust what it is told of ``ino``: long for what this
+        node stores (every change reaches it through this node, which invalidates); short
+        for a volume stored elsewhere, like a host view."""
+        if vol is not None:
+            return self.timeout if self.vfs.stores(VolumeId(vol)) else REMOTE_TIMEOUT
+        return REMOTE_TIMEOUT if self.vfs.is_remote(InodeId(ino)) else self.timeout
+
     def _new_view_fh(self, ino: InodeId) -> pyfuse3.FileHandleT:
         fh = self._next_view_fh
         self._next_view_fh += 1
@@ -76,10 +85,10 @@ class DfsOperations(pyfuse3.Operations):
             if parent_inode == pyfuse3.ROOT_INODE and name == VIEW_DIR_NAME:
                 return entry(self.views.dots_attr(), VIEW_TIMEOUT)
         try:
-            a = self.vfs.lookup(InodeId(parent_inode), name)
+            a = await self.vfs.lookup(InodeId(parent_inode), name)
         except NotFound:
-            return negative_entry(self.timeout)
-        return entry(a, self.timeout)
+            return negative_entry(self._timeout(parent_inode))
+        return entry(a, self._timeout(a.ino))
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         try:
@@ -98,7 +107,7 @@ class DfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if self.views is not None and is_view(inode):
             return entry(await self.views.getattr(InodeId(inode)), VIEW_TIMEOUT)
-        return entry(self.vfs.getattr(InodeId(inode)), self.timeout)
+        return entry(await self.vfs.getattr(InodeId(inode)), self._timeout(inode))
 
     @fuse_errors
     async def setattr(
@@ -122,13 +131,13 @@ class DfsOperations(pyfuse3.Operations):
         if self.views is not None and is_view(inode):
             a.ino = InodeId(inode)
             return entry(a, VIEW_TIMEOUT)
-        return entry(a, self.timeout)
+        return entry(a, self._timeout(inode))
 
     @fuse_errors
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
         if self.views is not None and is_view(inode):
             return await self.views.readlink(InodeId(inode))
-        return self.vfs.readlink(InodeId(inode))
+        return await self.vfs.readlink(InodeId(inode))
 
     @fuse_errors
     async def mknod(
@@ -140,7 +149,7 @@ class DfsOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         a = await self.vfs.mknod(self._real(parent_inode), name, mode, rdev, ctx_of(ctx))
-        return entry(a, self.timeout)
+        return entry(a, self._timeout(a.ino))
 
     @fuse_errors
     async def mkdir(
@@ -151,7 +160,7 @@ class DfsOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         a = await self.vfs.mkdir(self._real(parent_inode), name, mode, ctx_of(ctx))
-        return entry(a, self.timeout)
+        return entry(a, self._timeout(a.ino))
 
     @fuse_errors
     async def unlink(
@@ -174,7 +183,7 @@ class DfsOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         a = await self.vfs.symlink(self._real(parent_inode), name, target, ctx_of(ctx))
-        return entry(a, self.timeout)
+        return entry(a, self._timeout(a.ino))
 
     @fuse_errors
     async def rename(
@@ -199,7 +208,7 @@ class DfsOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         a = await self.vfs.link(self._real(inode), self._real(new_parent_inode), new_name)
-        return entry(a, self.timeout)
+        return entry(a, self._timeout(a.ino))
 
     @fuse_errors
     async def open(
@@ -213,7 +222,7 @@ class DfsOperations(pyfuse3.Operations):
             fh = await self.vfs.open(self._real(inode), flags, ctx_of(ctx))
             return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=True)
         fh = await self.vfs.open(InodeId(inode), flags, ctx_of(ctx))
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=self.vfs.cached(fh))
 
     @fuse_errors
     async def create(
@@ -225,8 +234,8 @@ class DfsOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         fh, a = await self.vfs.create(self._real(parent_inode), name, mode, flags, ctx_of(ctx))
-        fi = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
-        return fi, entry(a, self.timeout)
+        fi = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=self.vfs.cached(fh))
+        return fi, entry(a, self._timeout(a.ino))
 
     @fuse_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
@@ -287,11 +296,12 @@ class DfsOperations(pyfuse3.Operations):
                     self.views.remember(e.attr.ino)
             return
         ino = self.vfs.dir_of_handle(fh)
-        for e in self.vfs.readdir(ino, start_id):
-            if not pyfuse3.readdir_reply(token, e.name, entry(e.attr, self.timeout), e.cookie):
+        for e in await self.vfs.readdir(ino, start_id):
+            timeout = self._timeout(e.attr.ino, e.attr.volume)
+            if not pyfuse3.readdir_reply(token, e.name, entry(e.attr, timeout), e.cookie):
                 break
             if e.name not in DOTS:
-                self.vfs.remember(e.attr.ino)
+                self.vfs.remember(e.attr)
         self.vfs.touch_atime(ino)
 
     @fuse_errors
@@ -303,7 +313,9 @@ class DfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
-        await self.vfs.fsyncdir()
+        if fh >= VIEW_FH:
+            return
+        await self.vfs.fsyncdir(self.vfs.dir_of_handle(fh))
 
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -332,7 +344,7 @@ class DfsOperations(pyfuse3.Operations):
     ) -> bytes:
         if self.views is not None and is_view(inode):
             return await self.views.getxattr(InodeId(inode), name)
-        return self.vfs.getxattr(InodeId(inode), name)
+        return await self.vfs.getxattr(InodeId(inode), name)
 
     @fuse_errors
     async def listxattr(
@@ -340,7 +352,7 @@ class DfsOperations(pyfuse3.Operations):
     ) -> Sequence[bytes]:
         if self.views is not None and is_view(inode):
             return await self.views.listxattr(InodeId(inode))
-        return self.vfs.listxattr(InodeId(inode))
+        return await self.vfs.listxattr(InodeId(inode))
 
     @fuse_errors
     async def removexattr(

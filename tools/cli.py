@@ -21,6 +21,8 @@ from dfs.check.fsck import EXIT_OPERATIONAL, FsckError, FsckResult, fsck
 from dfs.check.scan import Progress
 
 from .cluster import cluster
+from .volume import volume
+from .where import where
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,6 +31,8 @@ def main() -> None:
 
 
 main.add_command(cluster)
+main.add_command(where)
+main.add_command(volume)
 
 
 class _Status:

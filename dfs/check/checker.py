@@ -340,7 +340,7 @@ def check_tree_names(ctx: CheckContext) -> Iterator[Finding]:
         if not info.is_dir:
             continue
         names = idx.names.get(ino, [])
-        if ino == ROOT_INODE:
+        if idx.is_top(ino):
             if names:
                 yield Finding("root-named", ino, f"the root has {len(names)} names", True)
             continue
@@ -429,7 +429,7 @@ def check_orphans_nlink(ctx: CheckContext) -> Iterator[Finding]:
         if (
             info.nlink == 0
             and ino not in idx.orphans
-            and ino != ROOT_INODE
+            and not idx.is_top(ino)
             and not idx.names.get(ino)
         ):
             yield Finding(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import lmdb
+import msgpack
 
 from dfs.hashing import BLOCK_SIZE
 from dfs.meta import schema as S
@@ -139,7 +140,14 @@ class Index:
     dirty: set[int] = field(default_factory=set)
     inline: dict[int, int] = field(default_factory=dict)  # ino -> length of inline contents
     root_missing: bool = False
+    # Root directories of the other volumes this store holds: named by no entry (their
+    # name is the mount point's, in the root volume), like the root.
+    volume_roots: set[int] = field(default_factory=set)
     _reachable: set[int] | None = None
+
+    def is_top(self, ino: int) -> bool:
+        """The root, or the root of another volume."""
+        return ino == ROOT_INODE or ino in self.volume_roots
 
     def exists(self, ino: int) -> bool:
         return ino in self.inodes or ino in self.malformed
@@ -148,7 +156,7 @@ class Index:
         """The link count ``ino`` must have, or None when its names must be fixed first."""
         info = self.inodes[ino]
         n = len(self.names.get(ino, ()))
-        if n == 0 and ino != ROOT_INODE:
+        if n == 0 and not self.is_top(ino):
             return None  # an orphan (checked on its own) or lost (reconnected first)
         if info.is_dir:
             return 2 + self.subdirs[ino]
@@ -161,7 +169,7 @@ class Index:
             for child, where in self.names.items():
                 for parent, _ in where:
                     children.setdefault(parent, []).append(child)
-            seen: set[int] = {ROOT_INODE} if ROOT_INODE in self.inodes else set()
+            seen = {i for i in (ROOT_INODE, *self.volume_roots) if i in self.inodes}
             todo: list[int] = list(seen)
             while todo:
                 d = todo.pop()
@@ -179,7 +187,7 @@ class Index:
         return {
             ino
             for ino in self.inodes
-            if ino not in reach and ino not in self.orphans and ino != ROOT_INODE
+            if ino not in reach and ino not in self.orphans and not self.is_top(ino)
         }
 
     def lost_parents(self, ino: int, lost: set[int]) -> list[int]:
@@ -240,4 +248,19 @@ def build_index(meta: MetaStore, progress: Progress | None = None) -> Index:
     for key, raw in scan(meta, meta.inline):
         if len(key) == 8:
             idx.inline[S.read_u64(key)] = len(raw)
+    for db in (meta.mounts, meta.volumes):
+        for _key, raw in scan(meta, db):
+            root = _record_root(raw)
+            if root is not None and root != ROOT_INODE and root in idx.inodes:
+                idx.volume_roots.add(root)
     return idx
+
+
+def _record_root(raw: bytes) -> int | None:
+    """The ``root`` of a ``mounts`` or ``volumes`` record (schema.py), if it has one."""
+    try:
+        rec = msgpack.unpackb(raw)
+    except Exception:  # noqa: BLE001 - check_meta_volumes reports undecodable records
+        return None
+    root = rec.get("root") if isinstance(rec, dict) else None
+    return root if isinstance(root, int) and root > 0 else None

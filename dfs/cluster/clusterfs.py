@@ -29,28 +29,33 @@ import errno
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from dfs.cluster.remote import pack_attr, unpack_attr
+from dfs.cluster.remote import MAX_READ, Reader, pack_attr, unpack_attr
 from dfs.cluster.replication import Notifier, Replicator, invalidations
-from dfs.errors import FsError
+from dfs.cluster.volumes import Volume, VolumeTable
+from dfs.errors import FsError, NotFound
 from dfs.fs.ctx import Ctx, SetAttrs
 from dfs.fs.vfs import DirEntry, FsStats, Vfs
 from dfs.meta.store import ORIGIN, WriteTxn
 from dfs.net.frames import Field
 from dfs.net.rpc import Methods, PeerTimeout, PeerUnavailable
-from dfs.types import Attr, FileHandle, InodeId, NodeId
+from dfs.types import ROOT_INODE, ROOT_VOLUME, Attr, FileHandle, InodeId, NodeId, VolumeId
 
 log = logging.getLogger("dfs.cluster.fs")
 
-Forward = Callable[[str, list[Any], list[Any]], Awaitable[Any]]
-"""``await forward(op, args, ctx)``: run an update on the primary; its result (wire form)."""
+Forward = Callable[[str, str, list[Any], list[Any]], Awaitable[Any]]
+"""``await forward(node, op, args, ctx)``: run an update on ``node`` (a volume's primary);
+its result (wire form)."""
 
 WRITE_ACCESS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 MAX_ARGS = 8
 PURGE_INTERVAL = 0.5
+MAX_OFF = (1 << 63) - 1
+REMOTE_FH = 1 << 61  # handles on files and directories of volumes not stored here
 # The last invalidation ticket of the forwarded update this task runs (see NodeFs._serve).
 _TICKET: contextvars.ContextVar[int] = contextvars.ContextVar("dfs_inval_ticket", default=0)
 PURGE_BATCH = 4096
@@ -91,50 +96,113 @@ class NodeFs:
         self,
         vfs: Vfs,
         *,
+        me: str = "",
+        volumes: VolumeTable | None = None,
         forward: Forward | None = None,
         replicator: Replicator | None = None,
+        replicators: dict[VolumeId, Replicator] | None = None,
+        reader: Callable[[str], Reader] | None = None,
         notify: Notifier | None = None,
     ) -> None:
         self.vfs = vfs
         self.files = vfs.files
+        self.me = me
+        # Cluster mode: every volume this node knows, with its primary and sites. None: this
+        # node orders every update itself (standalone, or the primary in core tests).
+        self.volumes = volumes
         self._forward = forward
-        self.is_primary = forward is None
-        self.repl = replicator
+        self.repls: dict[VolumeId, Replicator] = dict(replicators or {})
+        if replicator is not None:
+            self.repls[replicator.vol] = replicator
+        self._reader = reader
         # A node alone: nothing changes its files behind its kernel's back.
-        self.standalone = forward is None and replicator is None
+        self.standalone = volumes is None and not self.repls
         self.notify = notify
-        self._remote_fh: dict[int, int] = {}  # non-primary: local handle -> primary's handle
+        self._remote_fh: dict[int, int] = {}  # local handle on a stored file -> primary's handle
+        self._rfiles: dict[int, _RemoteFile] = {}  # handles on files of volumes not stored here
+        self._rdirs: dict[int, InodeId] = {}  # directory handles of volumes not stored here
+        self._next_rfh = REMOTE_FH
+        # Kernel references to inodes of volumes not stored here: ino -> [volume, references].
+        self._remote: dict[InodeId, list[int]] = {}
         self._held: dict[int, str] = {}  # primary: handles opened for other nodes -> node
         self._last_refusal = -1e9
         self._ticket = _TICKET
         self._orphans: set[InodeId] = set()  # primary: purges waiting for the other nodes
-        if self.is_primary:
-            vfs.meta.on_commit = self._committed
-            if replicator is not None:
-                vfs.defer_purge = self._orphans.add
-        else:
-            vfs.make_replica()
+        vfs.meta.on_commit = self._committed
+        if self.repls or volumes is not None:
+            vfs.defer_purge = self._orphans.add
+        if volumes is not None:
+            vfs.make_replica(lambda vol: not self._mine(vol))
 
-    # --- commit hook (primary) -------------------------------------------------------------
+    # --- which volume, and who orders it ----------------------------------------------------
+
+    def _mine(self, vol: VolumeId) -> bool:
+        """This node orders the updates of ``vol`` (it is its primary)."""
+        if self.volumes is None:
+            return True
+        v = self.volumes.get(vol)
+        return v is not None and v.primary == self.me
+
+    def stores(self, vol: VolumeId) -> bool:
+        """This node holds a replica of ``vol`` (reads are local)."""
+        if self.volumes is None:
+            return True
+        v = self.volumes.get(vol)
+        return v is not None and v.stored_on(self.me) and self.vfs.meta.has_volume(vol)
+
+    def _volume(self, vol: VolumeId) -> Volume:
+        v = self.volumes.get(vol) if self.volumes is not None else None
+        if v is None:
+            raise FsError(errno.ESTALE, f"volume {vol} is not known here")
+        return v
+
+    def volume_of(self, ino: InodeId) -> VolumeId:
+        if self.volumes is None:
+            return ROOT_VOLUME
+        r = self._remote.get(ino)
+        if r is not None:
+            return VolumeId(r[0])
+        return self.vfs.getattr(ino).volume
+
+    def _handle_volume(self, fh: int) -> VolumeId:
+        return self.volume_of(self.files.inode_of(fh))
+
+    def is_remote(self, ino: InodeId) -> bool:
+        """``ino`` belongs to a volume this node does not store: its attributes, names and
+        contents are fetched from the volume's primary and not invalidated here, so the
+        FUSE layer caches them briefly only."""
+        return ino in self._remote
+
+    # --- commit hook --------------------------------------------------------------------------
 
     def _committed(self, txn: WriteTxn) -> None:
-        if self.repl is not None:
-            self.repl.committed(txn)
+        repl = self.repls.get(txn.vol) if txn.vol is not None else None
+        if repl is not None:
+            repl.committed(txn)
         if self.notify is not None and ORIGIN.get():
             ws = [(i, k, v) for (i, k), v in txn.ws.items()]
             changed = invalidations(ws, txn.data)
             if changed:
                 self._ticket.set(self.notify.put(changed))
 
-    async def _replicated(self) -> None:
-        if self.repl is not None:
-            await self.repl.wait()
+    async def _replicated(self, vol: VolumeId | None) -> None:
+        """Return once every in-sync site of ``vol`` (None: of every volume ordered here)
+        has applied this node's updates so far."""
+        if vol is None:
+            for r in list(self.repls.values()):
+                await r.wait()
+            return
+        repl = self.repls.get(vol)
+        if repl is not None:
+            await repl.wait()
 
-    async def _fwd(self, op: str, args: list[Any], ctx: Ctx | None = None) -> Any:
-        assert self._forward is not None
+    async def _fwd(self, vol: VolumeId, op: str, args: list[Any], ctx: Ctx | None = None) -> Any:
+        if self._forward is None:
+            raise FsError(errno.EROFS, f"no primary for volume {vol} is known here")
+        primary = self._volume(vol).primary if self.volumes is not None else ""
         try:
             return await self._forward(
-                op, args, pack_ctx(ctx) if ctx is not None else [0, 0, 0, None]
+                primary, op, args, pack_ctx(ctx) if ctx is not None else [0, 0, 0, None]
             )
         except PeerUnavailable as exc:
             self._refused(op, exc)
@@ -149,210 +217,369 @@ class NodeFs:
             self._last_refusal = now
             log.warning("%s refused: the volume's primary is unreachable (%s)", op, exc)
 
-    # --- reads: this node's replica ---------------------------------------------------------
+    def _read(self, vol: VolumeId) -> Reader:
+        """Where reads of a volume not stored here go: its primary."""
+        if self._reader is None:
+            raise FsError(errno.ESTALE, f"volume {vol} is not stored here")
+        return self._reader(self._volume(vol).primary)
 
-    def lookup(self, parent: InodeId, name: bytes) -> Attr:
-        return self.vfs.lookup(parent, name)
+    def _count_remote(self, a: Attr) -> None:
+        r = self._remote.get(a.ino)
+        if r is None:
+            self._remote[a.ino] = [int(a.volume), 1]
+        else:
+            r[1] += 1
 
-    def getattr(self, ino: InodeId) -> Attr:
-        return self.vfs.getattr(ino)
+    # --- reads: this node's replica, or the primary's for volumes not stored here ----------------
 
-    def readlink(self, ino: InodeId) -> bytes:
-        return self.vfs.readlink(ino)
+    async def lookup(self, parent: InodeId, name: bytes) -> Attr:
+        vol = self.volume_of(parent)
+        if self.stores(vol):
+            a = self.vfs.lookup(parent, name)
+            if vol == ROOT_VOLUME and a.is_dir and self.volumes is not None:
+                v = self.volumes.covering(a.ino)
+                if v is not None:
+                    self.vfs.forget([(a.ino, 1)])  # the kernel gets the volume's root instead
+                    a = await self._root_attr(v)
+                    self._counted_attr(a)
+            return a
+        found = await self._read(vol).lookup(parent, name)
+        if found is None:
+            raise NotFound()
+        self._count_remote(found)
+        return found
+
+    async def _root_attr(self, v: Volume) -> Attr:
+        if self.stores(v.vol):
+            return self.vfs.getattr(v.root)
+        return await self._read(v.vol).getattr(v.root)
+
+    def _counted_attr(self, a: Attr) -> None:
+        if self.stores(a.volume):
+            self.vfs.remember(a.ino)
+        else:
+            self._count_remote(a)
+
+    async def getattr(self, ino: InodeId) -> Attr:
+        vol = self.volume_of(ino)
+        if self.stores(vol):
+            return self.vfs.getattr(ino)
+        return await self._read(vol).getattr(ino)
+
+    async def readlink(self, ino: InodeId) -> bytes:
+        vol = self.volume_of(ino)
+        if self.stores(vol):
+            return self.vfs.readlink(ino)
+        return await self._read(vol).readlink(ino)
 
     def opendir(self, ino: InodeId) -> int:
-        return self.vfs.opendir(ino)
+        if self.stores(self.volume_of(ino)):
+            return self.vfs.opendir(ino)
+        return self._new_rfh(self._rdirs, ino)
+
+    def _new_rfh(self, table: dict[int, Any], value: Any) -> int:
+        fh = self._next_rfh
+        self._next_rfh += 1
+        table[fh] = value
+        return fh
 
     def dir_of_handle(self, fh: int) -> InodeId:
-        return self.vfs.dir_of_handle(fh)
+        ino = self._rdirs.get(fh)
+        return ino if ino is not None else self.vfs.dir_of_handle(fh)
 
-    def readdir(self, ino: InodeId, start: int = 0) -> Iterator[DirEntry]:
-        return self.vfs.readdir(ino, start)
+    async def readdir(self, ino: InodeId, start: int = 0) -> Iterator[DirEntry]:
+        """Entries after cookie ``start`` (a lazy iterator for a stored directory: the
+        FUSE layer takes as many as fit). Mount points show their volume's root."""
+        vol = self.volume_of(ino)
+        if not self.stores(vol):
+            return iter(await self._read(vol).readdir(ino, start))
+        covers = self._mounts_in(ino) if vol == ROOT_VOLUME else {}
+        if not covers:
+            return self.vfs.readdir(ino, start)
+        roots: dict[int, Attr] = {}
+        for mdir, v in covers.items():
+            try:
+                roots[mdir] = await self._root_attr(v)
+            except FsError:
+                # Its primary does not answer: show the name, with the mount point's
+                # attributes (a lookup or stat reports the error).
+                m = self.vfs.getattr(InodeId(mdir))
+                m.ino, m.volume = v.root, v.vol
+                roots[mdir] = m
+        return (
+            DirEntry(e.name, roots[e.attr.ino], e.cookie) if e.attr.ino in roots else e
+            for e in self.vfs.readdir(ino, start)
+        )
 
-    def remember(self, ino: InodeId) -> None:
-        self.vfs.remember(ino)
+    def _mounts_in(self, ino: InodeId) -> dict[int, Volume]:
+        if self.volumes is None:
+            return {}
+        out: dict[int, Volume] = {}
+        for v in self.volumes.all():
+            if v.vol == ROOT_VOLUME:
+                continue
+            try:
+                if self.vfs.getattr(v.mount_dir).parent == ino:
+                    out[int(v.mount_dir)] = v
+            except FsError:
+                continue
+        return out
+
+    def remember(self, a: Attr) -> None:
+        """The kernel accepted ``a`` from readdir: one reference."""
+        if self.volumes is not None and not self.stores(a.volume):
+            self._count_remote(a)
+        else:
+            self.vfs.remember(a.ino)
 
     def releasedir(self, fh: int) -> None:
-        self.vfs.releasedir(fh)
+        if self._rdirs.pop(fh, None) is None:
+            self.vfs.releasedir(fh)
 
     def touch_atime(self, ino: InodeId) -> None:
-        self.vfs.touch_atime(ino)
+        if ino not in self._remote:
+            self.vfs.touch_atime(ino)
 
-    def getxattr(self, ino: InodeId, name: bytes) -> bytes:
-        return self.vfs.getxattr(ino, name)
+    async def getxattr(self, ino: InodeId, name: bytes) -> bytes:
+        vol = self.volume_of(ino)
+        if self.stores(vol):
+            return self.vfs.getxattr(ino, name)
+        return await self._read(vol).getxattr(ino, name)
 
-    def listxattr(self, ino: InodeId) -> list[bytes]:
-        return self.vfs.listxattr(ino)
+    async def listxattr(self, ino: InodeId) -> list[bytes]:
+        vol = self.volume_of(ino)
+        if self.stores(vol):
+            return self.vfs.listxattr(ino)
+        return await self._read(vol).listxattr(ino)
 
     def statfs(self) -> FsStats:
         return self.vfs.statfs()
 
     def forget(self, items: list[tuple[InodeId, int]]) -> None:
-        self.vfs.forget(items)
+        local: list[tuple[InodeId, int]] = []
+        for ino, n in items:
+            r = self._remote.get(ino)
+            if r is None:
+                local.append((ino, n))
+            elif r[1] <= n:
+                del self._remote[ino]
+            else:
+                r[1] -= n
+        if local:
+            self.vfs.forget(local)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.files.read(fh, off, size)
+        rf = self._rfiles.get(fh)
+        if rf is None:
+            return await self.files.read(fh, off, size)
+        data = await self._fwd(rf.vol, "read", [rf.rfh, off, min(size, MAX_READ)])
+        if not isinstance(data, bytes) or len(data) > size:
+            raise FsError(errno.EIO, "malformed read answer from the primary")
+        return data
 
     def inode_of(self, fh: int) -> InodeId:
-        return self.files.inode_of(fh)
+        rf = self._rfiles.get(fh)
+        return rf.ino if rf is not None else self.files.inode_of(fh)
 
     # --- updates ----------------------------------------------------------------------------
 
     async def setattr(self, ino: InodeId, ch: SetAttrs, ctx: Ctx) -> Attr:
-        if self.is_primary:
+        vol = self.volume_of(ino)
+        if self._mine(vol):
             a = await self.vfs.setattr(ino, ch, ctx)
-            await self._replicated()
+            await self._replicated(vol)
             return a
-        return unpack_attr(await self._fwd("setattr", [ino, _setattrs_wire(ch)], ctx))
+        return unpack_attr(await self._fwd(vol, "setattr", [ino, _setattrs_wire(ch)], ctx))
 
     async def mknod(self, parent: InodeId, name: bytes, mode: int, rdev: int, ctx: Ctx) -> Attr:
-        if self.is_primary:
+        vol = self.volume_of(parent)
+        if self._mine(vol):
             a = self.vfs.mknod(parent, name, mode, rdev, ctx)
-            await self._replicated()
+            await self._replicated(vol)
             return a
-        return self._counted(await self._fwd("mknod", [parent, name, mode, rdev], ctx))
+        return self._counted(await self._fwd(vol, "mknod", [parent, name, mode, rdev], ctx))
 
     async def mkdir(self, parent: InodeId, name: bytes, mode: int, ctx: Ctx) -> Attr:
-        if self.is_primary:
+        vol = self.volume_of(parent)
+        if self._mine(vol):
             a = self.vfs.mkdir(parent, name, mode, ctx)
-            await self._replicated()
+            await self._replicated(vol)
             return a
-        return self._counted(await self._fwd("mkdir", [parent, name, mode], ctx))
+        return self._counted(await self._fwd(vol, "mkdir", [parent, name, mode], ctx))
 
     async def symlink(self, parent: InodeId, name: bytes, target: bytes, ctx: Ctx) -> Attr:
-        if self.is_primary:
+        vol = self.volume_of(parent)
+        if self._mine(vol):
             a = self.vfs.symlink(parent, name, target, ctx)
-            await self._replicated()
+            await self._replicated(vol)
             return a
-        return self._counted(await self._fwd("symlink", [parent, name, target], ctx))
+        return self._counted(await self._fwd(vol, "symlink", [parent, name, target], ctx))
 
     async def link(self, ino: InodeId, new_parent: InodeId, new_name: bytes) -> Attr:
-        if self.is_primary:
+        vol = self.volume_of(new_parent)
+        if self.volume_of(ino) != vol:
+            raise FsError(errno.EXDEV, "a hard link cannot cross volumes")
+        if self._mine(vol):
             a = self.vfs.link(ino, new_parent, new_name)
-            await self._replicated()
+            await self._replicated(vol)
             return a
-        return self._counted(await self._fwd("link", [ino, new_parent, new_name]))
+        return self._counted(await self._fwd(vol, "link", [ino, new_parent, new_name]))
 
     def _counted(self, wire: Any) -> Attr:
         a = unpack_attr(wire)
-        self.vfs.remember(a.ino)
+        self._counted_attr(a)
         return a
 
     async def unlink(self, parent: InodeId, name: bytes) -> None:
-        if self.is_primary:
+        vol = self.volume_of(parent)
+        if self._mine(vol):
             self.vfs.unlink(parent, name)
-            await self._replicated()
+            await self._replicated(vol)
             return
-        await self._fwd("unlink", [parent, name])
+        await self._fwd(vol, "unlink", [parent, name])
 
     async def rmdir(self, parent: InodeId, name: bytes) -> None:
-        if self.is_primary:
+        vol = self.volume_of(parent)
+        if self._mine(vol):
             self.vfs.rmdir(parent, name)
-            await self._replicated()
+            await self._replicated(vol)
             return
-        await self._fwd("rmdir", [parent, name])
+        await self._fwd(vol, "rmdir", [parent, name])
 
     async def rename(
         self, old_parent: InodeId, old_name: bytes, new_parent: InodeId, new_name: bytes, flags: int
     ) -> None:
-        if self.is_primary:
+        vol = self.volume_of(old_parent)
+        if self.volume_of(new_parent) != vol:
+            raise FsError(errno.EXDEV, "a rename cannot cross volumes")
+        if self._mine(vol):
             self.vfs.rename(old_parent, old_name, new_parent, new_name, flags)
-            await self._replicated()
+            await self._replicated(vol)
             return
-        await self._fwd("rename", [old_parent, old_name, new_parent, new_name, flags])
+        await self._fwd(vol, "rename", [old_parent, old_name, new_parent, new_name, flags])
 
     async def setxattr(self, ino: InodeId, name: bytes, value: bytes, flags: int = 0) -> None:
-        if self.is_primary:
+        vol = self.volume_of(ino)
+        if self._mine(vol):
             self.vfs.setxattr(ino, name, value, flags)
-            await self._replicated()
+            await self._replicated(vol)
             return
-        await self._fwd("setxattr", [ino, name, value, flags])
+        await self._fwd(vol, "setxattr", [ino, name, value, flags])
 
     async def removexattr(self, ino: InodeId, name: bytes) -> None:
-        if self.is_primary:
+        vol = self.volume_of(ino)
+        if self._mine(vol):
             self.vfs.removexattr(ino, name)
-            await self._replicated()
+            await self._replicated(vol)
             return
-        await self._fwd("removexattr", [ino, name])
+        await self._fwd(vol, "removexattr", [ino, name])
 
     # --- files --------------------------------------------------------------------------------
 
     async def create(
         self, parent: InodeId, name: bytes, mode: int, flags: int, ctx: Ctx
     ) -> tuple[FileHandle, Attr]:
-        if self.is_primary:
+        vol = self.volume_of(parent)
+        if self._mine(vol):
             fh, a = self.vfs.create(parent, name, mode, flags, ctx)
-            await self._replicated()
+            await self._replicated(vol)
             return fh, a
-        wire = await self._fwd("create", [parent, name, mode, flags], ctx)
+        wire = await self._fwd(vol, "create", [parent, name, mode, flags], ctx)
         if not (isinstance(wire, list) and len(wire) == 2 and isinstance(wire[0], int)):
             raise FsError(errno.EIO, "malformed create answer from the primary")
         a = self._counted(wire[1])
+        if not self.stores(vol):
+            return FileHandle(self._new_rfh(self._rfiles, _RemoteFile(vol, a.ino, wire[0]))), a
         fh = self.files.open(a.ino, flags, a)
         self._remote_fh[fh] = wire[0]
         return fh, a
 
     async def open(self, ino: InodeId, flags: int, ctx: Ctx) -> FileHandle:
-        if self.is_primary:
+        vol = self.volume_of(ino)
+        if self._mine(vol):
             fh = await self.vfs.open(ino, flags, ctx)
             if flags & os.O_TRUNC:
-                await self._replicated()
+                await self._replicated(vol)
             return fh
-        if not flags & WRITE_ACCESS:
+        stored = self.stores(vol)
+        if stored and not flags & WRITE_ACCESS:
             return self.files.open(ino, flags)
-        rfh = await self._fwd("open", [ino, flags], ctx)
+        rfh = await self._fwd(vol, "open", [ino, flags], ctx)
         if not isinstance(rfh, int):
             raise FsError(errno.EIO, "malformed open answer from the primary")
+        if not stored:
+            return FileHandle(self._new_rfh(self._rfiles, _RemoteFile(vol, ino, rfh)))
         try:
             fh = self.files.open(ino, flags)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self._release_remote(rfh)
+                await self._release_remote(vol, rfh)
             raise
         self._remote_fh[fh] = rfh
         return fh
 
+    def cached(self, fh: int) -> bool:
+        """The kernel may keep ``fh``'s file's pages from an earlier open (it is told of
+        every change to files stored here; not of the others')."""
+        return fh not in self._rfiles
+
     async def write(self, fh: int, off: int, data: bytes) -> int:
-        if self.is_primary:
-            n = await self.files.write(fh, off, data)
-            await self._replicated()
-            return n
-        rfh = self._remote_fh.get(fh)
-        if rfh is None:
-            self.files.handle(fh)  # EBADF for a handle that does not exist
-            raise FsError(errno.EBADF, "file not open for writing")
-        n = await self._fwd("write", [rfh, off, data])
+        rf = self._rfiles.get(fh)
+        if rf is not None:
+            vol, rfh = rf.vol, rf.rfh
+        else:
+            vol = self._handle_volume(fh)
+            if self._mine(vol):
+                n = await self.files.write(fh, off, data)
+                await self._replicated(vol)
+                return n
+            got = self._remote_fh.get(fh)
+            if got is None:
+                raise FsError(errno.EBADF, "file not open for writing")
+            rfh = got
+        n = await self._fwd(vol, "write", [rfh, off, data])
         if not isinstance(n, int):
             raise FsError(errno.EIO, "malformed write answer from the primary")
         return n
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        if self.is_primary:
+        rf = self._rfiles.get(fh)
+        if rf is not None:
+            await self._fwd(rf.vol, "fsync", [rf.rfh, datasync])
+            return
+        vol = self._handle_volume(fh)
+        if self._mine(vol):
             await self.files.fsync(fh, datasync)
-            await self._replicated()
+            await self._replicated(vol)
             return
         rfh = self._remote_fh.get(fh)
         if rfh is not None:
-            await self._fwd("fsync", [rfh, datasync])
+            await self._fwd(vol, "fsync", [rfh, datasync])
 
-    async def fsyncdir(self) -> None:
-        if self.is_primary:
+    async def fsyncdir(self, ino: InodeId = ROOT_INODE) -> None:
+        vol = self.volume_of(ino)
+        if self._mine(vol):
             await self.vfs.sync()
-            await self._replicated()
+            await self._replicated(vol)
             return
-        await self._fwd("sync", [])
+        await self._fwd(vol, "sync", [ino])
 
     async def release(self, fh: int) -> None:
+        rf = self._rfiles.pop(fh, None)
+        if rf is not None:
+            await self._release_remote(rf.vol, rf.rfh)
+            return
         rfh = self._remote_fh.pop(fh, None)
+        vol = self._handle_volume(fh) if rfh is not None else ROOT_VOLUME
         try:
             await self.files.release(fh)
         finally:
             if rfh is not None:
-                await self._release_remote(rfh)
+                await self._release_remote(vol, rfh)
 
-    async def _release_remote(self, rfh: int) -> None:
+    async def _release_remote(self, vol: VolumeId, rfh: int) -> None:
         try:
-            await self._fwd("release", [rfh])
+            await self._fwd(vol, "release", [rfh])
         except FsError as exc:
             log.warning("release of handle %d on the primary failed: %s", rfh, exc)
 
@@ -360,7 +587,11 @@ class NodeFs:
 
     def holds(self, inos: list[Any]) -> list[int]:
         """Which of ``inos`` this node's kernel or open handles still use."""
-        return [i for i in inos if isinstance(i, int) and not self.vfs.unused(InodeId(i))]
+        return [
+            i
+            for i in inos
+            if isinstance(i, int) and (not self.vfs.unused(InodeId(i)) or i in self._remote)
+        ]
 
     async def purge_orphans(self, ask: Callable[[list[int]], Awaitable[set[int]]]) -> None:
         """Primary: purge unlinked inodes once no node uses them (like a local file system
@@ -388,11 +619,9 @@ class NodeFs:
     # --- the primary's side of forwarded updates ----------------------------------------------
 
     def register(self, methods: Methods, node_id: Callable[[str], NodeId]) -> None:
-        """``fs.op``: updates forwarded by other nodes (primary only)."""
+        """``fs.op``: updates forwarded by other nodes, for the volumes this node orders."""
 
         async def op(peer: str, args: dict[str, Any]) -> Any:
-            if not self.is_primary:
-                raise FsError(errno.EROFS, "not the primary of this volume")
             ORIGIN.set(int(node_id(peer)))
             self._ticket.set(0)
             return await self._serve(peer, args["op"], args["args"], unpack_ctx(args["ctx"]))
@@ -414,38 +643,79 @@ class NodeFs:
 
     async def _serve(self, peer: str, op: str, a: list[Any], ctx: Ctx) -> Any:
         try:
-            result = await self._execute(peer, op, a, ctx)
+            vol, result = await self._execute(peer, op, a, ctx)
         except (TypeError, ValueError, IndexError) as exc:
             raise FsError(errno.EINVAL, f"malformed {op} arguments: {exc}") from None
-        await self._replicated()
+        if op == "read":
+            return result
+        await self._replicated(vol)
         ticket = self._ticket.get()
         if ticket and self.notify is not None:
             await self.notify.flush(ticket)
         return result
 
-    async def _execute(self, peer: str, op: str, a: list[Any], ctx: Ctx) -> Any:
+    def _ordered_here(self, ino: Any) -> VolumeId:
+        """The volume of ``ino`` (an argument of a forwarded update); EROFS unless this node
+        is its primary."""
+        if not isinstance(ino, int):
+            raise TypeError("inode number expected")
+        vol = self.vfs.getattr(InodeId(ino)).volume
+        if not self._mine(vol):
+            raise FsError(errno.EROFS, f"not the primary of volume {vol}")
+        return vol
+
+    def _held_volume(self, peer: str, fh: Any) -> tuple[int, VolumeId]:
+        held = self._own(peer, fh)
+        return held, self._handle_volume(held)
+
+    async def _execute(self, peer: str, op: str, a: list[Any], ctx: Ctx) -> tuple[Any, Any]:
         vfs = self.vfs
         ino = InodeId
+        if op in _HANDLE_OPS:
+            fh, vol = self._held_volume(peer, a[0])
+            if op in ("read", "write") and not (isinstance(a[1], int) and 0 <= a[1] <= MAX_OFF):
+                raise FsError(errno.EINVAL, "bad file offset")
+            if op == "read":
+                return vol, await self.files.read(fh, a[1], min(int(a[2]), MAX_READ))
+            if op == "write":
+                return vol, await self.files.write(fh, a[1], _b(a[2]))
+            if op == "fsync":
+                await self.files.fsync(fh, bool(a[1]))
+            else:
+                del self._held[fh]
+                await self.files.release(fh)
+            return vol, None
+        if op == "sync":
+            await vfs.sync()
+            return None, None
+        vol = self._ordered_here(a[0])
         if op == "setattr":
-            return pack_attr(await vfs.setattr(ino(a[0]), _setattrs(a[1]), ctx))
+            return vol, pack_attr(await vfs.setattr(ino(a[0]), _setattrs(a[1]), ctx))
         if op == "mknod":
-            return pack_attr(vfs.mknod(ino(a[0]), _b(a[1]), a[2], a[3], ctx, count=False))
+            return vol, pack_attr(vfs.mknod(ino(a[0]), _b(a[1]), a[2], a[3], ctx, count=False))
         if op == "mkdir":
-            return pack_attr(vfs.mkdir(ino(a[0]), _b(a[1]), a[2], ctx, count=False))
+            return vol, pack_attr(vfs.mkdir(ino(a[0]), _b(a[1]), a[2], ctx, count=False))
         if op == "symlink":
-            return pack_attr(vfs.symlink(ino(a[0]), _b(a[1]), _b(a[2]), ctx, count=False))
+            return vol, pack_attr(vfs.symlink(ino(a[0]), _b(a[1]), _b(a[2]), ctx, count=False))
         if op == "link":
-            return pack_attr(vfs.link(ino(a[0]), ino(a[1]), _b(a[2]), count=False))
+            if self._ordered_here(a[1]) != vol:
+                raise FsError(errno.EXDEV, "a hard link cannot cross volumes")
+            return vol, pack_attr(vfs.link(ino(a[0]), ino(a[1]), _b(a[2]), count=False))
         if op == "unlink":
-            return vfs.unlink(ino(a[0]), _b(a[1]))
+            vfs.unlink(ino(a[0]), _b(a[1]))
+            return vol, None
         if op == "rmdir":
-            return vfs.rmdir(ino(a[0]), _b(a[1]))
+            vfs.rmdir(ino(a[0]), _b(a[1]))
+            return vol, None
         if op == "rename":
-            return vfs.rename(ino(a[0]), _b(a[1]), ino(a[2]), _b(a[3]), a[4])
+            vfs.rename(ino(a[0]), _b(a[1]), ino(a[2]), _b(a[3]), a[4])
+            return vol, None
         if op == "setxattr":
-            return vfs.setxattr(ino(a[0]), _b(a[1]), _b(a[2]), a[3])
+            vfs.setxattr(ino(a[0]), _b(a[1]), _b(a[2]), a[3])
+            return vol, None
         if op == "removexattr":
-            return vfs.removexattr(ino(a[0]), _b(a[1]))
+            vfs.removexattr(ino(a[0]), _b(a[1]))
+            return vol, None
         if op == "create":
             flags = a[3]
             fh, attr = vfs.create(ino(a[0]), _b(a[1]), a[2], flags, ctx, count=False)
@@ -453,21 +723,11 @@ class NodeFs:
             if flags & os.O_TRUNC and attr.size:
                 # The name existed (another node's kernel did not know it yet).
                 attr = await vfs.setattr(attr.ino, SetAttrs(size=0), ctx)
-            return [fh, pack_attr(attr)]
+            return vol, [fh, pack_attr(attr)]
         if op == "open":
             fh = await vfs.open(ino(a[0]), a[1], ctx)
             self._held[fh] = peer
-            return fh
-        if op == "write":
-            return await self.files.write(self._own(peer, a[0]), a[1], _b(a[2]))
-        if op == "fsync":
-            return await self.files.fsync(self._own(peer, a[0]), bool(a[1]))
-        if op == "release":
-            held = self._own(peer, a[0])
-            del self._held[held]
-            return await self.files.release(held)
-        if op == "sync":
-            return await vfs.sync()
+            return vol, fh
         raise FsError(errno.ENOSYS, f"unknown operation {op!r}")
 
     async def release_node(self, peer: str) -> None:
@@ -475,6 +735,18 @@ class NodeFs:
         for fh in [fh for fh, p in self._held.items() if p == peer]:
             del self._held[fh]
             await self.files.release(fh)
+
+
+@dataclass(frozen=True, slots=True)
+class _RemoteFile:
+    """A handle on a file of a volume this node does not store: its primary's handle."""
+
+    vol: VolumeId
+    ino: InodeId
+    rfh: int
+
+
+_HANDLE_OPS = frozenset({"read", "write", "fsync", "release"})
 
 
 def _b(v: Any) -> bytes:

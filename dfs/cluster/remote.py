@@ -38,7 +38,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 import trio
@@ -133,11 +133,24 @@ async def read_local(vfs: Vfs, ino: InodeId, off: int, size: int) -> bytes:
             await vfs.files.release(fh)
 
 
+def stored_entries(vfs: Vfs, ino: InodeId, start: int) -> Iterator[DirEntry]:
+    """``vfs.readdir`` as this node stores the tree: a mount point shows its volume's
+    root, and is left out where this node stores no replica of the volume."""
+    for e in vfs.readdir(ino, start):
+        if e.name in (b".", b".."):
+            yield e
+            continue
+        a = vfs.as_stored(e.attr)
+        if a is not None:
+            yield e if a is e.attr else DirEntry(e.name, a, e.cookie)
+
+
 def register_read_methods(methods: Methods, vfs: Vfs) -> None:
     """Offer this node's store to other nodes for reading (the ``r.*`` methods above)."""
 
     async def lookup(peer: str, args: dict[str, Any]) -> list[Any] | None:
         a = vfs.peek(_ino(args, "parent"), args["name"])
+        a = None if a is None else vfs.as_stored(a)
         return None if a is None else pack_attr(a)
 
     async def getattr_(peer: str, args: dict[str, Any]) -> list[Any]:
@@ -148,7 +161,7 @@ def register_read_methods(methods: Methods, vfs: Vfs) -> None:
         start = _u64(args, "start")
         limit = _u64(args, "limit", 1, MAX_READDIR)
         out: list[list[Any]] = []
-        for e in vfs.readdir(ino, start):
+        for e in stored_entries(vfs, ino, start):
             out.append([e.name, pack_attr(e.attr), e.cookie])
             if len(out) >= limit:
                 break
@@ -323,14 +336,15 @@ class LocalReader:
     async def lookup(self, parent: InodeId, name: bytes) -> Attr | None:
         if len(name) > S.MAX_NAME:
             raise NameTooLong()
-        return self.vfs.peek(parent, name)
+        a = self.vfs.peek(parent, name)
+        return None if a is None else self.vfs.as_stored(a)
 
     async def getattr(self, ino: InodeId) -> Attr:
         return self.vfs.getattr(ino)
 
     async def readdir(self, ino: InodeId, start: int = 0) -> list[DirEntry]:
         out: list[DirEntry] = []
-        for e in self.vfs.readdir(ino, start):
+        for e in stored_entries(self.vfs, ino, start):
             out.append(e)
             if len(out) >= self.readdir_limit:
                 break

@@ -33,12 +33,16 @@ from dfs.errors import Corrupted, FsError, IsADir
 from dfs.hashing import BLOCK_SIZE, block_digest, blocks_spanning
 from dfs.meta import schema as S
 from dfs.meta.store import MetaStore, Txn, WriteTxn
-from dfs.types import Attr, FileHandle, InodeId
+from dfs.types import Attr, FileHandle, InodeId, VolumeId
 
 log = logging.getLogger(__name__)
 
 THREAD_MIN = 256 * 1024
 _io_limiter: trio.CapacityLimiter | None = None
+
+
+def _never(vol: VolumeId) -> bool:
+    return False
 
 
 def io_limiter() -> trio.CapacityLimiter:
@@ -129,7 +133,7 @@ class FileIO:
         # A storage site's replica: blocks of a file with a ``dirty`` record may be newer
         # than their digests (the primary's settle record follows), and recovery writes
         # only per-node records.
-        self.replica = False
+        self.replica: Callable[[VolumeId], bool] = _never
         self._inodes: dict[InodeId, OpenInode] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -215,7 +219,7 @@ class FileIO:
             blocks = blocks_spanning(off, end - off)
             digests: dict[int, int] = {}
             cur = txn.cursor(db=self.meta.blocks)
-            if self.replica and txn.get(S.dirty_key(st.ino), db=self.meta.dirty) is not None:
+            if self.replica(a.volume) and txn.get(S.dirty_key(st.ino), db=self.meta.dirty):
                 pass  # being written on the primary: digests follow
             elif cur.set_range(S.block_key(st.ino, blocks.start)):
                 for key, raw in cur:
@@ -533,10 +537,11 @@ class FileIO:
         with self.meta.read() as txn:
             raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
             inl = txn.get(S.inline_key(ino), db=self.meta.inline)
+        replica = raw is not None and self.replica(S.unpack_inode(ino, raw).volume)
         if inl is not None:
             # Interrupted move to a data file: the inline contents win.
             self.data.remove(ino)
-            with self.meta.write(record=not self.replica) as txn:
+            with self.meta.write(record=not replica) as txn:
                 _delete_digests(txn, self.meta, ino)
                 txn.put(S.block_key(ino, 0), S.pack_digest(block_digest(inl)), db=self.meta.blocks)
                 txn.delete(S.dirty_key(ino), db=self.meta.dirty)
@@ -555,7 +560,7 @@ class FileIO:
                 held = sorted(data_blocks(fd, size)) if fd is not None else []
                 digests = digest_range(fd, held, size)
                 blocks = self.data.allocated_blocks(fd)
-            with self.meta.write(record=not self.replica) as txn:
+            with self.meta.write(record=not replica) as txn:
                 _delete_digests(txn, self.meta, ino)
                 for blk, d in digests.items():
                     if d != _EMPTY_DIGEST:

@@ -23,6 +23,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import msgpack
 import trio
 
 from dfs.clock import WallClock, system_time_ns
@@ -43,7 +44,7 @@ from dfs.fs.ctx import Ctx, SetAttrs
 from dfs.fs.files import FileIO
 from dfs.meta import schema as S
 from dfs.meta.store import MetaStore, Txn, WriteTxn
-from dfs.types import ROOT_INODE, Attr, FileHandle, InodeId
+from dfs.types import ROOT_INODE, ROOT_VOLUME, Attr, FileHandle, InodeId, VolumeId
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +92,19 @@ class Vfs:
         self.files = FileIO(meta, data, clock, self._maybe_purge)
         self._dir_handles: dict[int, InodeId] = {}
         self._next_dir_fh = 1
-        # False on a storage site that is not the primary: its replicated records change
-        # only by applying the primary's journal (no purges, atime, recovery writes here).
-        self.authority = True
+        # False for a volume this node stores but is not the primary of: its replicated
+        # records change only by applying the primary's journal (no purges, atime,
+        # recovery writes here).
+        self.authority: Callable[[VolumeId], bool] = _always
         # Set on a primary with storage sites: an orphan this node no longer uses is
         # handed over instead of purged, since other nodes' kernels may still use it.
         self.defer_purge: Callable[[InodeId], None] | None = None
 
-    def make_replica(self) -> None:
-        self.authority = False
-        self.files.replica = True
+    def make_replica(self, is_replica: Callable[[VolumeId], bool] | None = None) -> None:
+        """Volumes for which this node is a storage site, not the primary (default: all)."""
+        check = is_replica or _always
+        self.authority = lambda vol: not check(vol)
+        self.files.replica = check
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -427,6 +431,7 @@ class Vfs:
             if ent is None:
                 raise NotFound()
             child, cookie = ent
+            self._not_mount_point(txn, child)
             a = self._get(txn, child)
             if want_dir:
                 if not a.is_dir:
@@ -476,8 +481,11 @@ class Vfs:
             if src is None:
                 raise NotFound()
             src_ino, src_cookie = src
+            self._not_mount_point(txn, src_ino)
             a = self._get(txn, src_ino)
             dst = self._child(txn, new_parent, new_name)
+            if dst is not None:
+                self._not_mount_point(txn, dst[0])
             if flags & RENAME_EXCHANGE:
                 if dst is None:
                     raise NotFound()
@@ -548,6 +556,99 @@ class Vfs:
                     replaced = b.ino
         if replaced is not None:
             self._maybe_purge(replaced)
+
+    # --- volumes ---------------------------------------------------------------------------
+
+    def _not_mount_point(self, txn: Txn, ino: int) -> None:
+        if txn.get(S.mount_key(ino), db=self.meta.mounts) is not None:
+            raise FsError(errno.EBUSY, "a volume is mounted there")
+
+    def is_empty_dir(self, ino: InodeId) -> bool:
+        with self.meta.read() as txn:
+            self._dir(txn, ino)
+            return self._is_empty(txn, ino)
+
+    def mount_record(self, ino: InodeId) -> bytes | None:
+        """The ``mounts`` record of directory ``ino`` (a volume covers it), or None."""
+        with self.meta.read() as txn:
+            return txn.get(S.mount_key(ino), db=self.meta.mounts)
+
+    def as_stored(self, a: Attr) -> Attr | None:
+        """What this node stores under the name that gave ``a``: ``a`` itself, or for a
+        mount point the volume's root directory, or None when this node stores no
+        replica of that volume (how per-host views show a host's tree)."""
+        if not a.is_dir or a.volume != ROOT_VOLUME:
+            return a
+        raw = self.mount_record(a.ino)
+        if raw is None:
+            return a
+        rec = msgpack.unpackb(raw)
+        if not isinstance(rec, dict) or not isinstance(rec.get("vol"), int):
+            return None
+        if self.meta.seq(VolumeId(rec["vol"])) == 0 or not isinstance(rec.get("root"), int):
+            return None
+        try:
+            return self.getattr(InodeId(rec["root"]))
+        except NotFound:
+            return None
+
+    def make_volume_root(self, vol: VolumeId, path: str, template: Attr) -> Attr:
+        """The new volume ``vol``'s root directory: its first update, on its primary.
+
+        ``template`` is the directory it will cover (mode, owner and parent are
+        copied, so the mount point looks like the directory it was)."""
+        if self.meta.seq(vol) != 0:
+            raise Exists(message=f"volume {vol} exists on this node")
+        now = self.clock()
+        self.meta.add_volume(vol, InodeId(0), path)
+        with self.meta.write() as txn:
+            ino = self.meta.new_inode_id(txn)
+            a = Attr(
+                ino,
+                template.mode,
+                template.uid,
+                template.gid,
+                2,
+                0,
+                now,
+                now,
+                now,
+                now,
+                volume=vol,
+                parent=template.parent,
+            )
+            a.version = self.meta.log(txn, vol, "mkvol")
+            self._put(txn, a)
+            txn.put(
+                S.volume_key(vol),
+                msgpack.packb({"root": int(ino), "path": path}),
+                db=self.meta.volumes,
+            )
+        return a
+
+    def cover(self, parent: InodeId, name: bytes, record: bytes) -> Attr:
+        """Make the empty directory ``parent/name`` of the root volume a mount point
+        (``record``: its ``mounts`` value, see dfs/meta/schema.py); on the root volume's
+        primary. The entry is rewritten unchanged so that every node's kernel drops
+        what it cached for the name (it shows the volume's root from now on)."""
+        with self.meta.write() as txn:
+            self._dir(txn, parent)
+            ent = self._child(txn, parent, name)
+            if ent is None:
+                raise NotFound()
+            ino = ent[0]
+            a = self._dir(txn, ino)
+            if a.volume != ROOT_VOLUME:
+                raise FsError(errno.EXDEV, "volumes are mounted on directories of the root volume")
+            self._not_mount_point(txn, ino)
+            if not self._is_empty(txn, ino):
+                raise NotEmpty(message="directory not empty: volumes are made on empty ones")
+            txn.put(S.mount_key(ino), record, db=self.meta.mounts)
+            txn.put(S.dirent_key(parent, name), S.pack_dirent(ino, ent[1]), db=self.meta.dirents)
+            a.ctime_ns = self.clock()
+            a.version = self.meta.log(txn, a.volume, "mount")
+            self._put(txn, a)
+        return a
 
     def _check_not_ancestor(self, txn: Txn, moved: InodeId, new_parent: InodeId) -> None:
         """EINVAL if ``moved`` is ``new_parent`` or one of its ancestors."""
@@ -623,11 +724,11 @@ class Vfs:
 
     def touch_atime(self, ino: InodeId) -> None:
         """relatime: update atime when it is older than mtime/ctime or a day old."""
-        if not self.authority:
-            return  # atime is kept by the primary, for accesses made there
         now = self.clock()
         with self.meta.read() as txn:
             a = self._get(txn, ino)
+        if not self.authority(a.volume):
+            return  # atime is kept by the primary, for accesses made there
         if a.atime_ns > a.mtime_ns and a.atime_ns > a.ctime_ns and now - a.atime_ns < RELATIME_NS:
             return
         with self.meta.write() as txn:
@@ -762,15 +863,23 @@ class Vfs:
 
         Only the node that owns the volume's updates purges (``authority``): on a
         replica the purge arrives with the primary's records."""
-        if ino in self.lookups or self.files.is_open(ino) or not self.authority:
+        if ino in self.lookups or self.files.is_open(ino):
             return
         with self.meta.read() as txn:
             if txn.get(S.orphan_key(ino), db=self.meta.orphans) is None:
                 return
+            raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
+        if raw is not None and not self.authority(S.unpack_inode(ino, raw).volume):
+            return
         if self.defer_purge is not None:
             self.defer_purge(ino)
             return
         self.purge(ino)
+
+    def _volume_of(self, ino: InodeId) -> VolumeId:
+        with self.meta.read() as txn:
+            raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
+        return ROOT_VOLUME if raw is None else S.unpack_inode(ino, raw).volume
 
     def unused(self, ino: InodeId) -> bool:
         """No kernel reference and no open handle on this node."""
@@ -808,8 +917,8 @@ class Vfs:
                 InodeId(S.read_u64(k))
                 for k in txn.cursor(db=self.meta.dirty).iternext(values=False)
             ]
-        if not self.authority:
-            orphans = []  # the primary purges them; its records say so
+        # The primary of each volume purges its orphans; on a replica its records say so.
+        orphans = [i for i in orphans if self.authority(self._volume_of(i))]
         for ino in orphans:
             self.purge(ino)
         resettled = 0
@@ -818,6 +927,10 @@ class Vfs:
                 self.files.rechecksum(ino)
                 resettled += 1
         return len(orphans), resettled
+
+
+def _always(vol: VolumeId) -> bool:
+    return True
 
 
 def delete_inode_records(meta: MetaStore, txn: WriteTxn, ino: int) -> None:

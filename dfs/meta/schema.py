@@ -24,6 +24,13 @@ Databases (lmdb named sub-databases) and their key families::
     volumes   vol:u32              -> msgpack {"root": ino, "path": mount path in the tree}
     journal   vol:u32 seq:u64      -> msgpack write-set record (below; applied updates, trimmed)
     inline    ino:u64              -> the whole contents of a small regular file
+    mounts    dir:u64              -> msgpack {"vol", "root", "path", "primary", "sites"}
+
+A ``mounts`` record makes directory ``dir`` of the root volume a *mount point*:
+the volume ``vol`` (root directory inode ``root``, on ``primary`` and the
+storage ``sites``, a list of node names) covers it. The record is replicated
+with the root volume, so every node knows every volume; ``dir`` itself stays
+empty and is never shown: lookups and readdir show ``root`` in its place.
 
 A regular file is *inline* while it has an ``inline`` record: its contents
 (exactly ``size`` bytes, at most INLINE_MAX) live in lmdb, written in the same
@@ -33,7 +40,7 @@ It moves to a data file when it grows past INLINE_MAX; while moving, a
 
 Journal records are write-sets. Every write transaction records each put and
 delete on the REPLICATED databases (inodes, dirents, dirpos, symlinks, xattrs,
-blocks, orphans, inline; not the per-node meta, dirty, volumes, journal), and
+blocks, orphans, inline, mounts; not the per-node meta, dirty, volumes, journal), and
 at commit stores them as::
 
     {"op": str, "ws": [[db_index, key, value or None (deleted)], ...],
@@ -85,13 +92,24 @@ DB_NAMES = (
     "volumes",
     "journal",
     "inline",
+    "mounts",
 )
 
 # Databases whose records a volume's journal carries (indexes into DB_NAMES); the rest
 # (meta, dirty, volumes, journal) belong to one node.
 REPLICATED = tuple(
     DB_NAMES.index(n)
-    for n in ("inodes", "dirents", "dirpos", "symlinks", "xattrs", "blocks", "orphans", "inline")
+    for n in (
+        "inodes",
+        "dirents",
+        "dirpos",
+        "symlinks",
+        "xattrs",
+        "blocks",
+        "orphans",
+        "inline",
+        "mounts",
+    )
 )
 
 FIRST_COOKIE = 3
@@ -212,6 +230,10 @@ def inline_key(ino: int) -> bytes:
 
 def volume_key(vol: int) -> bytes:
     return _U32.pack(vol)
+
+
+def mount_key(ino: int) -> bytes:
+    return _U64.pack(ino)
 
 
 def journal_key(vol: int, seq: int) -> bytes:

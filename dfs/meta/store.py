@@ -110,7 +110,19 @@ class WriteTxn:
     is on every update's path.
     """
 
-    __slots__ = ("ws", "data", "live", "vol", "seq", "op", "_meta", "_rep", "_txn", "_gone_vol")
+    __slots__ = (
+        "ws",
+        "data",
+        "live",
+        "vol",
+        "seq",
+        "op",
+        "record",
+        "_meta",
+        "_rep",
+        "_txn",
+        "_gone_vol",
+    )
 
     def __init__(self, meta: MetaStore, record: bool) -> None:
         self._meta = meta
@@ -122,6 +134,7 @@ class WriteTxn:
         self.vol: VolumeId | None = None
         self.seq = 0  # reserved by MetaStore.log; 0: none yet
         self.op = ""
+        self.record = b""  # the packed journal record, once committed (for replication)
         self._gone_vol: VolumeId | None = None
 
     def __enter__(self) -> WriteTxn:
@@ -236,6 +249,7 @@ class MetaStore:
         self.volumes = self.dbs["volumes"]
         self.journal = self.dbs["journal"]
         self.inline = self.dbs["inline"]
+        self.mounts = self.dbs["mounts"]
         self._replicated = {self.dbs[S.DB_NAMES[i]]: i for i in S.REPLICATED}
         self._pack = msgpack.Packer(use_bin_type=True).pack  # reused: this is on every commit
         with env.begin() as txn:
@@ -248,7 +262,8 @@ class MetaStore:
                 self._seq[vol] = S.read_u64(raw) if raw is not None else 0
         self._appends = 0
         # Replication hook (dfs.cluster): called with each committed transaction that
-        # logged an update (its ``vol``, ``seq``, ``ws``, ``data`` and ``live`` bytes).
+        # logged an update (its ``vol``, ``seq``, ``ws``, ``data``, ``live`` bytes and packed
+        # journal ``record``, so replication need not read the journal back).
         self.on_commit: Callable[[WriteTxn], None] | None = None
 
     # --- opening -------------------------------------------------------------------
@@ -443,6 +458,31 @@ class MetaStore:
     def seq(self, vol: VolumeId) -> int:
         return self._seq.get(vol, 0)
 
+    def has_volume(self, vol: VolumeId) -> bool:
+        """This node stores (a replica of) ``vol``."""
+        return vol in self._seq
+
+    def add_volume(self, vol: VolumeId, root: InodeId, path: str) -> None:
+        """Start storing volume ``vol`` (no-op if it is stored already): its sequence is 0."""
+        if vol in self._seq:
+            return
+        with self.write(record=False) as txn:
+            txn.put(
+                S.volume_key(vol),
+                msgpack.packb({"root": int(root), "path": path}),
+                db=self.volumes,
+            )
+        self._seq.setdefault(vol, 0)
+
+    def stored_volumes(self) -> dict[VolumeId, dict[str, Any]]:
+        """The volumes this node stores: vol -> {"root": ino, "path": str}."""
+        out: dict[VolumeId, dict[str, Any]] = {}
+        with self.read() as txn:
+            for key, raw in txn.cursor(db=self.volumes):
+                v = msgpack.unpackb(raw)
+                out[VolumeId(S.read_u32(key))] = v if isinstance(v, dict) else {}
+        return out
+
     def reset_seq(self, vol: VolumeId, seq: int) -> None:
         """Set the cached counter back to what is stored (after an aborted transaction)."""
         self._seq[vol] = seq
@@ -513,6 +553,7 @@ class MetaStore:
             rec["o"] = origin
         record = self._pack(rec)
         self.store_record(txn._txn, txn.vol, txn.seq, record)
+        txn.record = record
 
     def store_record(self, txn: ReadTxn, vol: VolumeId, seq: int, record: bytes) -> None:
         """Write journal record ``seq`` of ``vol`` and move the volume's counter to it.

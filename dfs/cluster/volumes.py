@@ -1,0 +1,150 @@
+"""The volumes of a cluster as one node knows them: which volume an inode is in, who orders it.
+
+The root volume (id ``ROOT_VOLUME``, root directory ``ROOT_INODE``) comes from
+the configuration and is stored by every node. Every other volume is mounted on
+an empty directory of the root volume by ``dfs volume create``; its ``mounts``
+record (dfs/meta/schema.py) is part of the root volume, so it reaches every
+node with the root volume's replication, and a node knows of a volume as soon
+as it has applied the update that created it.
+
+``VolumeTable`` reads the records from this node's store: ``covering(dir)``
+(is this directory a mount point? read from the store each time, so it is
+never behind what this node's lookups show) and ``get(vol)`` (cached, reread
+when an unknown volume is asked for). Volume ids are handed out in order by the
+root volume's primary, which knows every volume (a volume's primary refuses an
+id it already has, from a creation that failed half-way, and the next is tried).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from dfs.meta import schema as S
+from dfs.meta.store import MetaStore
+from dfs.types import ROOT_INODE, ROOT_VOLUME, InodeId, VolumeId
+
+MAX_VOLUME_ID = (1 << 31) - 1
+
+
+@dataclass(frozen=True)
+class Volume:
+    vol: VolumeId
+    path: str  # where it was mounted when created (renames of parents do not update it)
+    root: InodeId  # its root directory
+    primary: str
+    sites: tuple[str, ...]  # storage sites, the primary included
+    mount_dir: InodeId  # the root volume's directory it covers (ROOT_INODE for the root)
+
+    def stored_on(self, node: str) -> bool:
+        return node == self.primary or node in self.sites
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "vol": int(self.vol),
+            "path": self.path,
+            "root": int(self.root),
+            "primary": self.primary,
+            "sites": list(self.sites),
+        }
+
+
+def encode_mount(v: Volume) -> bytes:
+    """The ``mounts`` record of ``v`` (schema.py)."""
+    raw: bytes = msgpack.packb(
+        {
+            "vol": int(v.vol),
+            "root": int(v.root),
+            "path": v.path,
+            "primary": v.primary,
+            "sites": list(v.sites),
+        }
+    )
+    return raw
+
+
+def decode_mount(mount_dir: int, raw: bytes) -> Volume:
+    """A ``mounts`` record; ValueError if it is malformed."""
+    try:
+        d = msgpack.unpackb(raw)
+    except Exception as exc:
+        raise ValueError(f"mount record of {mount_dir:#x}: {exc}") from None
+    if not (
+        isinstance(d, dict)
+        and isinstance(d.get("vol"), int)
+        and isinstance(d.get("root"), int)
+        and isinstance(d.get("path"), str)
+        and isinstance(d.get("primary"), str)
+        and isinstance(d.get("sites"), list)
+        and all(isinstance(x, str) for x in d["sites"])
+    ):
+        raise ValueError(f"mount record of {mount_dir:#x} is malformed")
+    return Volume(
+        VolumeId(d["vol"]),
+        d["path"],
+        InodeId(d["root"]),
+        d["primary"],
+        tuple(d["sites"]),
+        InodeId(mount_dir),
+    )
+
+
+class VolumeTable:
+    """See the module docstring."""
+
+    def __init__(self, meta: MetaStore, root: Volume) -> None:
+        self.meta = meta
+        self.root = root
+        self._vols: dict[VolumeId, Volume] = {ROOT_VOLUME: root}
+        self._by_root: dict[InodeId, Volume] = {ROOT_INODE: root}
+        self.refresh()
+
+    def refresh(self) -> list[Volume]:
+        """Reread the mount records; returns the volumes not known before."""
+        new: list[Volume] = []
+        with self.meta.read() as txn:
+            for key, raw in txn.cursor(db=self.meta.mounts):
+                try:
+                    v = decode_mount(S.read_u64(key), raw)
+                except ValueError:
+                    continue  # fsck reports it
+                if v.vol not in self._vols:
+                    new.append(v)
+                self._vols[v.vol] = v
+                self._by_root[v.root] = v
+        return new
+
+    def get(self, vol: VolumeId) -> Volume | None:
+        v = self._vols.get(vol)
+        if v is None:
+            self.refresh()
+            v = self._vols.get(vol)
+        return v
+
+    def all(self) -> list[Volume]:
+        self.refresh()
+        return sorted(self._vols.values(), key=lambda v: (v.path, v.vol))
+
+    def covering(self, ino: InodeId) -> Volume | None:
+        """The volume mounted on directory ``ino`` of the root volume, if any."""
+        with self.meta.read() as txn:
+            raw = txn.get(S.mount_key(ino), db=self.meta.mounts)
+        if raw is None:
+            return None
+        try:
+            v = decode_mount(ino, raw)
+        except ValueError:
+            return None
+        self._vols.setdefault(v.vol, v)
+        self._by_root.setdefault(v.root, v)
+        return v
+
+    def new_id(self, after: int = 0) -> VolumeId:
+        """The next volume id after every known one (and after ``after``)."""
+        self.refresh()
+        vol = max([after, *self._vols, *self.meta.stored_volumes()]) + 1
+        if vol > MAX_VOLUME_ID:
+            raise ValueError("volume ids exhausted")
+        return VolumeId(vol)

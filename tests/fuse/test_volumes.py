@@ -1,0 +1,280 @@
+"""Volumes: a second volume with its own primary and sites, seen from every node.
+
+A 3-node cluster (root volume: primary n1, sites n1..n3) with the volume
+``/proj`` made by ``dfs volume create`` (primary n2, sites n2 and n3): n1 stores
+no replica of it and reads it from n2. Shell workloads run on each kind of node
+and the trees are compared through every mount; then what volumes add: EXDEV
+across them, EBUSY on a mount point, the per-host views, the errors of
+``dfs volume create``, a storage site of the volume killed mid-workload, the
+volume's primary restarted, and fsck of every node's store.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fuse.clusters import DFS, Launcher, launched
+from tests.fuse.test_cluster import SOURCES, assert_same_everywhere, run
+
+pytestmark = [pytest.mark.fuse, pytest.mark.slow]
+
+NODES = ("n1", "n2", "n3")
+
+
+def dfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*DFS, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    root = tmp_path_factory.mktemp("vol") / "c"
+    with launched(root, show_logs=lambda: False) as launcher:
+        r = launcher.up()
+        assert r.returncode == 0, r.stdout + r.stderr + launcher.logs()
+        (root / "n1" / "mnt" / "proj").mkdir()
+        r = dfs(
+            "volume", "create", str(root / "n3" / "mnt" / "proj"), "--primary", "n2",
+            "--sites", "n3", "--json",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr + launcher.logs()
+        made = json.loads(r.stdout)
+        assert made["path"] == "/proj" and made["primary"] == "n2"
+        assert made["sites"] == ["n2", "n3"]  # the primary is always a site
+        yield launcher
+
+
+def mnt(cluster: Launcher, node: str) -> Path:
+    return cluster.root / node / "mnt"
+
+
+@pytest.fixture
+def vdirs(cluster: Launcher, request: pytest.FixtureRequest) -> Iterator[dict[str, Path]]:
+    """Each node's view of one fresh directory of /proj (made on n1, which stores none)."""
+    name = request.node.name.replace("[", "_").replace("]", "")
+    (mnt(cluster, "n1") / "proj" / name).mkdir()
+    yield {n: mnt(cluster, n) / "proj" / name for n in NODES}
+    bugs = cluster.bugs()
+    assert not bugs, "a daemon logged unexpected exceptions:\n" + "\n".join(bugs)
+
+
+def until(cond: Any, limit: float = 5.0) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_volume_list_on_every_node(cluster: Launcher) -> None:
+    roles = {"n1": "none", "n2": "primary", "n3": "site"}
+    for node in NODES:
+        r = dfs("volume", "list", str(mnt(cluster, node)), "--json")
+        assert r.returncode == 0, r.stderr
+        vols = {v["path"]: v for v in json.loads(r.stdout)}
+        assert set(vols) == {"/", "/proj"}
+        assert vols["/"]["primary"] == "n1"
+        assert vols["/proj"]["role"] == roles[node]
+        text = dfs("volume", "list", str(mnt(cluster, node))).stdout
+        assert "/proj" in text and "n2,n3" in text
+    # The Newcastle form names the tree as well.
+    r = dfs("volume", "list", "/../n2/proj", "--mount", str(mnt(cluster, "n3")))
+    assert r.returncode == 0 and "/proj" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("origin", ["n1", "n2", "n3"])
+def test_workload_in_a_volume_is_seen_on_every_node(vdirs: dict[str, Path], origin: str) -> None:
+    """n1 stores nothing of /proj (every operation goes to n2), n2 orders it, n3 stores it."""
+    run(
+        f"mkdir tree && cp -a {SOURCES} tree/ && "
+        "mkdir -p t2 && tar cf - -C tree . | tar xf - -C t2 && "
+        "ln t2/$(ls t2 | head -1) hard 2>/dev/null || true; "
+        "ln -s tree/../t2 sym && printf 'hello\\n' > f && chmod 640 f && "
+        "chown 65534:65534 f && setfattr -n user.colour -v blue f && "
+        "touch -d '2001-02-03 04:05:06.789' f && mkfifo fifo && "
+        "dd if=/dev/urandom of=big bs=64K count=37 status=none && "
+        "truncate -s 10M sparse && echo tail >> sparse && sed -i s/hello/bye/ f",
+        vdirs[origin],
+    )
+    want = assert_same_everywhere(vdirs, origin)
+    assert want["f"][-1] == b"bye\n" and want["f"][1] == 65534
+    # Contents read on the node without a replica equal the source tree.
+    for sub in ("json/decoder.py", "email/message.py"):
+        src = Path(SOURCES.split()[0]).parent / sub
+        assert (vdirs["n1"] / "tree" / sub).read_bytes() == src.read_bytes()
+
+
+def test_changes_elsewhere_show_on_the_node_without_a_replica(vdirs: dict[str, Path]) -> None:
+    """n1 caches /proj briefly (1 s) instead of being told: a change on n3 shows soon."""
+    f = vdirs["n1"] / "f"
+    f.write_text("one")
+    assert f.read_text() == "one"
+    (vdirs["n3"] / "f").write_text("two, longer")
+    (vdirs["n3"] / "new").write_text("x")
+    until(lambda: f.read_text() == "two, longer" and (vdirs["n1"] / "new").exists())
+    assert os.stat(f).st_size == len("two, longer")
+    # An open file keeps reading after its name is removed elsewhere (POSIX), on n1 too.
+    with open(f, "rb") as held:
+        (vdirs["n2"] / "f").unlink()
+        until(lambda: not f.exists())
+        assert held.read() == b"two, longer"
+
+
+def test_nothing_crosses_a_volume_boundary(cluster: Launcher, vdirs: dict[str, Path]) -> None:
+    top = mnt(cluster, "n1")
+    (top / "outside").write_text("root volume")
+    try:
+        for node in NODES:
+            inside = vdirs[node] / "moved"
+            with pytest.raises(OSError) as e:
+                os.rename(mnt(cluster, node) / "outside", inside)
+            assert e.value.errno == errno.EXDEV
+            with pytest.raises(OSError) as e:
+                os.link(mnt(cluster, node) / "outside", inside)
+            assert e.value.errno == errno.EXDEV
+            # The mount point itself stays where it is.
+            for call in (
+                lambda m: os.rmdir(m / "proj"),
+                lambda m: os.rename(m / "proj", m / "proj2"),
+                lambda m: os.rename(m / "outside", m / "proj"),
+            ):
+                with pytest.raises(OSError) as e:
+                    call(mnt(cluster, node))
+                assert e.value.errno in (errno.EBUSY, errno.EISDIR, errno.ENOTEMPTY)
+        # mv copies across volumes, as between file systems.
+        run(f"mv {top / 'outside'} {vdirs['n1'] / 'moved'}", top)
+        assert (vdirs["n3"] / "moved").read_text() == "root volume"
+        assert not (mnt(cluster, "n2") / "outside").exists()
+    finally:
+        (top / "outside").unlink(missing_ok=True)
+
+
+def test_host_views_show_who_stores_the_volume(cluster: Launcher, vdirs: dict[str, Path]) -> None:
+    (vdirs["n1"] / "f").write_text("stored on n2 and n3")
+    name = vdirs["n1"].name
+    view = mnt(cluster, "n1") / "..."
+    for host in ("n2", "n3"):
+        assert (view / host / "proj" / name / "f").read_text() == "stored on n2 and n3"
+        assert "proj" in os.listdir(view / host)
+    assert not (view / "n1" / "proj").exists()  # n1 holds no replica of /proj
+    assert "proj" not in os.listdir(view / "n1")
+    with pytest.raises(FileNotFoundError):
+        (view / "n1" / "proj" / name / "f").read_text()
+
+
+def test_volume_create_refuses_what_it_cannot_do(cluster: Launcher) -> None:
+    top = mnt(cluster, "n2")
+    (top / "full").mkdir(exist_ok=True)
+    (top / "full" / "x").write_text("x")
+    (top / "file").write_text("x")
+    (top / "empty").mkdir(exist_ok=True)
+    (top / "proj" / "inner").mkdir(exist_ok=True)
+    cases = {
+        str(top / "full"): "not empty",
+        str(top / "file"): "not a directory",
+        str(top / "proj"): "mounted there",
+        str(top / "proj" / "inner"): "cannot be nested",
+        str(top / "missing"): "",
+        "/tmp": "not inside a dfs mount",
+    }
+    try:
+        for path, words in cases.items():
+            r = dfs("volume", "create", path, "--primary", "n3")
+            assert r.returncode != 0, f"{path}: {r.stdout}"
+            assert words.lower() in (r.stdout + r.stderr).lower(), f"{path}: {r.stderr}"
+        r = dfs("volume", "create", str(top / "empty"), "--primary", "n9")
+        assert r.returncode == 1 and "unknown node" in r.stderr
+        r = dfs("volume", "list", str(top), "--json")
+        assert {v["path"] for v in json.loads(r.stdout)} == {"/", "/proj"}
+    finally:
+        run("rm -rf full file empty proj/inner", top)
+
+
+def test_volume_site_killed_mid_workload_catches_up(
+    cluster: Launcher, vdirs: dict[str, Path]
+) -> None:
+    """SIGKILL n3 (a site of /proj) while n1 writes there through n2; n3 catches up."""
+    a = vdirs["n1"]
+    done = threading.Event()
+    acked: list[str] = []
+    errors: list[str] = []
+
+    def workload() -> None:
+        i = 0
+        while not done.is_set() and i < 2000:
+            name = f"f{i:04d}"
+            try:
+                with open(a / name, "wb") as f:
+                    f.write(os.urandom(100 + (i % 7) * 30000))
+                    f.flush()
+                    os.fsync(f.fileno())
+                acked.append(name)
+            except OSError as exc:
+                errors.append(f"{name}: {exc}")
+                return
+            i += 1
+
+    t = threading.Thread(target=workload)
+    t.start()
+    try:
+        time.sleep(1.0)
+        r = cluster.dfs("stop", "n3", "--kill")
+        assert r.returncode == 0, r.stderr
+        n_at_kill = len(acked)
+        deadline = time.monotonic() + 10
+        while len(acked) < n_at_kill + 20 and time.monotonic() < deadline and not errors:
+            time.sleep(0.1)
+        assert len(acked) >= n_at_kill + 20, "updates stopped while a storage site was down"
+        r = cluster.dfs("start", "n3")
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        done.set()
+        t.join(60)
+    assert not errors, errors
+    want = assert_same_everywhere(vdirs, "n2")
+    assert set(acked) <= set(want)
+
+
+def test_volume_primary_restarts_with_everything(cluster: Launcher, vdirs: dict[str, Path]) -> None:
+    (vdirs["n3"] / "kept").write_text("kept across a restart of n2")
+    r = cluster.dfs("stop", "n2")
+    assert r.returncode == 0, r.stderr
+    try:
+        # Without its primary the volume refuses updates fast; the root volume goes on.
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            (vdirs["n3"] / "new").write_text("x")
+        assert e.value.errno == errno.EROFS and time.monotonic() - t0 < 10
+        assert (vdirs["n3"] / "kept").read_text() == "kept across a restart of n2"
+        (mnt(cluster, "n3") / "root-file").write_text("root volume still takes updates")
+    finally:
+        r = cluster.dfs("start", "n2")
+        assert r.returncode == 0, r.stdout + r.stderr
+    (mnt(cluster, "n3") / "root-file").unlink()
+    for node in NODES:
+        assert (vdirs[node] / "kept").read_text() == "kept across a restart of n2"
+    (vdirs["n1"] / "after").write_text("y")
+    assert (vdirs["n3"] / "after").read_text() == "y"
+
+
+def test_every_store_checks_clean(cluster: Launcher) -> None:
+    """Offline fsck of each node's store: volume roots are not lost directories."""
+    for node in ("n3", "n1", "n2"):
+        r = cluster.dfs("stop", node)
+        assert r.returncode == 0, r.stderr
+        try:
+            got = dfs("fsck", "--data", str(cluster.root / node / "data"))
+            assert got.returncode == 0, got.stdout + got.stderr
+        finally:
+            r = cluster.dfs("start", node)
+            assert r.returncode == 0, r.stdout + r.stderr

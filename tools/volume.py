@@ -1,0 +1,158 @@
+"""``dfs volume create|list``: the volumes of the tree.
+
+Both talk to the daemon of a local mount through its control socket
+(``DATA_DIR/control.sock``, dfs/cluster/control.py). The daemon is found from
+the mount: its source in the mount table is ``dfs:DATA_DIR`` (mountd sets it),
+or ``--data DATA_DIR`` names it. ``create`` takes the directory as any path in
+the tree (tools/paths.py: a path inside a mount, ``MNT/.../HOST/path`` or the
+Newcastle form ``/../HOST/path``); the node that answers forwards the request
+to the root volume's primary (dfs/cluster/service.py says what happens then).
+
+Exit codes: 0 done; 1 the cluster refused (the message says why: not empty,
+not a directory, a node unreachable...); 2 usage error or no daemon to ask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dfs.cluster.control import ControlError, request, socket_path
+from dfs.net.rpc import RemoteError
+
+from .paths import TreePath, choose_mount, read_mounts, resolve
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+
+def data_dir_of(mount: Path, mountinfo: str | None = None) -> Path | None:
+    """The data directory of the daemon serving ``mount``, from the mount's source."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return None
+    entries = {e.mount_point: e for e in read_mounts(mountinfo)}
+    if str(mount) not in entries:
+        return None
+    for line in mountinfo.splitlines():
+        pre, sep, post = line.partition(" - ")
+        fields = pre.split()
+        if not sep or len(fields) < 5:
+            continue
+        if _unescape(fields[4]) != str(mount):
+            continue
+        tail = post.split()
+        if len(tail) >= 2 and tail[1].startswith("dfs:"):
+            return Path(_unescape(tail[1][4:]))
+    return None
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def _control(data: Path | None, tree: TreePath | None) -> Path:
+    if data is None and tree is not None:
+        data = data_dir_of(tree.mount)
+    if data is None:
+        raise click.UsageError(
+            "cannot tell which daemon serves that mount: give its data directory with --data"
+        )
+    sock = socket_path(data)
+    if not sock.exists():
+        raise click.UsageError(f"no daemon runs on {data} (no {sock.name} there)")
+    return sock
+
+
+def _ask(sock: Path, method: str, args: dict[str, Any], timeout: float) -> Any:
+    try:
+        return request(sock, method, args, timeout=timeout)
+    except RemoteError as exc:
+        click.echo(f"dfs volume: {exc}", err=True)
+        sys.exit(EXIT_REFUSED)
+    except ControlError as exc:
+        click.echo(f"dfs volume: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+@click.group()
+def volume() -> None:
+    """Create and list the volumes of the tree."""
+
+
+@volume.command()
+@click.argument("path")
+@click.option("--primary", required=True, help="The node that orders the volume's updates.")
+@click.option(
+    "--sites",
+    default="",
+    help="Storage sites, comma-separated (the primary is always one).",
+)
+@click.option("--mount", "mount", default=None, help="Mount for the /../HOST/path form.")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Daemon data dir.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new volume as JSON.")
+def create(
+    path: str, primary: str, sites: str, mount: str | None, data: Path | None, as_json: bool
+) -> None:
+    """Make the empty directory PATH of the root volume a new volume.
+
+    PATH is a path in the tree: inside a mount, MOUNT/.../HOST/path, or /../HOST/path.
+    The new volume's updates are ordered by --primary and stored on --sites; nodes
+    that are not sites read it from the primary. Exit: 0 done, 1 refused, 2 usage.
+    """
+    tree = resolve(path, mount=mount, env=os.environ)
+    names = [s.strip() for s in sites.split(",") if s.strip()]
+    sock = _control(data, tree)
+    got = _ask(
+        sock,
+        "volume.create",
+        {"path": tree.path, "primary": primary, "sites": names},
+        timeout=60.0,
+    )
+    if as_json:
+        click.echo(json.dumps(got, indent=2))
+        return
+    click.echo(
+        f"volume {got['vol']} at {got['path']}: primary {got['primary']}, "
+        f"sites {', '.join(got['sites'])}"
+    )
+
+
+@volume.command(name="list")
+@click.argument("path", required=False)
+@click.option("--mount", "mount", default=None, help="Mount for the /../HOST/path form.")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Daemon data dir.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_(path: str | None, mount: str | None, data: Path | None, as_json: bool) -> None:
+    """List the volumes, as the node serving PATH (default: the only dfs mount) knows them.
+
+    Columns: volume id, path, primary, storage sites, this node's role (primary, site,
+    none: reads it from the primary) and the last update this node applied.
+    """
+    tree: TreePath | None = None
+    if path is not None:
+        tree = resolve(path, mount=mount, env=os.environ)
+    elif data is None:
+        tree = TreePath(choose_mount(mount, os.environ), "/")
+    vols = _ask(_control(data, tree), "volume.list", {}, timeout=10.0)
+    if as_json:
+        click.echo(json.dumps(vols, indent=2))
+        return
+    rows = [("VOLUME", "PATH", "PRIMARY", "SITES", "ROLE", "APPLIED")]
+    for v in vols:
+        role = v.get("role", "?")
+        if role == "site":
+            role += " (lease)" if v.get("lease") else " (no lease)"
+        rows.append(
+            (str(v["vol"]), v["path"], v["primary"], ",".join(v["sites"]), role, str(v["applied"]))
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
