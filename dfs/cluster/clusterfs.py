@@ -30,7 +30,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -46,6 +46,7 @@ from dfs.net.rpc import Methods, PeerTimeout, PeerUnavailable
 from dfs.types import ROOT_INODE, ROOT_VOLUME, Attr, FileHandle, InodeId, NodeId, VolumeId
 
 log = logging.getLogger("dfs.cluster.fs")
+T = TypeVar("T")
 
 Forward = Callable[[str, str, list[Any], list[Any]], Awaitable[Any]]
 """``await forward(node, op, args, ctx)``: run an update on ``node`` (a volume's primary);
@@ -102,6 +103,7 @@ class NodeFs:
         replicator: Replicator | None = None,
         replicators: dict[VolumeId, Replicator] | None = None,
         reader: Callable[[str], Reader] | None = None,
+        current: Callable[[VolumeId], bool] | None = None,
         notify: Notifier | None = None,
     ) -> None:
         self.vfs = vfs
@@ -115,6 +117,10 @@ class NodeFs:
         if replicator is not None:
             self.repls[replicator.vol] = replicator
         self._reader = reader
+        # Whether this node's replica of a volume it stores but does not order is current
+        # (it holds a read lease from the primary); None: always.
+        self._current = current
+        self._last_stale = -1e9
         # A node alone: nothing changes its files behind its kernel's back.
         self.standalone = volumes is None and not self.repls
         self.notify = notify
@@ -149,6 +155,35 @@ class NodeFs:
             return True
         v = self.volumes.get(vol)
         return v is not None and v.stored_on(self.me) and self.vfs.meta.has_volume(vol)
+
+    def _reads_here(self, vol: VolumeId) -> bool:
+        """Reads of ``vol`` are answered from this node's replica: it stores one and can
+        prove it current (it orders the volume, or holds a read lease on it)."""
+        if not self.stores(vol):
+            return False
+        return self._current is None or self._mine(vol) or self._current(vol)
+
+    async def _current_read(
+        self, vol: VolumeId, remote: Callable[[Reader], Awaitable[T]], local: Callable[[], T]
+    ) -> T:
+        """A read of a stored volume: local when current, else from the primary; when the
+        primary cannot be reached, from this node's replica after all (it may be stale:
+        docs/CONSISTENCY.md §4, "Reads")."""
+        if self._reads_here(vol):
+            return local()
+        try:
+            return await remote(self._read(vol))
+        except (PeerUnavailable, PeerTimeout) as exc:
+            now = trio.current_time()
+            if now - self._last_stale >= _REFUSAL_LOG_EVERY:
+                self._last_stale = now
+                log.warning(
+                    "volume %d: no read lease and the primary does not answer (%s): "
+                    "reading the local replica, which may be stale",
+                    vol,
+                    exc,
+                )
+            return local()
 
     def _volume(self, vol: VolumeId) -> Volume:
         v = self.volumes.get(vol) if self.volumes is not None else None
@@ -235,7 +270,16 @@ class NodeFs:
     async def lookup(self, parent: InodeId, name: bytes) -> Attr:
         vol = self.volume_of(parent)
         if self.stores(vol):
-            a = self.vfs.lookup(parent, name)
+            if self._reads_here(vol):
+                a = self.vfs.lookup(parent, name)
+            else:
+                got = await self._current_read(
+                    vol, lambda r: r.lookup(parent, name), lambda: self.vfs.peek(parent, name)
+                )
+                if got is None:
+                    raise NotFound()
+                a = got
+                self.vfs.remember(a.ino)  # stored here: this node's kernel references
             if vol == ROOT_VOLUME and a.is_dir and self.volumes is not None:
                 v = self.volumes.covering(a.ino)
                 if v is not None:
@@ -263,13 +307,17 @@ class NodeFs:
     async def getattr(self, ino: InodeId) -> Attr:
         vol = self.volume_of(ino)
         if self.stores(vol):
-            return self.vfs.getattr(ino)
+            return await self._current_read(
+                vol, lambda r: r.getattr(ino), lambda: self.vfs.getattr(ino)
+            )
         return await self._read(vol).getattr(ino)
 
     async def readlink(self, ino: InodeId) -> bytes:
         vol = self.volume_of(ino)
         if self.stores(vol):
-            return self.vfs.readlink(ino)
+            return await self._current_read(
+                vol, lambda r: r.readlink(ino), lambda: self.vfs.readlink(ino)
+            )
         return await self._read(vol).readlink(ino)
 
     def opendir(self, ino: InodeId) -> int:
@@ -293,9 +341,19 @@ class NodeFs:
         vol = self.volume_of(ino)
         if not self.stores(vol):
             return iter(await self._read(vol).readdir(ino, start))
+        entries: Iterator[DirEntry]
+        if self._reads_here(vol):
+            entries = self.vfs.readdir(ino, start)
+        else:
+            got = await self._current_read(
+                vol,
+                lambda r: r.readdir(ino, start),
+                lambda: list(self.vfs.readdir(ino, start)),
+            )
+            entries = iter(got)
         covers = self._mounts_in(ino) if vol == ROOT_VOLUME else {}
         if not covers:
-            return self.vfs.readdir(ino, start)
+            return entries
         roots: dict[int, Attr] = {}
         for mdir, v in covers.items():
             try:
@@ -308,7 +366,7 @@ class NodeFs:
                 roots[mdir] = m
         return (
             DirEntry(e.name, roots[e.attr.ino], e.cookie) if e.attr.ino in roots else e
-            for e in self.vfs.readdir(ino, start)
+            for e in entries
         )
 
     def _mounts_in(self, ino: InodeId) -> dict[int, Volume]:
@@ -343,13 +401,17 @@ class NodeFs:
     async def getxattr(self, ino: InodeId, name: bytes) -> bytes:
         vol = self.volume_of(ino)
         if self.stores(vol):
-            return self.vfs.getxattr(ino, name)
+            return await self._current_read(
+                vol, lambda r: r.getxattr(ino, name), lambda: self.vfs.getxattr(ino, name)
+            )
         return await self._read(vol).getxattr(ino, name)
 
     async def listxattr(self, ino: InodeId) -> list[bytes]:
         vol = self.volume_of(ino)
         if self.stores(vol):
-            return self.vfs.listxattr(ino)
+            return await self._current_read(
+                vol, lambda r: r.listxattr(ino), lambda: self.vfs.listxattr(ino)
+            )
         return await self._read(vol).listxattr(ino)
 
     def statfs(self) -> FsStats:
@@ -363,6 +425,8 @@ class NodeFs:
                 local.append((ino, n))
             elif r[1] <= n:
                 del self._remote[ino]
+                if n > r[1]:  # counted here too (the volume was stored here meanwhile)
+                    local.append((ino, n - r[1]))
             else:
                 r[1] -= n
         if local:
@@ -371,7 +435,18 @@ class NodeFs:
     async def read(self, fh: int, off: int, size: int) -> bytes:
         rf = self._rfiles.get(fh)
         if rf is None:
-            return await self.files.read(fh, off, size)
+            if self._current is None or self.volumes is None:
+                return await self.files.read(fh, off, size)
+            ino = self.files.inode_of(fh)
+            vol = self.volume_of(ino)
+            if self._reads_here(vol) or self._remote_fh.get(fh) is not None:
+                # (a file open for writing here: the writes went through the primary,
+                # which waited for this replica)
+                return await self.files.read(fh, off, size)
+            try:
+                return await self._read(vol).read(ino, off, size)
+            except (PeerUnavailable, PeerTimeout):
+                return await self.files.read(fh, off, size)
         data = await self._fwd(rf.vol, "read", [rf.rfh, off, min(size, MAX_READ)])
         if not isinstance(data, bytes) or len(data) > size:
             raise FsError(errno.EIO, "malformed read answer from the primary")

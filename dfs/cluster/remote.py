@@ -150,7 +150,8 @@ def register_read_methods(methods: Methods, vfs: Vfs) -> None:
 
     async def lookup(peer: str, args: dict[str, Any]) -> list[Any] | None:
         a = vfs.peek(_ino(args, "parent"), args["name"])
-        a = None if a is None else vfs.as_stored(a)
+        if a is not None and not args.get("raw"):
+            a = vfs.as_stored(a)
         return None if a is None else pack_attr(a)
 
     async def getattr_(peer: str, args: dict[str, Any]) -> list[Any]:
@@ -161,7 +162,8 @@ def register_read_methods(methods: Methods, vfs: Vfs) -> None:
         start = _u64(args, "start")
         limit = _u64(args, "limit", 1, MAX_READDIR)
         out: list[list[Any]] = []
-        for e in stored_entries(vfs, ino, start):
+        entries = vfs.readdir(ino, start) if args.get("raw") else stored_entries(vfs, ino, start)
+        for e in entries:
             out.append([e.name, pack_attr(e.attr), e.cookie])
             if len(out) >= limit:
                 break
@@ -183,9 +185,12 @@ def register_read_methods(methods: Methods, vfs: Vfs) -> None:
 
     ino = Field(int)
     name = Field(bytes, max_len=S.MAX_NAME)
-    methods.add(LOOKUP, {"parent": ino, "name": name}, lookup)
+    raw = Field(bool, optional=True)
+    methods.add(LOOKUP, {"parent": ino, "name": name, "raw": raw}, lookup)
     methods.add(GETATTR, {"ino": ino}, getattr_)
-    methods.add(READDIR, {"ino": ino, "start": Field(int), "limit": Field(int)}, readdir)
+    methods.add(
+        READDIR, {"ino": ino, "start": Field(int), "limit": Field(int), "raw": raw}, readdir
+    )
     methods.add(READ, {"ino": ino, "off": Field(int), "size": Field(int)}, read)
     methods.add(READLINK, {"ino": ino}, readlink)
     methods.add(GETXATTR, {"ino": ino, "name": Field(bytes, max_len=S.MAX_XATTR_NAME)}, getxattr)
@@ -244,10 +249,14 @@ class RemoteReader:
         *,
         timeout: float | None = None,
         readdir_limit: int = READDIR_LIMIT,
+        raw: bool = False,
     ) -> None:
         if not 1 <= readdir_limit <= MAX_READDIR:
             raise ValueError(f"readdir_limit must be 1..{MAX_READDIR}")
         self.peer = peer
+        # raw: the tree as stored, mount points as they are (NodeFs crosses them itself);
+        # else as a host view shows it (see ``stored_entries``).
+        self._raw = {"raw": True} if raw else {}
         self.timeout = timeout
         self.readdir_limit = readdir_limit
 
@@ -256,7 +265,7 @@ class RemoteReader:
 
     async def lookup(self, parent: InodeId, name: bytes) -> Attr | None:
         _check_name(name, S.MAX_NAME, errno.ENAMETOOLONG)
-        raw = await self._call(LOOKUP, parent=int(parent), name=name)
+        raw = await self._call(LOOKUP, parent=int(parent), name=name, **self._raw)
         return None if raw is None else unpack_attr(raw)
 
     async def getattr(self, ino: InodeId) -> Attr:
@@ -266,7 +275,9 @@ class RemoteReader:
         return a
 
     async def readdir(self, ino: InodeId, start: int = 0) -> list[DirEntry]:
-        raw = await self._call(READDIR, ino=int(ino), start=start, limit=self.readdir_limit)
+        raw = await self._call(
+            READDIR, ino=int(ino), start=start, limit=self.readdir_limit, **self._raw
+        )
         if not isinstance(raw, list) or len(raw) > self.readdir_limit:
             raise _bad("readdir result is not a list of at most the asked-for size")
         out: list[DirEntry] = []

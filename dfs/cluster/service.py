@@ -108,13 +108,14 @@ class ClusterService:
         self._joined: dict[VolumeId, str] = {}  # volumes being created here: vol -> primary
         self._nursery: trio.Nursery | None = None
         self._creating = trio.Lock()
-        self._readers: dict[str, Reader] = {}
+        self._readers: dict[tuple[str, bool], Reader] = {}
         self.fs = NodeFs(
             vfs,
             me=self.me,
             volumes=volumes,
             forward=self._forward,
-            reader=self._reader,
+            reader=lambda node: self._reader(node, raw=True),
+            current=self._lease_current,
             notify=notify,
         )
         self.fs.repls = self.repls  # the same table: volumes added later are seen there
@@ -301,13 +302,19 @@ class ClusterService:
             node, "fs.op", {"op": op, "args": args, "ctx": ctx}, self.config.timeouts.call
         )
 
-    def _reader(self, node: str) -> Reader:
-        r = self._readers.get(node)
+    def _reader(self, node: str, *, raw: bool = False) -> Reader:
+        """Reads of ``node``'s replica: ``raw`` for NodeFs (mount points as stored), else
+        as a host view shows them."""
+        r = self._readers.get((node, raw))
         if r is None:
-            r = self._readers[node] = RemoteReader(
-                _PeerCaller(self.cluster, node), timeout=self.config.timeouts.call
+            r = self._readers[node, raw] = RemoteReader(
+                _PeerCaller(self.cluster, node), timeout=self.config.timeouts.call, raw=raw
             )
         return r
+
+    def _lease_current(self, vol: VolumeId) -> bool:
+        keeper = self.keepers.get(vol)
+        return keeper is not None and keeper.current()
 
     async def _ask_lease(self, v: Volume) -> Any:
         return await self._call(

@@ -1,0 +1,128 @@
+"""NodeFs routing without FUSE or network: where a site's reads come from, what crosses volumes.
+
+A "primary" and a "site" are two cores in one process; the site's NodeFs reads the
+primary through a LocalReader (what RemoteReader does over RPC). The site's replica
+is left behind on purpose (nothing replicates here), so every answer shows whether
+it came from the local store or from the primary.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from dfs.cluster.clusterfs import NodeFs
+from dfs.cluster.remote import LocalReader, Reader
+from dfs.cluster.volumes import Volume, VolumeTable, encode_mount
+from dfs.errors import FsError, NotFound
+from dfs.fs.ctx import ROOT_CTX
+from dfs.net.rpc import PeerUnavailable
+from dfs.types import ROOT_INODE, ROOT_VOLUME, InodeId, VolumeId
+from tests.core.harness import Core, run
+
+
+class _Down:
+    """A Reader whose node does not answer."""
+
+    def __getattr__(self, name: str) -> object:
+        async def fail(*args: object) -> object:
+            raise PeerUnavailable("p: connection refused")
+
+        return fail
+
+
+def _site(
+    tmp: Path, primary: Core, lease: dict[str, bool], up: dict[str, bool]
+) -> tuple[Core, NodeFs]:
+    site = Core(tmp / "s")
+    root = Volume(ROOT_VOLUME, "/", ROOT_INODE, "p", ("p", "s"), ROOT_INODE)
+
+    def reader(node: str) -> Reader:
+        assert node == "p"
+        return LocalReader(primary.vfs) if up["p"] else _Down()  # type: ignore[return-value]
+
+    async def forward(node: str, op: str, args: list[object], ctx: list[object]) -> object:
+        raise AssertionError("no update is made in these tests")
+
+    fs = NodeFs(
+        site.vfs,
+        me="s",
+        volumes=VolumeTable(site.meta, root),
+        forward=forward,
+        reader=reader,
+        current=lambda vol: lease["s"],
+    )
+    return site, fs
+
+
+def test_a_site_without_a_lease_reads_the_primary(tmp_path: Path) -> None:
+    primary = Core(tmp_path / "p")
+    primary.vfs.mkdir(ROOT_INODE, b"new", 0o755, ROOT_CTX)  # not replicated: the site is behind
+    lease = {"s": True}
+    up = {"p": True}
+    site, fs = _site(tmp_path, primary, lease, up)
+    # Holding a lease, the site answers from its replica (which lacks "new").
+    with pytest.raises(NotFound):
+        run(fs.lookup, ROOT_INODE, b"new")
+    # Without one, from the primary: current.
+    lease["s"] = False
+    a = run(fs.lookup, ROOT_INODE, b"new")
+    assert a.is_dir and a.ino == primary.ino("new")
+    names = [e.name for e in run(fs.readdir, ROOT_INODE, 0)]
+    assert b"new" in names
+    assert run(fs.getattr, ROOT_INODE).nlink == 3  # the primary's root: one subdirectory
+    # The primary unreachable too: the local replica after all (stale, but an answer).
+    up["p"] = False
+    assert run(fs.getattr, ROOT_INODE).nlink == 2
+    with pytest.raises(NotFound):
+        run(fs.lookup, ROOT_INODE, b"new")
+
+
+def test_mount_points_show_the_volume_root_and_stop_renames(tmp_path: Path) -> None:
+    """A volume stored here: its root replaces the mount point; nothing crosses the boundary."""
+    core = Core(tmp_path / "n")
+    m = core.vfs.mkdir(ROOT_INODE, b"proj", 0o750, ROOT_CTX)
+    vol = VolumeId(2)
+    core.meta.add_volume(vol, InodeId(0), "/proj")
+    vroot = core.vfs.make_volume_root(vol, "/proj", m)
+    v = Volume(vol, "/proj", vroot.ino, "n", ("n",), m.ino)
+    core.vfs.cover(ROOT_INODE, b"proj", encode_mount(v))
+    core.vfs.mkdir(ROOT_INODE, b"other", 0o755, ROOT_CTX)
+    root = Volume(ROOT_VOLUME, "/", ROOT_INODE, "n", ("n",), ROOT_INODE)
+    fs = NodeFs(core.vfs, me="n", volumes=VolumeTable(core.meta, root))
+
+    a = run(fs.lookup, ROOT_INODE, b"proj")
+    assert a.ino == vroot.ino and a.volume == vol and a.mode & 0o777 == 0o750
+    entries = {e.name: e.attr for e in run(fs.readdir, ROOT_INODE, 0)}
+    assert entries[b"proj"].ino == vroot.ino
+    f = run(fs.mkdir, vroot.ino, b"inside", 0o755, ROOT_CTX)
+    assert f.volume == vol
+    other = core.ino("other")
+    for call in (
+        lambda: fs.rename(vroot.ino, b"inside", other, b"x", 0),
+        lambda: fs.rename(other, b"x", vroot.ino, b"y", 0),
+        lambda: fs.link(InodeId(f.ino), other, b"l"),
+    ):
+        with pytest.raises(FsError) as e:
+            run(call)
+        assert e.value.errno == errno.EXDEV
+    for call in (
+        lambda: fs.rmdir(ROOT_INODE, b"proj"),
+        lambda: fs.rename(ROOT_INODE, b"proj", ROOT_INODE, b"p2", 0),
+        lambda: fs.rename(ROOT_INODE, b"other", ROOT_INODE, b"proj", 0),
+    ):
+        with pytest.raises(FsError) as e:
+            run(call)
+        assert e.value.errno == errno.EBUSY
+    # A second volume cannot cover the same directory, nor a non-empty one.
+    with pytest.raises(FsError) as e:
+        core.vfs.cover(ROOT_INODE, b"proj", encode_mount(v))
+    assert e.value.errno == errno.EBUSY
+    core.vfs.mkdir(other, b"child", 0o755, ROOT_CTX)
+    with pytest.raises(FsError) as e:
+        core.vfs.cover(ROOT_INODE, b"other", encode_mount(v))
+    assert e.value.errno == errno.ENOTEMPTY
+    # fsck: the volume's root is a top, not a lost directory.
+    assert core.findings() == []
