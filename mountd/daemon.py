@@ -85,13 +85,7 @@ def load_cluster(config_path: Path, node_name: str) -> ClusterSetup:
             f"volumes {', '.join(others)}: only the root volume is configured in the file; "
             "make the others with `dfs volume create`"
         )
-    setup = ClusterSetup(config, node, config.read_secret())
-    if node.name not in setup.root.sites and node.name != setup.root.primary:
-        raise ConfigError(
-            f"node {node.name} is not a storage site of the root volume (sites: "
-            f"{', '.join(setup.root.sites)}); nodes without a replica are not supported yet"
-        )
-    return setup
+    return ClusterSetup(config, node, config.read_secret())
 
 
 def default_data_dir(setup: ClusterSetup) -> Path:
@@ -219,8 +213,9 @@ def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
     vfs = Vfs(meta, DataStore(opts.data_dir / "data"))
     volumes: VolumeTable | None = None
     if opts.cluster is not None:
-        volumes = VolumeTable(meta, root_volume(opts.cluster.config))
         me = opts.cluster.node.name
+        root = root_volume(opts.cluster.config)
+        volumes = VolumeTable(meta, root, local=root.stored_on(me))
         vfs.make_replica(lambda vol: (v := volumes.get(vol)) is None or v.primary != me)
     orphans, resettled = vfs.recover()
     if not was_clean:

@@ -93,18 +93,26 @@ def up_cmd(root: Path | None, nodes: int | None, base_port: int | None, timeout:
         click.echo(line)
     d = _dir_arg(c, root)
     first, second = c.nodes()[0], c.nodes()[-1]
+    top = next(v for v in c.config().volumes if v.path == "/")
+    sites = [n for n in top.sites if n != top.primary]
+    site = sites[-1] if sites else second.name
     tries = [
         (f"dfs cluster status{d}", "nodes, PIDs, mounts, replication state"),
         (f"echo hello > {second.mountpoint}/hello.txt", "write on one node..."),
         (f"cat {first.mountpoint}/hello.txt", "...read on another: one tree"),
-        (f"dfs cluster stop {second.name} --kill{d}", "crash a storage site: updates go on"),
-        (f"dfs cluster start {second.name}{d}", "bring it back: it catches up"),
+        (f"dfs cluster stop {site} --kill{d}", "crash a storage site: updates go on"),
+        (f"dfs cluster start {site}{d}", "bring it back: it catches up"),
+        (f"mkdir {first.mountpoint}/proj", "a volume of its own, ordered by another node:"),
+        (
+            f"dfs volume create {first.mountpoint}/proj --primary {second.name}",
+            "rename/link across volumes: EXDEV",
+        ),
         (f"dfs cluster down{d}", "unmount and stop every node"),
     ]
     width = max(len(cmd) for cmd, why in tries if why)
     click.echo(
         f"\nEvery mount shows the same tree. {first.name} is the primary of the root volume: it\n"
-        "orders every update and replicates it to every node before the update returns.\n"
+        "orders every update and replicates it to its storage sites before the update returns.\n"
         "Try:"
     )
     for cmd, why in tries:

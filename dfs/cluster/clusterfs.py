@@ -231,7 +231,15 @@ class NodeFs:
         if repl is not None:
             await repl.wait()
 
-    async def _fwd(self, vol: VolumeId, op: str, args: list[Any], ctx: Ctx | None = None) -> Any:
+    async def _fwd(
+        self,
+        vol: VolumeId,
+        op: str,
+        args: list[Any],
+        ctx: Ctx | None = None,
+        *,
+        update: bool = True,
+    ) -> Any:
         if self._forward is None:
             raise FsError(errno.EROFS, f"no primary for volume {vol} is known here")
         primary = self._volume(vol).primary if self.volumes is not None else ""
@@ -240,6 +248,8 @@ class NodeFs:
                 primary, op, args, pack_ctx(ctx) if ctx is not None else [0, 0, 0, None]
             )
         except PeerUnavailable as exc:
+            if not update:  # a read of a volume stored elsewhere: the primary is down
+                raise
             self._refused(op, exc)
             raise FsError(errno.EROFS, f"primary unreachable: {exc}") from None
         except PeerTimeout as exc:
@@ -280,18 +290,28 @@ class NodeFs:
                     raise NotFound()
                 a = got
                 self.vfs.remember(a.ino)  # stored here: this node's kernel references
-            if vol == ROOT_VOLUME and a.is_dir and self.volumes is not None:
-                v = self.volumes.covering(a.ino)
-                if v is not None:
-                    self.vfs.forget([(a.ino, 1)])  # the kernel gets the volume's root instead
-                    a = await self._root_attr(v)
-                    self._counted_attr(a)
+            v = self._covering(vol, a)
+            if v is not None:
+                self.vfs.forget([(a.ino, 1)])  # the kernel gets the volume's root instead
+                a = await self._root_attr(v)
+                self._counted_attr(a)
             return a
         found = await self._read(vol).lookup(parent, name)
         if found is None:
             raise NotFound()
+        v = self._covering(vol, found)
+        if v is not None:
+            found = await self._root_attr(v)
+            self._counted_attr(found)
+            return found
         self._count_remote(found)
         return found
+
+    def _covering(self, vol: VolumeId, a: Attr) -> Volume | None:
+        """The volume mounted on ``a``, if it is a mount point."""
+        if vol != ROOT_VOLUME or not a.is_dir or self.volumes is None:
+            return None
+        return self.volumes.covering(a.ino)
 
     async def _root_attr(self, v: Volume) -> Attr:
         if self.stores(v.vol):
@@ -339,10 +359,10 @@ class NodeFs:
         """Entries after cookie ``start`` (a lazy iterator for a stored directory: the
         FUSE layer takes as many as fit). Mount points show their volume's root."""
         vol = self.volume_of(ino)
-        if not self.stores(vol):
-            return iter(await self._read(vol).readdir(ino, start))
         entries: Iterator[DirEntry]
-        if self._reads_here(vol):
+        if not self.stores(vol):
+            entries = iter(await self._read(vol).readdir(ino, start))
+        elif self._reads_here(vol):
             entries = self.vfs.readdir(ino, start)
         else:
             got = await self._current_read(
@@ -359,11 +379,9 @@ class NodeFs:
             try:
                 roots[mdir] = await self._root_attr(v)
             except FsError:
-                # Its primary does not answer: show the name, with the mount point's
-                # attributes (a lookup or stat reports the error).
-                m = self.vfs.getattr(InodeId(mdir))
-                m.ino, m.volume = v.root, v.vol
-                roots[mdir] = m
+                # Its primary does not answer: show the name, as a directory of root's
+                # (a lookup or stat reports the error).
+                roots[mdir] = Attr(v.root, 0o40755, 0, 0, 2, 0, 0, 0, 0, 0, volume=v.vol)
         return (
             DirEntry(e.name, roots[e.attr.ino], e.cookie) if e.attr.ino in roots else e
             for e in entries
@@ -376,11 +394,14 @@ class NodeFs:
         for v in self.volumes.all():
             if v.vol == ROOT_VOLUME:
                 continue
-            try:
-                if self.vfs.getattr(v.mount_dir).parent == ino:
-                    out[int(v.mount_dir)] = v
-            except FsError:
-                continue
+            parent = v.mount_parent
+            if not parent:  # a record from before mount parents were kept
+                try:
+                    parent = self.vfs.getattr(v.mount_dir).parent
+                except FsError:
+                    continue
+            if parent == ino:
+                out[int(v.mount_dir)] = v
         return out
 
     def remember(self, a: Attr) -> None:
@@ -447,7 +468,7 @@ class NodeFs:
                 return await self._read(vol).read(ino, off, size)
             except (PeerUnavailable, PeerTimeout):
                 return await self.files.read(fh, off, size)
-        data = await self._fwd(rf.vol, "read", [rf.rfh, off, min(size, MAX_READ)])
+        data = await self._fwd(rf.vol, "read", [rf.rfh, off, min(size, MAX_READ)], update=False)
         if not isinstance(data, bytes) or len(data) > size:
             raise FsError(errno.EIO, "malformed read answer from the primary")
         return data
@@ -579,7 +600,7 @@ class NodeFs:
         stored = self.stores(vol)
         if stored and not flags & WRITE_ACCESS:
             return self.files.open(ino, flags)
-        rfh = await self._fwd(vol, "open", [ino, flags], ctx)
+        rfh = await self._fwd(vol, "open", [ino, flags], ctx, update=bool(flags & WRITE_ACCESS))
         if not isinstance(rfh, int):
             raise FsError(errno.EIO, "malformed open answer from the primary")
         if not stored:

@@ -61,7 +61,7 @@ from dfs.cluster.replication import (
     register_site_methods,
 )
 from dfs.cluster.views import HostViews
-from dfs.cluster.volumes import Volume, VolumeTable, encode_mount
+from dfs.cluster.volumes import Volume, VolumeTable, encode_mount, from_wire
 from dfs.config import ClusterConfig, NodeConfig
 from dfs.errors import FsError, NotFound
 from dfs.fs.vfs import Vfs
@@ -163,6 +163,7 @@ class ClusterService:
             self._control_create,
         )
         cm.add("volume.list", {}, self._control_list)
+        methods.add("vol.list", {}, self._list)
         cluster.extra_status = self.status
         for v in volumes.all():
             self._adopt(v)
@@ -213,10 +214,32 @@ class ClusterService:
             return v.primary
         return self._joined.get(VolumeId(vol))
 
+    async def _fetch_volumes(self) -> bool:
+        """A node that does not store the root volume asks one that does for the volumes."""
+        root = self.volumes.root
+        for node in (root.primary, *[s for s in root.sites if s != root.primary]):
+            try:
+                got = await self._call(node, "vol.list", {}, self.config.timeouts.call)
+                vols = [from_wire(d) for d in got if d.get("vol") != ROOT_VOLUME]
+            except (FsError, ValueError, TypeError, AttributeError) as exc:
+                log.debug("volume table from %s: %s", node, exc)
+                continue
+            for v in self.volumes.load(vols):
+                log.info("volume %d at %s (primary %s)", v.vol, v.path, v.primary)
+            return True
+        return False
+
+    async def _list(self, peer: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+        if not self.volumes.local:
+            raise FsError(errno.ESTALE, f"{self.me} does not store the root volume")
+        return [v.wire() for v in self.volumes.all()]
+
     async def _watch(self) -> None:
         """New volumes reach this node with the root volume's records: take part in them."""
         while True:
             await trio.sleep(self.config.timeouts.heartbeat)
+            if not self.volumes.local:
+                await self._fetch_volumes()
             for v in self.volumes.refresh():
                 log.info("volume %d at %s (primary %s)", v.vol, v.path, v.primary)
             for v in self.volumes.all():
@@ -225,6 +248,14 @@ class ClusterService:
     async def start(self, nursery: trio.Nursery) -> None:
         """Start replicating; a site waits (bounded) until it caught up with each primary."""
         self._nursery = nursery
+        if not self.volumes.local:
+            with trio.move_on_after(CATCH_UP_WAIT):
+                for _ in range(int(CATCH_UP_WAIT / self.config.timeouts.heartbeat) + 1):
+                    if await self._fetch_volumes():
+                        break
+                    await trio.sleep(self.config.timeouts.heartbeat)
+            for v in self.volumes.all():
+                self._adopt(v)
         for repl in self.repls.values():
             nursery.start_soon(repl.run)
         nursery.start_soon(self.fs.purge_orphans, self._ask_holds)
@@ -236,8 +267,8 @@ class ClusterService:
             await self._say_hello(p)
         deadline = trio.current_time() + CATCH_UP_WAIT
         for vol, keeper in self.keepers.items():
-            v = self.volumes.get(vol)
-            who = v.primary if v is not None else "?"
+            known = self.volumes.get(vol)
+            who = known.primary if known is not None else "?"
             if await keeper.wait_current(max(0.0, deadline - trio.current_time())):
                 log.info("volume %d: caught up with primary %s", vol, who)
             else:
@@ -373,7 +404,10 @@ class ClusterService:
             got = await self._call(root.primary, "vol.create", args, limit)
         # The root primary returned once this node (a storage site of the root volume in
         # sync) applied the mount: it is in the table from now on.
-        for v in self.volumes.refresh():
+        if not self.volumes.local:
+            await self._fetch_volumes()
+        self.volumes.refresh()
+        for v in self.volumes.all():
             self._adopt(v)
         if not isinstance(got, dict):
             raise FsError(errno.EIO, "malformed answer to vol.create")
@@ -408,7 +442,7 @@ class ClusterService:
             else:
                 raise FsError(errno.EEXIST, "no free volume id")
             root = unpack_attr(wire)
-            v = Volume(vol, path, root.ino, sites[0], sites, mdir.ino)
+            v = Volume(vol, path, root.ino, sites[0], sites, mdir.ino, parent)
             token = ORIGIN.set(0)  # every node's kernel must drop what it has of the name
             try:
                 self.vfs.cover(parent, name, encode_mount(v))

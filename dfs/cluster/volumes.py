@@ -37,6 +37,7 @@ class Volume:
     primary: str
     sites: tuple[str, ...]  # storage sites, the primary included
     mount_dir: InodeId  # the root volume's directory it covers (ROOT_INODE for the root)
+    mount_parent: InodeId = InodeId(0)  # that directory's parent (mount points never move)
 
     def stored_on(self, node: str) -> bool:
         return node == self.primary or node in self.sites
@@ -50,6 +51,17 @@ class Volume:
             "sites": list(self.sites),
         }
 
+    def wire(self) -> dict[str, Any]:
+        """``as_dict`` plus where it is mounted (``vol.list``)."""
+        return {**self.as_dict(), "dir": int(self.mount_dir), "parent": int(self.mount_parent)}
+
+
+def from_wire(d: Any) -> Volume:
+    """A ``Volume.wire()`` map from another node; ValueError if malformed."""
+    if not isinstance(d, dict) or not isinstance(d.get("dir"), int):
+        raise ValueError("malformed volume")
+    return _decode(int(d["dir"]), d)
+
 
 def encode_mount(v: Volume) -> bytes:
     """The ``mounts`` record of ``v`` (schema.py)."""
@@ -60,6 +72,7 @@ def encode_mount(v: Volume) -> bytes:
             "path": v.path,
             "primary": v.primary,
             "sites": list(v.sites),
+            "parent": int(v.mount_parent),
         }
     )
     return raw
@@ -71,6 +84,10 @@ def decode_mount(mount_dir: int, raw: bytes) -> Volume:
         d = msgpack.unpackb(raw)
     except Exception as exc:
         raise ValueError(f"mount record of {mount_dir:#x}: {exc}") from None
+    return _decode(mount_dir, d)
+
+
+def _decode(mount_dir: int, d: Any) -> Volume:
     if not (
         isinstance(d, dict)
         and isinstance(d.get("vol"), int)
@@ -79,6 +96,7 @@ def decode_mount(mount_dir: int, raw: bytes) -> Volume:
         and isinstance(d.get("primary"), str)
         and isinstance(d.get("sites"), list)
         and all(isinstance(x, str) for x in d["sites"])
+        and isinstance(d.get("parent", 0), int)
     ):
         raise ValueError(f"mount record of {mount_dir:#x} is malformed")
     return Volume(
@@ -88,21 +106,36 @@ def decode_mount(mount_dir: int, raw: bytes) -> Volume:
         d["primary"],
         tuple(d["sites"]),
         InodeId(mount_dir),
+        InodeId(d.get("parent", 0)),
     )
 
 
 class VolumeTable:
     """See the module docstring."""
 
-    def __init__(self, meta: MetaStore, root: Volume) -> None:
+    def __init__(self, meta: MetaStore, root: Volume, *, local: bool = True) -> None:
         self.meta = meta
         self.root = root
+        # local: this node stores the root volume and reads the records from its store;
+        # else the table is what ``load`` was last given (from a node that stores it).
+        self.local = local
         self._vols: dict[VolumeId, Volume] = {ROOT_VOLUME: root}
         self._by_root: dict[InodeId, Volume] = {ROOT_INODE: root}
+        self._covered: dict[InodeId, Volume] = {}
         self.refresh()
+
+    def load(self, volumes: list[Volume]) -> list[Volume]:
+        """Replace the table by ``volumes`` (not the root); returns those not known before."""
+        new = [v for v in volumes if v.vol not in self._vols]
+        self._vols = {ROOT_VOLUME: self.root, **{v.vol: v for v in volumes}}
+        self._by_root = {v.root: v for v in self._vols.values()}
+        self._covered = {v.mount_dir: v for v in volumes}
+        return new
 
     def refresh(self) -> list[Volume]:
         """Reread the mount records; returns the volumes not known before."""
+        if not self.local:
+            return []
         new: list[Volume] = []
         with self.meta.read() as txn:
             for key, raw in txn.cursor(db=self.meta.mounts):
@@ -114,6 +147,7 @@ class VolumeTable:
                     new.append(v)
                 self._vols[v.vol] = v
                 self._by_root[v.root] = v
+                self._covered[v.mount_dir] = v
         return new
 
     def get(self, vol: VolumeId) -> Volume | None:
@@ -129,6 +163,8 @@ class VolumeTable:
 
     def covering(self, ino: InodeId) -> Volume | None:
         """The volume mounted on directory ``ino`` of the root volume, if any."""
+        if not self.local:
+            return self._covered.get(ino)
         with self.meta.read() as txn:
             raw = txn.get(S.mount_key(ino), db=self.meta.mounts)
         if raw is None:

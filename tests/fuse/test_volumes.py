@@ -1,10 +1,11 @@
 """Volumes: a second volume with its own primary and sites, seen from every node.
 
-A 3-node cluster (root volume: primary n1, sites n1..n3) with the volume
-``/proj`` made by ``dfs volume create`` (primary n2, sites n2 and n3): n1 stores
-no replica of it and reads it from n2. Shell workloads run on each kind of node
-and the trees are compared through every mount; then what volumes add: EXDEV
-across them, EBUSY on a mount point, the per-host views, the errors of
+A 4-node cluster (root volume: primary n1, sites n1..n3; n4 stores no replica of
+it and reads it from n1) with the volume ``/proj`` made by ``dfs volume create``
+(primary n2, sites n2 and n3): n1 and n4 store no replica of it and read it from
+n2. Shell workloads run on each kind of node and the trees are compared through
+every mount; then what volumes add: EXDEV across them, EBUSY on a mount point,
+the per-host views, the errors of
 ``dfs volume create``, a storage site of the volume killed mid-workload, the
 volume's primary restarted, and fsck of every node's store.
 """
@@ -28,7 +29,7 @@ from tests.fuse.test_cluster import SOURCES, assert_same_everywhere, run
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
-NODES = ("n1", "n2", "n3")
+NODES = ("n1", "n2", "n3", "n4")
 
 
 def dfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -40,8 +41,8 @@ def dfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
     root = tmp_path_factory.mktemp("vol") / "c"
-    with launched(root, show_logs=lambda: False) as launcher:
-        r = launcher.up()
+    with launched(root, nodes=4, show_logs=lambda: False) as launcher:
+        r = launcher.up(nodes=4)
         assert r.returncode == 0, r.stdout + r.stderr + launcher.logs()
         (root / "n1" / "mnt" / "proj").mkdir()
         r = dfs(
@@ -77,13 +78,15 @@ def until(cond: Any, limit: float = 5.0) -> None:
 
 
 def test_volume_list_on_every_node(cluster: Launcher) -> None:
-    roles = {"n1": "none", "n2": "primary", "n3": "site"}
+    roles = {"n1": "none", "n2": "primary", "n3": "site", "n4": "none"}
+    root_roles = {"n1": "primary", "n2": "site", "n3": "site", "n4": "none"}
     for node in NODES:
         r = dfs("volume", "list", str(mnt(cluster, node)), "--json")
         assert r.returncode == 0, r.stderr
         vols = {v["path"]: v for v in json.loads(r.stdout)}
         assert set(vols) == {"/", "/proj"}
         assert vols["/"]["primary"] == "n1"
+        assert vols["/"]["role"] == root_roles[node]
         assert vols["/proj"]["role"] == roles[node]
         text = dfs("volume", "list", str(mnt(cluster, node))).stdout
         assert "/proj" in text and "n2,n3" in text
@@ -92,9 +95,10 @@ def test_volume_list_on_every_node(cluster: Launcher) -> None:
     assert r.returncode == 0 and "/proj" in r.stdout, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("origin", ["n1", "n2", "n3"])
+@pytest.mark.parametrize("origin", ["n1", "n2", "n3", "n4"])
 def test_workload_in_a_volume_is_seen_on_every_node(vdirs: dict[str, Path], origin: str) -> None:
-    """n1 stores nothing of /proj (every operation goes to n2), n2 orders it, n3 stores it."""
+    """n1 and n4 store nothing of /proj (every operation goes to n2), n2 orders it, n3 stores
+    it; n4 does not store the root volume either."""
     run(
         f"mkdir tree && cp -a {SOURCES} tree/ && "
         "mkdir -p t2 && tar cf - -C tree . | tar xf - -C t2 && "
@@ -112,6 +116,22 @@ def test_workload_in_a_volume_is_seen_on_every_node(vdirs: dict[str, Path], orig
     for sub in ("json/decoder.py", "email/message.py"):
         src = Path(SOURCES.split()[0]).parent / sub
         assert (vdirs["n1"] / "tree" / sub).read_bytes() == src.read_bytes()
+
+
+def test_a_node_without_a_root_replica_works_in_the_root_volume(cluster: Launcher) -> None:
+    """n4 stores nothing of the root volume: its reads go to n1, its updates too."""
+    top = {n: mnt(cluster, n) / "rootwork" for n in NODES}
+    top["n4"].mkdir()
+    try:
+        run(
+            f"cp -a {SOURCES} . && ln -s json link && printf 'x\\n' > f && chmod 600 f && "
+            "mv f g && setfattr -n user.k -v v g",
+            top["n4"],
+        )
+        assert_same_everywhere(top, "n4")
+        assert not (mnt(cluster, "n1") / "..." / "n4" / "rootwork").exists()
+    finally:
+        run("rm -rf rootwork", mnt(cluster, "n2"))
 
 
 def test_changes_elsewhere_show_on_the_node_without_a_replica(vdirs: dict[str, Path]) -> None:
@@ -256,6 +276,12 @@ def test_volume_primary_restarts_with_everything(cluster: Launcher, vdirs: dict[
             (vdirs["n3"] / "new").write_text("x")
         assert e.value.errno == errno.EROFS and time.monotonic() - t0 < 10
         assert (vdirs["n3"] / "kept").read_text() == "kept across a restart of n2"
+        # A node that stores no replica cannot read the volume now: a clear error, fast.
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            (vdirs["n4"] / "kept").read_text()
+        assert e.value.errno in (errno.EHOSTDOWN, errno.ETIMEDOUT)
+        assert time.monotonic() - t0 < 10
         (mnt(cluster, "n3") / "root-file").write_text("root volume still takes updates")
     finally:
         r = cluster.dfs("start", "n2")
@@ -269,7 +295,7 @@ def test_volume_primary_restarts_with_everything(cluster: Launcher, vdirs: dict[
 
 def test_every_store_checks_clean(cluster: Launcher) -> None:
     """Offline fsck of each node's store: volume roots are not lost directories."""
-    for node in ("n3", "n1", "n2"):
+    for node in ("n3", "n4", "n1", "n2"):
         r = cluster.dfs("stop", node)
         assert r.returncode == 0, r.stderr
         try:
