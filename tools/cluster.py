@@ -130,6 +130,19 @@ def _node_lines(c: LocalCluster) -> list[str]:
     return out
 
 
+def _volumes_text(st: NodeStatus) -> str:
+    """Each volume the node takes part in: ``/:primary``, ``/proj:site`` (``-nolease`` when
+    its read lease lapsed); volumes it stores no replica of are left out."""
+    parts = []
+    for v in st.volumes:
+        role = v.get("role")
+        if role == "primary":
+            parts.append(f"{v.get('path')}:primary")
+        elif role == "site":
+            parts.append(f"{v.get('path')}:site" + ("" if v.get("lease") else "-nolease"))
+    return " ".join(parts) or "-"
+
+
 def _peers_text(st: NodeStatus) -> str:
     if st.control_error:
         return f"control socket: {st.control_error}"
@@ -177,7 +190,7 @@ def status_cmd(root: Path | None, as_json: bool) -> None:
         }
         click.echo(json.dumps(doc, indent=2))
     else:
-        rows = [("NODE", "ADDRESS", "PID", "STATE", "MOUNT", "MOUNT POINT", "PEERS")]
+        rows = [("NODE", "ADDRESS", "PID", "STATE", "MOUNT", "MOUNT POINT", "VOLUMES", "PEERS")]
         for n in nodes:
             rows.append(
                 (
@@ -187,6 +200,7 @@ def status_cmd(root: Path | None, as_json: bool) -> None:
                     n.state,
                     n.mount,
                     n.mountpoint,
+                    _volumes_text(n) if n.pid else "-",
                     _peers_text(n) if n.pid else "-",
                 )
             )

@@ -124,6 +124,8 @@ class NodeStatus:
     mount: str  # "live", "stale", "none", "hung" or "error"
     peers: list[dict[str, Any]] = field(default_factory=list)  # from its control socket
     control_error: str | None = None
+    # Its part in each volume (role, lease, last update applied), from its control socket.
+    volumes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def running(self) -> bool:
@@ -140,6 +142,7 @@ class NodeStatus:
             "mount": self.mount,
             "peers": self.peers,
             "control_error": self.control_error,
+            "volumes": self.volumes,
         }
 
 
@@ -527,6 +530,9 @@ class LocalCluster:
                 try:
                     info = request(node.control_path, "status", timeout=PROBE_TIMEOUT)
                     st.peers = list(info.get("peers", []))
+                    repl = info.get("replication")
+                    if isinstance(repl, dict) and isinstance(repl.get("volumes"), list):
+                        st.volumes = [v for v in repl["volumes"] if isinstance(v, dict)]
                 except (ControlError, FsError) as exc:
                     st.control_error = str(exc)
             out.append(st)

@@ -262,7 +262,9 @@ class ClusterService:
         nursery.start_soon(self._watch)
         for keeper in self.keepers.values():
             nursery.start_soon(keeper.run)
-        primaries = sorted({v.primary for v in self.volumes.all() if v.vol in self.keepers})
+        # Every primary hears that this node (re)started: it catches the sites up at once
+        # and closes the handles it held open for this node's previous run.
+        primaries = sorted({v.primary for v in self.volumes.all()} - {self.me})
         for p in primaries:
             await self._say_hello(p)
         deadline = trio.current_time() + CATCH_UP_WAIT
