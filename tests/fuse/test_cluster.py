@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.fuse.clusters import Launcher, launched
+from tests.fuse.clusters import SOURCES, Launcher, assert_same_everywhere, launched, run
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
@@ -50,64 +49,6 @@ def mnts(cluster: Launcher, request: pytest.FixtureRequest) -> Iterator[dict[str
     if bugs:
         print(cluster.logs())
     assert not bugs, "a daemon logged unexpected exceptions:\n" + "\n".join(bugs)
-
-
-def run(cmd: str, cwd: Path) -> str:
-    r = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
-    return r.stdout
-
-
-def snapshot(top: Path) -> dict[str, tuple[Any, ...]]:
-    """Everything a user can see of a tree, keyed by relative path."""
-    out: dict[str, tuple[Any, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in sorted(dirnames + filenames):
-            p = Path(dirpath) / name
-            st = os.lstat(p)
-            xattrs = {
-                x: os.getxattr(p, x, follow_symlinks=False)
-                for x in sorted(os.listxattr(p, follow_symlinks=False))
-            }
-            if os.path.islink(p):
-                body: Any = os.readlink(p)
-            elif p.is_file():
-                body = p.read_bytes()
-            else:
-                body = None
-            out[str(p.relative_to(top))] = (
-                st.st_mode,
-                st.st_uid,
-                st.st_gid,
-                st.st_nlink,
-                st.st_ino,
-                st.st_size if not p.is_dir() else None,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-                xattrs,
-                body,
-            )
-    return out
-
-
-def assert_same_everywhere(mnts: dict[str, Path], origin: str) -> dict[str, tuple[Any, ...]]:
-    want = snapshot(mnts[origin])
-    assert want, "the workload left nothing to compare"
-    for node, path in mnts.items():
-        if node == origin:
-            continue
-        got = snapshot(path)
-        missing = sorted(set(want) - set(got))
-        extra = sorted(set(got) - set(want))
-        assert not missing and not extra, f"{node}: missing {missing[:5]}, extra {extra[:5]}"
-        diff = [k for k in want if want[k] != got[k]]
-        first = diff[0] if diff else ""
-        assert not diff, f"{node} differs at {diff[:5]}: {want[first]!r:.300} / {got[first]!r:.300}"
-    return want
-
-
-# A real source tree of a few hundred files: the standard library's email and json packages.
-SOURCES = " ".join(str(Path(shutil.__file__).parent / p) for p in ("email", "json"))
 
 
 @pytest.mark.parametrize("origin", ["n1", "n2"])

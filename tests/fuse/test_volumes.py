@@ -24,8 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.fuse.clusters import DFS, Launcher, launched
-from tests.fuse.test_cluster import SOURCES, assert_same_everywhere, run
+from tests.fuse.clusters import DFS, SOURCES, Launcher, assert_same_everywhere, launched, run
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
