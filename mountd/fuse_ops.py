@@ -250,15 +250,20 @@ class DfsOperations(pyfuse3.Operations):
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         return await self.vfs.write(fh, off, buf)
 
+    @fuse_errors
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
-        """Tell the kernel to stop sending FLUSH: there is nothing left for it to do.
+        """close(2): in a cluster, wait until the handle's writes are replicated.
 
-        Before FLUSH the kernel has already written every dirty page back to
-        us (write handlers are synchronous), and write errors reach close(2)
-        through the page cache. Checksums settle on release and fsync. Saying
-        ENOSYS once saves a request round trip on every close(2).
+        Alone, there is nothing left to do: before FLUSH the kernel has written
+        every dirty page back to us (write handlers are synchronous), write
+        errors reach close(2) through the page cache, and checksums settle on
+        release and fsync. Saying ENOSYS once then saves a request round trip on
+        every close(2).
         """
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        if self.vfs.standalone:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        if fh < VIEW_FH:
+            await self.vfs.flush(fh)
 
     @fuse_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:

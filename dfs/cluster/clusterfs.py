@@ -56,6 +56,7 @@ WRITE_ACCESS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 MAX_ARGS = 8
 PURGE_INTERVAL = 0.5
 MAX_OFF = (1 << 63) - 1
+WRITE_WINDOW = 16  # writes on a primary ahead of its slowest site in sync (see NodeFs.flush)
 REMOTE_FH = 1 << 61  # handles on files and directories of volumes not stored here
 # The last invalidation ticket of the forwarded update this task runs (see NodeFs._serve).
 _TICKET: contextvars.ContextVar[int] = contextvars.ContextVar("dfs_inval_ticket", default=0)
@@ -131,6 +132,7 @@ class NodeFs:
         # Kernel references to inodes of volumes not stored here: ino -> [volume, references].
         self._remote: dict[InodeId, list[int]] = {}
         self._held: dict[int, str] = {}  # primary: handles opened for other nodes -> node
+        self._unacked: dict[int, tuple[VolumeId, int]] = {}  # primary: handle -> last write
         self._last_refusal = -1e9
         self._ticket = _TICKET
         self._orphans: set[InodeId] = set()  # primary: purges waiting for the other nodes
@@ -216,7 +218,10 @@ class NodeFs:
             repl.committed(txn)
         if self.notify is not None and ORIGIN.get():
             ws = [(i, k, v) for (i, k), v in txn.ws.items()]
-            changed = invalidations(ws, txn.data)
+            lookups = self.vfs.lookups  # what this node's kernel holds; nothing else is cached
+            changed = [
+                c for c in invalidations(ws, txn.data) if c[1] == ROOT_INODE or c[1] in lookups
+            ]
             if changed:
                 self._ticket.set(self.notify.put(changed))
 
@@ -627,7 +632,7 @@ class NodeFs:
             vol = self._handle_volume(fh)
             if self._mine(vol):
                 n = await self.files.write(fh, off, data)
-                await self._replicated(vol)
+                await self._written(fh, vol)
                 return n
             got = self._remote_fh.get(fh)
             if got is None:
@@ -637,6 +642,26 @@ class NodeFs:
         if not isinstance(n, int):
             raise FsError(errno.EIO, "malformed write answer from the primary")
         return n
+
+    async def _written(self, fh: int, vol: VolumeId) -> None:
+        """A write made here, on the primary: it is acknowledged to the writer at ``flush``
+        (close) or ``fsync``, not now, so that writes and their replication overlap; at most
+        WRITE_WINDOW of them are ahead of the slowest site in sync."""
+        repl = self.repls.get(vol)
+        if repl is None:
+            return
+        seq = self.vfs.meta.seq(vol)
+        self._unacked[fh] = (vol, seq)
+        if seq > WRITE_WINDOW:
+            await repl.wait(seq - WRITE_WINDOW)
+
+    async def flush(self, fh: int) -> None:
+        """close(2): the handle's writes are on every storage site in sync when it returns."""
+        pending = self._unacked.pop(fh, None)
+        if pending is not None:
+            repl = self.repls.get(pending[0])
+            if repl is not None:
+                await repl.wait(pending[1])
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         rf = self._rfiles.get(fh)
@@ -668,6 +693,7 @@ class NodeFs:
         rfh = self._remote_fh.pop(fh, None)
         vol = self._handle_volume(fh) if rfh is not None else ROOT_VOLUME
         try:
+            await self.flush(fh)  # written through a mapping, or closed without a flush
             await self.files.release(fh)
         finally:
             if rfh is not None:

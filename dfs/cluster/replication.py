@@ -1,32 +1,44 @@
-"""Primary-site replication of a volume: journal records shipped to storage sites, applied there.
+"""Primary-site replication of a volume: journal records shipped to storage sites.
 
 The primary executes every update of the volume in one lmdb transaction that
 becomes journal record ``seq`` (a write-set plus the data-store changes, see
-dfs/meta/schema.py). ``Replicator`` (on the primary) runs one sender task per
-storage site that sends the records the site has not acknowledged, oldest
-first, in batches (``repl.apply``); ``wait(seq)`` returns once every site *in
-sync* has applied ``seq`` — an update is acknowledged to its caller only then.
+dfs/meta/schema.py). ``Replicator`` (on the primary) ships the records to each
+storage site (``repl.apply``, oldest first, in batches; the site's side is
+``dfs.cluster.applier``); ``wait(seq)`` returns once every site *in sync* has
+applied ``seq`` — an update is acknowledged to its caller only then.
+
+Shipping to a site in sync is *streaming*: the commit hook (``committed``)
+sends the new record at once, from the committing task and with the record
+and write bytes it already has in memory (no journal read, one encoding for
+every site), without waiting for the answers to earlier requests: up to
+``WINDOW`` requests per site are in flight, and records committed while the
+window is full go in one batch when an answer frees it. Answers are taken in
+the connection's receiver task (``Peer.post``); a site's sender task only
+watches the deadlines (``call_timeout``). Without a ``post``-capable peer
+(``peer`` not given) each request is a task doing ``call``, one at a time
+(tasks may start in any order, requests must not). A site carries out
+``repl.apply`` requests in the order they arrive on the connection and
+answers the sequence it has applied: an answer below the request's last
+record (a gap: an earlier request was lost) stops the stream, and the sender
+catches up one call at a time before streaming again. A site's acknowledged
+sequence moves forward only, and only from its answers: an update waits
+until each site in sync reported a sequence at least its own.
 
 A site that fails a call (unreachable, deadline passed, error) drops out of
 sync: updates stop waiting for it, but only after its read lease has run out
 (below), so a site that missed an acknowledged update never answers reads as
-current. Its sender keeps retrying with backoff; the site's answer always
-says which sequence it has applied, so the sender resumes from there (from
-the journal; a record's file bytes are then read from the primary's data
-file as it is at that moment — later records bring the rest). Once the site
-has applied everything the primary has, it is back in sync.
+current. Its sender keeps retrying with backoff, one call at a time; the
+site's answer always says which sequence it has applied, so the sender
+resumes from there (from the journal; a record's file bytes are then read
+from the primary's data file as it is at that moment — later records bring
+the rest). Once the site has applied everything the primary has, it is back
+in sync and streams again.
 
 Leases: a site asks the primary for a lease every heartbeat (``repl.lease``),
 noting the time *before* it asks; a grant (given only to sites in sync) lets
 it treat its replica as current until that time plus ``lease``. The primary
 notes the time of each grant; since the site's start time precedes the grant,
 the site's lease always ends before the primary's note of it does.
-
-``ReplicaApplier`` (on a site) applies records strictly in order, each in one
-lmdb transaction after its data-store changes, with a ``dirty`` intent marking
-files whose blocks are newer than their digests (a settle record from the
-primary clears it), and reports what changed so the mount can invalidate
-the kernel's caches — except for updates this node made itself.
 """
 
 from __future__ import annotations
@@ -34,186 +46,57 @@ from __future__ import annotations
 import errno
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import trio
 
+from dfs.cluster.applier import INLINE_APPLY_BYTES as INLINE_APPLY_BYTES
+from dfs.cluster.applier import Inval as Inval
+from dfs.cluster.applier import Notifier as Notifier
+from dfs.cluster.applier import ReplicaApplier as ReplicaApplier
+from dfs.cluster.applier import invalidations as invalidations
+from dfs.cluster.applier import register_site_methods as register_site_methods
 from dfs.data.store import DataStore
 from dfs.errors import FsError
-from dfs.meta import schema as S
-from dfs.meta.replica import ReplicaError, apply_writeset, decode_record
+from dfs.meta.replica import decode_record
 from dfs.meta.store import MetaStore, WriteTxn
-from dfs.net.frames import Field
-from dfs.net.rpc import Methods, RpcError
-from dfs.types import InodeId, NodeId, VolumeId
+from dfs.net.frames import Packed, pack_args
+from dfs.net.peer import Pending
+from dfs.net.rpc import PeerTimeout, PeerUnavailable, RpcError
+from dfs.types import VolumeId
 
 log = logging.getLogger("dfs.cluster.replication")
 
-_INODES = S.DB_NAMES.index("inodes")
-_DIRENTS = S.DB_NAMES.index("dirents")
-_INLINE = S.DB_NAMES.index("inline")
-_BLOCKS = S.DB_NAMES.index("blocks")
-
 BATCH_RECORDS = 512
 BATCH_BYTES = 8 << 20
+WINDOW = 4  # requests in flight per streaming site
 LIVE_CACHE_BYTES = 256 << 20
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 2.0
 
-# What changed, for the kernel's caches: ("i", ino) attributes, ("d", ino) attributes and
-# contents, ("e", parent, name) a directory entry.
-Inval = tuple[str, int] | tuple[str, int, bytes]
+
+class Poster(Protocol):
+    """A peer that can pipeline requests (``dfs.net.peer.Peer``)."""
+
+    def post(self, method: str, args: Packed, on_done: Callable[[Pending], None]) -> Pending: ...
+
+    def abandon(self, pending: Pending) -> None: ...
 
 
-class Notifier(Protocol):
-    """Where changes made elsewhere go to be dropped from this node's kernel caches."""
+@dataclass(eq=False, slots=True)
+class _Request:
+    """A ``repl.apply`` in flight to a streaming site: records ``first`` .. ``last``."""
 
-    def put(self, batch: list[Inval]) -> int:
-        """Queue a batch (never blocks); returns its ticket."""
-        ...
-
-    async def flush(self, ticket: int) -> None:
-        """Return once batch ``ticket`` is done, or after a short bound (see mountd)."""
-        ...
-
-
-def invalidations(
-    ws: Iterable[tuple[int, bytes, bytes | None]], data: Iterable[list[Any]]
-) -> list[Inval]:
-    """The kernel cache entries a record makes stale."""
-    out: list[Inval] = []
-    contents: set[int] = set()
-    for op in data:
-        contents.add(int(op[1]))
-    attrs: set[int] = set()
-    for idx, key, _value in ws:
-        if idx == _INODES:
-            attrs.add(S.read_u64(key[:8]))
-        elif idx == _DIRENTS:
-            out.append(("e", S.read_u64(key[:8]), bytes(key[8:])))
-        elif idx == _INLINE:
-            contents.add(S.read_u64(key[:8]))
-    out.extend(("d", ino) for ino in sorted(contents))
-    out.extend(("i", ino) for ino in sorted(attrs - contents))
-    return out
-
-
-# --- the site side ------------------------------------------------------------------------
-
-INLINE_APPLY_BYTES = 256 * 1024
-
-
-def _data_bytes(records: list[Any]) -> int:
-    total = 0
-    for item in records:
-        if isinstance(item, list) and len(item) == 3 and isinstance(item[2], list):
-            total += sum(len(b) for b in item[2] if isinstance(b, bytes))
-    return total
-
-
-class ReplicaApplier:
-    """Applies a primary's records to this node's stores; see the module docstring."""
-
-    def __init__(
-        self,
-        meta: MetaStore,
-        data: DataStore,
-        me: NodeId,
-        notify: Notifier | None = None,
-    ) -> None:
-        self.meta = meta
-        self.data = data
-        self.me = me
-        self.notify = notify
-        self._lock = trio.Lock()
-
-    async def apply(self, vol: VolumeId, records: list[Any]) -> int:
-        """Apply ``records`` ([seq, record, blobs]) in order; returns the sequence now applied.
-
-        Records already applied are skipped; a record after a gap stops the batch
-        (the answer tells the primary where to resume).
-        """
-        async with self._lock:
-            changed: list[Inval] = []
-            try:
-                if _data_bytes(records) < INLINE_APPLY_BYTES:
-                    # Metadata and small writes: cheaper here than a worker thread's hop.
-                    return self._apply_batch(vol, records, changed)
-                return await trio.to_thread.run_sync(self._apply_batch, vol, records, changed)
-            finally:
-                if changed and self.notify is not None:
-                    # Before the answer: once the update returns to its caller, no kernel
-                    # here may still show the old state.
-                    await self.notify.flush(self.notify.put(changed))
-
-    def _apply_batch(self, vol: VolumeId, records: list[Any], changed: list[Inval]) -> int:
-        for item in records:
-            if not (isinstance(item, list) and len(item) == 3):
-                raise ReplicaError("malformed replication record")
-            seq, record, blobs = item
-            if not isinstance(seq, int) or not isinstance(record, bytes):
-                raise ReplicaError("malformed replication record")
-            have = self.meta.seq(vol)
-            if seq <= have:
-                continue
-            if seq != have + 1:
-                break
-            changed.extend(self._apply_one(vol, seq, record, blobs))
-        return self.meta.seq(vol)
-
-    def _apply_one(self, vol: VolumeId, seq: int, record: bytes, blobs: Any) -> list[Inval]:
-        rec = decode_record(record)
-        ws, ops = rec.ws, rec.data
-        if not isinstance(blobs, list) or len(blobs) != len(ops):
-            raise ReplicaError(f"record {seq}: {len(ops)} data operations, bytes for {blobs!r:.40}")
-        touched = {int(op[1]) for op in ops if op[0] != "rm"}
-        if touched:
-            # Marked before the data changes: blocks newer than their digests are
-            # re-checksummed after a crash and not verified by reads until settled.
-            with self.meta.write() as txn:
-                for ino in touched:
-                    txn.put(S.dirty_key(ino), b"", db=self.meta.dirty)
-        for op, blob in zip(ops, blobs, strict=True):
-            self._data_op(op, blob)
-        apply_writeset(self.meta, vol, seq, record, ws)
-        settled = {S.read_u64(key[:8]) for idx, key, _v in ws if idx == _BLOCKS} - touched
-        settled |= {int(op[1]) for op in ops if op[0] == "rm"}
-        if settled:
-            with self.meta.write() as txn:
-                for ino in settled:
-                    txn.delete(S.dirty_key(ino), db=self.meta.dirty)
-        if rec.origin == self.me:
-            return []
-        return invalidations(ws, ops)
-
-    def _data_op(self, op: list[Any], blob: Any) -> None:
-        kind, ino = op[0], InodeId(op[1])
-        if kind == "rm":
-            self.data.remove(ino)
-            return
-        if kind == "w":
-            if blob is None:
-                return  # gone on the primary by the time it was sent: a later record says so
-            if not isinstance(blob, bytes):
-                raise ReplicaError("malformed data bytes")
-            fd, _created = self.data.create(ino)
-            try:
-                DataStore.pwrite(fd, op[2], blob)
-            finally:
-                self.data.close(fd)
-            return
-        fd2 = self.data.open(ino, create=False)
-        if fd2 is None:
-            return
-        try:
-            DataStore.truncate(fd2, op[2])
-        finally:
-            self.data.close(fd2)
-
-
-# --- the primary side -----------------------------------------------------------------------
+    first: int
+    last: int
+    deadline: float
+    epoch: int
+    pending: Pending | None = None
+    peer: Poster | None = None
 
 
 @dataclass(eq=False)
@@ -226,6 +109,15 @@ class SiteLink:
     lease_until: float = -math.inf  # when the last lease granted to it ends (trio clock)
     last_error: str = ""
     wake: trio.Event = field(default_factory=trio.Event)
+    # Streaming: records up to ``sent`` were sent in the requests ``inflight`` (oldest
+    # first) or answered; ``epoch`` changes whenever the stream stops, so that answers to
+    # requests given up on are ignored.
+    streaming: bool = False
+    sent: int = -1
+    inflight: deque[_Request] = field(default_factory=deque)
+    epoch: int = 0
+    poster: Poster | None = None  # how this stream sends; None: a task per call
+    failure: BaseException | None = None  # the stream failed: back off, then catch up
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -237,10 +129,16 @@ class SiteLink:
 
 
 Caller = Callable[[str, str, dict[str, Any], float], Any]
+Item = list[Any]  # [seq, packed record, [bytes of each data operation or None]]
 
 
 class Replicator:
-    """The primary's side of one volume's replication (see the module docstring)."""
+    """The primary's side of one volume's replication (see the module docstring).
+
+    ``call(site, method, args, timeout)`` makes one RPC; ``peer(site)``, when
+    given, returns the site's ``Poster`` (None while it has none) for streaming
+    without a task per request.
+    """
 
     def __init__(
         self,
@@ -252,40 +150,65 @@ class Replicator:
         *,
         call_timeout: float,
         lease: float,
+        peer: Callable[[str], Poster | None] | None = None,
     ) -> None:
         self.meta = meta
         self.data = data
         self.vol = vol
         self.links = {name: SiteLink(name) for name in sites}
         self._call = call
+        self._peer = peer
         self.call_timeout = call_timeout
         self.lease = lease
         self._changed = trio.Event()
-        self._live: dict[int, list[bytes | memoryview | None]] = {}
-        self._live_bytes = 0
+        self._low = -1  # what every site in sync has applied, as last told to ``wait``
+        self._synced = 0  # which sites were in sync then (bit i: the i-th of ``links``)
+        # Records not yet applied by every site in sync, as sent (oldest first).
+        self._items: dict[int, Item] = {}
+        self._items_bytes = 0
+        self._packed: tuple[int, int, Packed] | None = None  # the last request's args
+        self._nursery: trio.Nursery | None = None
 
     # hooked to MetaStore.on_commit
     def committed(self, txn: WriteTxn) -> None:
         if txn.vol != self.vol:
             return
-        if (
-            any(b is not None for b in txn.live)
-            and self._live_bytes < LIVE_CACHE_BYTES
-            and any(link.in_sync for link in self.links.values())
-        ):
-            self._live[txn.seq] = list(txn.live)
-            self._live_bytes += sum(len(b) for b in txn.live if b is not None)
+        seq = txn.seq
+        if not txn.record or not any(lk.in_sync or lk.streaming for lk in self.links.values()):
+            for link in self.links.values():
+                link.wake.set()
+            return
+        blobs = [None if b is None else bytes(b) for b in txn.live]
+        size = len(txn.record) + sum(len(b) for b in blobs if b is not None)
+        if self._items_bytes + size <= LIVE_CACHE_BYTES:
+            self._items[seq] = [seq, txn.record, blobs]
+            self._items_bytes += size
         for link in self.links.values():
-            link.wake.set()
+            if link.streaming:
+                self._pump(link)
+            else:
+                link.wake.set()
 
     def _progress(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-        low = min((lk.acked for lk in self.links.values() if lk.in_sync), default=None)
-        if low is None:
-            low = self.meta.seq(self.vol)
-        for seq in [s for s in self._live if s <= low]:
-            self._live_bytes -= sum(len(b) for b in self._live.pop(seq) if b is not None)
+        """A site answered or changed state: wake the updates waiting, if that can matter."""
+        low = self.meta.seq(self.vol)
+        synced = 0
+        for i, lk in enumerate(self.links.values()):
+            if lk.in_sync:
+                synced |= 1 << i
+                if lk.acked < low:
+                    low = lk.acked
+        if low != self._low or synced != self._synced:
+            self._low, self._synced = low, synced
+            self._changed.set()
+            self._changed = trio.Event()
+        items = self._items
+        while items:
+            seq = next(iter(items))
+            if seq > low:
+                break
+            _s, record, blobs = items.pop(seq)
+            self._items_bytes -= len(record) + sum(len(b) for b in blobs if b is not None)
 
     async def wait(self, seq: int | None = None) -> None:
         """Return once every site in sync has applied ``seq`` (default: the latest), and every
@@ -314,6 +237,7 @@ class Replicator:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for link in self.links.values():
                 nursery.start_soon(self._sender, link)
 
@@ -323,9 +247,141 @@ class Replicator:
         if link is not None:
             link.wake.set()
 
+    # --- streaming -----------------------------------------------------------------------
+
+    def _pump(self, link: SiteLink) -> None:
+        """Send ``link`` what it was not sent yet, while its window has room."""
+        top = self.meta.seq(self.vol)
+        window = WINDOW if link.poster is not None else 1
+        while link.streaming and link.sent < top and len(link.inflight) < window:
+            items = self._run(link.sent)
+            if not items:  # not in the journal any more: the sender says so
+                self._stop(link, f"record {link.sent + 1} is not in the journal")
+                return
+            self._request(link, items)
+
+    def _request(self, link: SiteLink, items: list[Item]) -> None:
+        first, last = items[0][0], items[-1][0]
+        req = _Request(first, last, trio.current_time() + self.call_timeout, link.epoch)
+        args: dict[str, Any] = {"vol": int(self.vol), "records": items}
+        link.inflight.append(req)
+        link.sent = last
+        peer = link.poster
+        if peer is None:
+            assert self._nursery is not None  # streaming starts in ``run``
+            self._nursery.start_soon(self._call_request, link, req, args)
+            return
+        packed = self._packed
+        if packed is None or packed[0] != first or packed[1] != last:
+            packed = self._packed = (first, last, pack_args(args))
+        req.peer = peer
+        try:
+            req.pending = peer.post("repl.apply", packed[2], partial(self._posted, link, req))
+        except PeerUnavailable as exc:
+            # No connection (lost while idle): a call opens one; no reason to drop the site.
+            self._stop(link, str(exc))
+
+    async def _call_request(self, link: SiteLink, req: _Request, args: dict[str, Any]) -> None:
+        try:
+            reply = await self._call(link.name, "repl.apply", args, self.call_timeout)
+        except (RpcError, FsError) as exc:
+            self._answered(link, req, None, exc)
+        else:
+            self._answered(link, req, reply, None)
+
+    def _posted(self, link: SiteLink, req: _Request, pending: Pending) -> None:
+        try:
+            reply = pending.result()
+        except (RpcError, FsError) as exc:
+            self._answered(link, req, None, exc)
+        else:
+            self._answered(link, req, reply, None)
+
+    def _answered(
+        self, link: SiteLink, req: _Request, reply: Any, exc: BaseException | None
+    ) -> None:
+        if req.epoch != link.epoch or req not in link.inflight:
+            return  # given up on already
+        link.inflight.remove(req)
+        have = reply.get("have") if isinstance(reply, dict) else None
+        if exc is None:
+            if not isinstance(have, int) or isinstance(have, bool):
+                exc = FsError(errno.EPROTO, f"bad apply answer {reply!r:.80}")
+            elif have > self.meta.seq(self.vol):
+                exc = FsError(errno.EPROTO, "ahead of the primary")
+        if exc is not None or not isinstance(have, int):
+            self._fail(link, exc or FsError(errno.EPROTO, "no answer"))
+            return
+        if have > link.acked:
+            link.acked = have
+        if have < req.last:
+            # An earlier request did not arrive in time: catch up one call at a time.
+            self._stop(link, f"applied {have} of records {req.first}..{req.last}")
+        else:
+            link.last_error = ""
+            self._pump(link)
+        self._progress()
+
+    def _stop(self, link: SiteLink, why: str) -> None:
+        """Stop streaming to ``link`` (it stays in sync); its sender catches it up."""
+        if link.streaming:
+            log.debug("site %s: streaming stopped: %s", link.name, why)
+        link.streaming = False
+        link.epoch += 1
+        for req in link.inflight:
+            if req.pending is not None and req.peer is not None:
+                req.peer.abandon(req.pending)
+        link.inflight.clear()
+        link.sent = link.acked
+        link.wake.set()
+
+    def _fail(self, link: SiteLink, exc: BaseException) -> None:
+        """A request failed: the site drops out of sync; its sender backs off."""
+        self._stop(link, str(exc))
+        link.failure = exc
+        self._drop(link, exc)
+
+    async def _watch(self, link: SiteLink) -> None:
+        """While ``link`` streams: fail it when a request is not answered in time."""
+        while link.streaming:
+            link.wake = trio.Event()
+            if link.inflight:
+                deadline = link.inflight[0].deadline
+            else:  # a request sent from now on is looked at within a quarter of its time
+                deadline = trio.current_time() + self.call_timeout / 4
+            with trio.move_on_at(deadline):
+                await link.wake.wait()
+                continue
+            late = link.inflight and link.inflight[0].deadline <= trio.current_time()
+            if link.streaming and late:
+                self._fail(
+                    link,
+                    PeerTimeout(
+                        f"node {link.name}: repl.apply got no answer within {self.call_timeout:g}s"
+                    ),
+                )
+
+    def _stream(self, link: SiteLink) -> None:
+        link.poster = self._peer(link.name) if self._peer is not None else None
+        link.streaming = True
+        link.epoch += 1
+        link.sent = link.acked
+        link.inflight.clear()
+        self._pump(link)
+
+    # --- catching up ---------------------------------------------------------------------
+
     async def _sender(self, link: SiteLink) -> None:
         backoff = BACKOFF_MIN
         while True:
+            if link.streaming:
+                await self._watch(link)
+                continue
+            if link.failure is not None:
+                link.failure = None
+                await self._backoff(link, backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
             if link.acked >= self.meta.seq(self.vol):
                 link.wake = trio.Event()
                 if link.acked >= self.meta.seq(self.vol):
@@ -344,10 +400,7 @@ class Replicator:
                     raise FsError(errno.EPROTO, f"bad apply answer {reply!r:.80}")
             except (RpcError, FsError) as exc:
                 self._drop(link, exc)
-                with trio.move_on_after(backoff):
-                    link.wake = trio.Event()
-                    await link.wake.wait()
-                    await trio.sleep(BACKOFF_MIN)
+                await self._backoff(link, backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_MIN
@@ -357,29 +410,40 @@ class Replicator:
                 )
             link.acked = have
             link.last_error = ""
-            if have > self.meta.seq(self.vol):
+            top = self.meta.seq(self.vol)
+            if have > top:
                 log.error(
                     "site %s has applied %d updates of volume %d, more than this primary (%d); "
                     "not replicating to it",
                     link.name,
                     have,
                     self.vol,
-                    self.meta.seq(self.vol),
+                    top,
                 )
                 link.last_error = "ahead of the primary"
                 link.in_sync = False
                 self._progress()
                 await trio.sleep(BACKOFF_MAX * 5)
                 continue
-            if not batch and have < self.meta.seq(self.vol) and not self._journal_has(have + 1):
+            if not batch and have < top and not self._journal_has(have + 1):
                 link.last_error = f"needs records from {have + 1}, no longer in the journal"
                 log.error("site %s: %s; it needs a full resync", link.name, link.last_error)
+                link.in_sync = False
+                self._progress()
                 await trio.sleep(BACKOFF_MAX * 5)
                 continue
-            if not link.in_sync and have >= self.meta.seq(self.vol):
+            if not link.in_sync and have >= top:
                 link.in_sync = True
                 log.info("site %s in sync at update %d of volume %d", link.name, have, self.vol)
+            if link.in_sync:
+                self._stream(link)
             self._progress()
+
+    async def _backoff(self, link: SiteLink, delay: float) -> None:
+        with trio.move_on_after(delay):
+            link.wake = trio.Event()
+            await link.wake.wait()
+            await trio.sleep(BACKOFF_MIN)
 
     def _drop(self, link: SiteLink, exc: BaseException) -> None:
         link.last_error = str(exc)
@@ -398,31 +462,46 @@ class Replicator:
             return s == seq
         return False
 
-    def _batch(self, after: int) -> list[list[Any]]:
-        """Records after ``after`` (none to learn the site's position when it is unknown)."""
+    def _run(self, after: int) -> list[Item]:
+        """Consecutive records after ``after``, within the batch limits: kept ones as they
+        are, the others from the journal."""
+        out: list[Item] = []
+        total = 0
+        items = self._items
+        seq = after + 1
+        while seq in items and len(out) < BATCH_RECORDS and total < BATCH_BYTES:
+            item = items[seq]
+            out.append(item)
+            total += len(item[1]) + sum(len(b) for b in item[2] if b is not None)
+            seq += 1
+        if out:
+            return out
+        return self._batch(after)
+
+    def _batch(self, after: int) -> list[Item]:
+        """Records after ``after`` (none to learn the site's position when it is unknown, or
+        when the journal no longer has the next one)."""
         if after < 0:
             return []
-        out: list[list[Any]] = []
+        out: list[Item] = []
         total = 0
         for seq, raw in self.meta.journal_entries(self.vol, after):
-            if out and seq != out[-1][0] + 1:
+            if seq != (out[-1][0] if out else after) + 1:
                 break
-            blobs = self._blobs(seq, decode_record(raw).data)
-            out.append([seq, raw, blobs])
-            total += len(raw) + sum(len(b) for b in blobs if b is not None)
+            item = self._items.get(seq)
+            if item is None:
+                item = [seq, raw, self._blobs(decode_record(raw).data)]
+            out.append(item)
+            total += len(item[1]) + sum(len(b) for b in item[2] if b is not None)
             if len(out) >= BATCH_RECORDS or total >= BATCH_BYTES:
                 break
         return out
 
-    def _blobs(self, seq: int, ops: list[list[Any]]) -> list[bytes | None]:
-        live = self._live.get(seq)
+    def _blobs(self, ops: list[list[Any]]) -> list[bytes | None]:
         out: list[bytes | None] = []
-        for i, op in enumerate(ops):
+        for op in ops:
             if op[0] != "w":
                 out.append(None)
-                continue
-            if live is not None and live[i] is not None:
-                out.append(bytes(live[i]))  # type: ignore[arg-type]
                 continue
             fd = self.data.open(op[1], create=False)
             if fd is None:
@@ -466,26 +545,3 @@ class LeaseKeeper:
                 self._granted.set()
                 self._granted = trio.Event()
             await trio.sleep(self.interval)
-
-
-def register_site_methods(
-    methods: Methods, applier: ReplicaApplier, primary_of: Callable[[int], str | None]
-) -> None:
-    """``repl.apply``: records from the volume's primary (and only from it)."""
-
-    async def apply(peer: str, args: dict[str, Any]) -> dict[str, Any]:
-        vol = VolumeId(args["vol"])
-        if primary_of(vol) != peer:
-            raise FsError(errno.EPERM, f"{peer} is not the primary of volume {vol}")
-        try:
-            have = await applier.apply(vol, args["records"])
-        except ReplicaError as exc:
-            log.error("cannot apply records of volume %d from %s: %s", vol, peer, exc)
-            raise FsError(errno.EPROTO, str(exc)) from None
-        return {"have": have}
-
-    methods.add(
-        "repl.apply",
-        {"vol": Field(int), "records": Field(list)},
-        apply,
-    )

@@ -68,6 +68,7 @@ from dfs.fs.vfs import Vfs
 from dfs.meta import schema as S
 from dfs.meta.store import ORIGIN
 from dfs.net.frames import Field
+from dfs.net.peer import Peer
 from dfs.types import ROOT_INODE, ROOT_VOLUME, InodeId, VolumeId
 
 log = logging.getLogger("dfs.cluster.service")
@@ -121,7 +122,14 @@ class ClusterService:
         self.fs.repls = self.repls  # the same table: volumes added later are seen there
         methods = cluster.methods
         self.fs.register(methods, lambda name: config.node(name).id)
-        applier = ReplicaApplier(vfs.meta, vfs.data, node.id, notify)
+        # Only what this node's kernel holds needs dropping from its caches.
+        applier = ReplicaApplier(
+            vfs.meta,
+            vfs.data,
+            node.id,
+            notify,
+            known=lambda ino: ino == ROOT_INODE or ino in vfs.lookups,
+        )
         register_site_methods(methods, applier, self._primary_of)
         register_read_methods(methods, vfs)
         vol_field = {"vol": Field(int, optional=True)}
@@ -187,6 +195,7 @@ class ClusterService:
                 self._call,
                 call_timeout=self.config.timeouts.call,
                 lease=self.lease,
+                peer=self._peer,
             )
             self.repls[v.vol] = repl
             if self._nursery is not None:
@@ -329,6 +338,10 @@ class ClusterService:
         if self.cluster.pool is None:
             raise FsError(errno.EHOSTDOWN, "the cluster is not started")
         return await self.cluster.pool.peer(node).call(method, args, timeout=limit)
+
+    def _peer(self, node: str) -> Peer | None:
+        """The connection records are streamed over (``Peer.post``)."""
+        return self.cluster.pool.peer(node) if self.cluster.pool is not None else None
 
     async def _forward(self, node: str, op: str, args: list[Any], ctx: list[Any]) -> Any:
         return await self._call(

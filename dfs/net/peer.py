@@ -2,14 +2,28 @@
 
 ``Peer.call`` opens the connection on first use (under the connect deadline),
 authenticates it (the server must prove it is the node we meant), then
-reuses it: every call gets a fresh request id, is written under a send lock
-and waits on a one-shot slot that a receiver task fills when the RESPONSE or
-ERROR with that id arrives. Each call has a deadline (``Timeouts.call`` by
-default); a call whose deadline passes is abandoned and its late answer is
-dropped when it comes. When the connection is lost, every call waiting on it
-fails at once with ``PeerUnavailable`` and the next call reconnects. Connect
-failures back off (0.1 s doubling to 2 s): while backing off a call fails
-immediately, so a dead peer costs one quick failure per call, never a hang.
+reuses it: every call gets a fresh request id, its frame is written at once
+(below) and it waits on a one-shot slot that a receiver task fills when the
+RESPONSE or ERROR with that id arrives. Each call has a deadline
+(``Timeouts.call`` by default); a call whose deadline passes is abandoned and
+its late answer is dropped when it comes (and if frames are still waiting to
+be sent then, the peer is not reading: the connection is dropped). When the
+connection is lost, every call waiting on it fails at once with
+``PeerUnavailable`` and the next call reconnects. Connect failures back off
+(0.1 s doubling to 2 s): while backing off a call fails immediately, so a dead
+peer costs one quick failure per call, never a hang.
+
+Sending: a frame is written to the socket straight from the calling task
+(a non-blocking write, no task switch) when nothing is queued before it;
+what the socket does not take is queued, in order, for the connection's
+writer task. So frames never interleave, and a call costs no scheduling
+round of its own before it reaches the network (on byte streams that are not
+sockets, e.g. in tests, every frame goes through the writer task).
+
+``Peer.post`` sends a request without waiting for it: a synchronous call,
+for callers that pipeline many requests (replication); its answer, or the
+loss of the connection, is handed to a callback from the receiver task, and
+the caller keeps its own deadlines (``abandon`` gives a request up).
 
 A peer that answers an id we never asked for, sends a message type other
 than RESPONSE/ERROR, or anything malformed is disconnected with a warning.
@@ -22,6 +36,8 @@ clock, so tests can run on ``trio.testing.MockClock``.
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,7 +47,15 @@ import trio
 
 from dfs.config import ClusterConfig, Timeouts
 from dfs.errors import BUG_MARKER
-from dfs.net.frames import MAX_FRAME, Message, MessageType, ProtocolError, encode
+from dfs.net.frames import (
+    MAX_FRAME,
+    Message,
+    MessageType,
+    Packed,
+    ProtocolError,
+    encode,
+    encode_request,
+)
 from dfs.net.handshake import AuthError, client_handshake
 from dfs.net.rpc import (
     MAX_METHOD_NAME,
@@ -48,6 +72,7 @@ log = logging.getLogger("dfs.net.peer")
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 2.0
 MAX_ABANDONED = 100_000  # late answers we are prepared to drop on one connection
+MAX_BACKLOG = 4 * MAX_FRAME  # bytes queued for a peer that does not read: then drop it
 
 Connector = Callable[[], Awaitable[trio.abc.Stream]]
 """Opens a byte stream to the peer (default: TCP to its address and port)."""
@@ -65,34 +90,65 @@ class PeerStatistics:
     retry_in: float  # seconds until the next connect attempt is allowed; 0 if now
 
 
-class _Slot:
-    """Where the answer to one request lands."""
+class Pending:
+    """Where the answer to one request lands (``Peer.post`` returns it)."""
 
-    __slots__ = ("done", "message", "failure")
+    __slots__ = ("done", "message", "failure", "rid", "peer", "on_done", "_conn")
 
-    def __init__(self) -> None:
+    def __init__(
+        self, peer: str = "", rid: int = 0, on_done: Callable[[Pending], None] | None = None
+    ) -> None:
         self.done = trio.Event()
         self.message: Message | None = None
         self.failure: str | None = None
+        self.peer = peer
+        self.rid = rid
+        self.on_done = on_done
+        self._conn: _Connection | None = None
 
     def answer(self, msg: Message) -> None:
         self.message = msg
         self.done.set()
+        if self.on_done is not None:
+            self.on_done(self)
 
     def fail(self, reason: str) -> None:
         self.failure = reason
         self.done.set()
+        if self.on_done is not None:
+            self.on_done(self)
+
+    def result(self) -> Any:
+        """The answer's result; ``RemoteError`` or ``PeerUnavailable`` as ``Peer.call`` raises
+        them (only once ``done``)."""
+        msg = self.message
+        if msg is not None:
+            if msg.type is MessageType.RESPONSE:
+                return msg.body["r"]
+            raise RemoteError(wire_errno(msg.body.get("errno")), msg.body["reason"], self.peer)
+        raise PeerUnavailable(f"node {self.peer}: {self.failure or 'no answer'}")
 
 
 @dataclass(eq=False)
 class _Connection:
     ms: MessageStream
-    send_lock: trio.Lock = field(default_factory=trio.Lock)
-    pending: dict[int, _Slot] = field(default_factory=dict)
+    # The socket, for writes straight from the calling task; None for byte streams that
+    # are not sockets. Its descriptor is looked up at each write (-1 once closed).
+    sock: trio.socket.SocketType | None = None
+    backlog: deque[bytes | memoryview] = field(default_factory=deque)  # for the writer task
+    backlog_bytes: int = 0
+    wake_writer: trio.Event = field(default_factory=trio.Event)
+    pending: dict[int, Pending] = field(default_factory=dict)
     abandoned: set[int] = field(default_factory=set)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    writer_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     finished: trio.Event = field(default_factory=trio.Event)
+    writer_done: trio.Event = field(default_factory=trio.Event)
     lost: str | None = None  # why it ended; None while usable
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
 
 
 class Peer:
@@ -128,6 +184,7 @@ class Peer:
         self.backoff_max = backoff_max
         self._conn: _Connection | None = None
         self._receivers: set[_Connection] = set()  # connections whose receiver still runs
+        self._writers: set[_Connection] = set()  # connections whose writer still runs
         self._connect_lock = trio.Lock()
         self._next_id = 1  # 0 is the handshake's
         self._closed = False
@@ -179,32 +236,66 @@ class Peer:
         self._next_id += 1
         data = encode(MessageType.REQUEST, rid, {"m": method, "a": dict(args)})
         limit = self.timeouts.call if timeout is None else timeout
-        slot = _Slot()
+        slot = Pending(self.name, rid)
         self._calls_in_flight += 1
         try:
             with trio.move_on_after(limit) as deadline:
                 conn = await self._connection()
                 # No checkpoint since _connection() returned it usable, so it still is.
                 conn.pending[rid] = slot
-                sent = False
                 try:
-                    await self._send(conn, data)
-                    sent = True
+                    self._send(conn, data)
                     await slot.done.wait()
                 finally:
-                    if conn.pending.pop(rid, None) is not None and sent:
+                    if conn.pending.pop(rid, None) is not None:
                         self._abandon(conn, rid)
+                        if conn.backlog:
+                            # Gave up while frames still wait to be sent: the peer is not
+                            # reading, and a frame may be half written. Start afresh.
+                            self._drop(conn, "a call timed out with frames not sent")
         finally:
             self._calls_in_flight -= 1
-        msg = slot.message
-        if msg is not None:
-            if msg.type is MessageType.RESPONSE:
-                return msg.body["r"]
-            errno = wire_errno(msg.body.get("errno"))
-            raise RemoteError(errno, msg.body["reason"], self.name)
-        if deadline.cancelled_caught:
+        if slot.message is None and deadline.cancelled_caught:
             raise PeerTimeout(f"node {self.name}: {method} got no answer within {limit:g}s")
-        raise PeerUnavailable(f"node {self.name}: {slot.failure}")
+        return slot.result()
+
+    def post(
+        self,
+        method: str,
+        args: Mapping[str, Any] | Packed,
+        on_done: Callable[[Pending], None],
+    ) -> Pending:
+        """Send a request now and return without waiting for its answer.
+
+        ``on_done(pending)`` is called once, from the receiver task, when the answer
+        arrives or the connection is lost (``pending.result()`` then returns the result
+        or raises like ``call``); it must not raise. There is no deadline here: a caller
+        that gives up calls ``abandon``. Raises ``PeerUnavailable`` at once, without
+        calling ``on_done``, when there is no connection (``call`` opens one).
+        """
+        conn = self._conn
+        if conn is None or self._closed:
+            raise PeerUnavailable(f"node {self.name}: not connected")
+        if not method or len(method) > MAX_METHOD_NAME:
+            raise ValueError(f"method name {method!r}: 1..{MAX_METHOD_NAME} characters")
+        rid = self._next_id
+        self._next_id += 1
+        if isinstance(args, Packed):
+            data = encode_request(rid, method, args)
+        else:
+            data = encode(MessageType.REQUEST, rid, {"m": method, "a": dict(args)})
+        pending = Pending(self.name, rid, on_done)
+        pending._conn = conn
+        conn.pending[rid] = pending
+        self._send(conn, data)  # a failure fails ``pending`` (and calls on_done) at once
+        return pending
+
+    def abandon(self, pending: Pending) -> None:
+        """Give up on a posted request: ``on_done`` is not called for it any more."""
+        pending.on_done = None
+        conn = pending._conn
+        if conn is not None and conn.pending.pop(pending.rid, None) is not None:
+            self._abandon(conn, pending.rid)
 
     def _abandon(self, conn: _Connection, rid: int) -> None:
         """The caller of ``rid`` gave up; its answer may still come and is then dropped."""
@@ -213,16 +304,54 @@ class Peer:
         else:
             conn.abandoned.add(rid)
 
-    async def _send(self, conn: _Connection, data: bytes) -> None:
-        async with conn.send_lock:
+    def _send(self, conn: _Connection, data: bytes) -> None:
+        """Write a frame now if nothing is queued before it; queue the rest for the writer."""
+        if conn.lost is not None:
+            return  # _drop failed every request waiting on it
+        out: bytes | memoryview = data
+        fd = conn.sock.fileno() if conn.sock is not None else -1
+        if not conn.backlog and fd >= 0:
             try:
-                await conn.ms.stream.send_all(data)
-            except trio.Cancelled:
-                # A frame may be half written: the stream is unusable from here on.
-                self._drop(conn, "a send was interrupted")
-                raise
-            except _GONE as exc:
+                n = os.write(fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
                 self._drop(conn, f"send failed: {exc}")
+                return
+            if n == len(data):
+                return
+            out = memoryview(data)[n:]
+        if conn.backlog_bytes + len(out) > MAX_BACKLOG:
+            self._drop(conn, "the peer does not read what is sent to it")
+            return
+        conn.backlog.append(out)
+        conn.backlog_bytes += len(out)
+        conn.wake_writer.set()
+
+    async def _write(self, conn: _Connection) -> None:
+        """The connection's writer task: sends what ``_send`` queued, in order."""
+        try:
+            with conn.writer_scope:
+                try:
+                    while True:
+                        await conn.wake_writer.wait()
+                        conn.wake_writer = trio.Event()
+                        while conn.backlog:
+                            # Taken off only once sent, so that later frames queue behind it.
+                            await conn.ms.stream.send_all(conn.backlog[0])
+                            conn.backlog_bytes -= len(conn.backlog.popleft())
+                except _GONE as exc:
+                    self._drop(conn, f"send failed: {exc}")
+                except Exception:
+                    log.exception("%s sending to node %s", BUG_MARKER, self.name)
+                    self._drop(conn, "internal error")
+        finally:
+            # Cancelled in the middle of a frame or not: the stream is not used any more.
+            self._drop(conn, conn.lost or "closed")
+            conn.backlog.clear()
+            conn.backlog_bytes = 0
+            self._writers.discard(conn)
+            conn.writer_done.set()
 
     async def _connection(self) -> _Connection:
         if self._conn is not None:
@@ -268,13 +397,19 @@ class Peer:
         if self._closed:
             await trio.aclose_forcefully(stream)
             raise PeerUnavailable(f"node {self.name}: closed")
-        conn = _Connection(ms)
+        conn = _Connection(ms, _socket_of(stream))
         try:
             self._nursery.start_soon(self._receive, conn)
         except RuntimeError:  # the owner's nursery is closing
             await trio.aclose_forcefully(stream)
             raise PeerUnavailable(f"node {self.name}: closed") from None
         self._receivers.add(conn)
+        try:
+            self._nursery.start_soon(self._write, conn)
+        except RuntimeError:  # closing: the receiver, cancelled with it, closes the stream
+            self._drop(conn, "closed")
+            raise PeerUnavailable(f"node {self.name}: closed") from None
+        self._writers.add(conn)
         if self._failures:
             log.info("rpc: node %s reachable again", self.name)
         self._failures = 0
@@ -346,17 +481,21 @@ class Peer:
                 )
             else:
                 log.info("rpc: node %s: %s", self.name, reason)
-        for slot in conn.pending.values():
-            slot.fail(reason)
+        pending = list(conn.pending.values())
         conn.pending.clear()
         conn.abandoned.clear()
         conn.scope.cancel()
+        conn.writer_scope.cancel()
+        for slot in pending:
+            slot.fail(reason)
 
     async def aclose(self) -> None:
         """Close the connection; waiting and later calls fail with ``PeerUnavailable``."""
         self.close_nowait()
         for conn in list(self._receivers):
             await conn.finished.wait()
+        for conn in list(self._writers):
+            await conn.writer_done.wait()
 
     def close_nowait(self) -> None:
         """The synchronous part of ``aclose``: fail calls, stop the receiver."""

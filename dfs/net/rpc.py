@@ -90,6 +90,10 @@ class Method:
     name: str
     schema: Schema
     handler: Handler
+    # Run by the connection's reader itself, in arrival order, instead of in a task of its
+    # own: for frequent requests of one sender that are carried out in order anyway
+    # (replication); later requests on that connection wait for it.
+    in_order: bool = False
 
 
 class Methods:
@@ -104,12 +108,12 @@ class Methods:
     def __init__(self) -> None:
         self._methods: dict[str, Method] = {}
 
-    def add(self, name: str, schema: Schema, handler: Handler) -> None:
+    def add(self, name: str, schema: Schema, handler: Handler, *, in_order: bool = False) -> None:
         if not name or len(name) > MAX_METHOD_NAME:
             raise ValueError(f"method name {name!r}: 1..{MAX_METHOD_NAME} characters")
         if name in self._methods:
             raise ValueError(f"method {name!r} is already registered")
-        self._methods[name] = Method(name, dict(schema), handler)
+        self._methods[name] = Method(name, dict(schema), handler, in_order)
 
     def method(self, name: str, schema: Schema) -> Callable[[Handler], Handler]:
         """Decorator form of ``add``."""

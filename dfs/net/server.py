@@ -3,11 +3,13 @@
 Per connection: the handshake under a deadline, then one task reads frames
 and starts a task per REQUEST (at most ``max_concurrent_per_conn`` at a
 time; past that the reader stops reading, so a peer cannot queue unbounded
-work); answers are written under the ``MessageStream`` send lock in whatever
-order they finish. Anything malformed (a frame that does not decode or
-validate, an oversize frame, a message type other than REQUEST, a request id
-already in flight), a failed handshake or the peer going away closes that
-connection only, with a warning naming the address and the reason.
+work) — except for methods registered ``in_order``, which the reader carries
+out itself before it reads on; answers are written under the
+``MessageStream`` send lock in whatever order they finish. Anything
+malformed (a frame that does not decode or validate, an oversize frame, a
+message type other than REQUEST, a request id already in flight), a failed
+handshake or the peer going away closes that connection only, with a
+warning naming the address and the reason.
 
 A request that has been read is carried out even if its connection goes
 away meanwhile (its answer is dropped): the caller saw ``PeerUnavailable``
@@ -261,10 +263,17 @@ class RpcServer:
                     raise ProtocolError(f"unexpected {msg.type.name} message")
                 if msg.request_id in in_flight:
                     raise ProtocolError(f"request id {msg.request_id} is already in flight")
-                await slots.acquire()
+                try:
+                    slots.acquire_nowait()  # the usual case: no scheduling round
+                except trio.WouldBlock:
+                    await slots.acquire()
                 in_flight.add(msg.request_id)
                 self._c.requests_in_flight += 1
-                handlers.start_soon(self._request, ms, peer, msg, slots, in_flight)
+                method = self.methods.get(msg.body["m"])
+                if method is not None and method.in_order:
+                    await self._request(ms, peer, msg, slots, in_flight)
+                else:
+                    handlers.start_soon(self._request, ms, peer, msg, slots, in_flight)
         except ProtocolError as exc:
             self._c.protocol_errors += 1
             log.warning("rpc: %s: protocol error, closing: %s", who, exc)
