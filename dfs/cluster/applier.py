@@ -120,8 +120,11 @@ class ReplicaApplier:
         notify: Notifier | None = None,
         *,
         known: Callable[[int], bool] | None = None,
+        applied: Callable[[], None] | None = None,
     ) -> None:
         self.meta = meta
+        # Called once records are applied (and their invalidations done).
+        self.applied = applied
         self.data = data
         self.me = me
         self.notify = notify
@@ -158,6 +161,8 @@ class ReplicaApplier:
                     await self.notify.flush(self.notify.put(changed))
             finally:
                 self._lock.release()
+                if self.applied is not None:
+                    self.applied()
         return have
 
     def _apply_batch(self, vol: VolumeId, records: list[Any], changed: list[Inval]) -> int:

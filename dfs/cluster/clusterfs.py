@@ -122,6 +122,10 @@ class NodeFs:
         # (it holds a read lease from the primary); None: always.
         self._current = current
         self._last_stale = -1e9
+        # Updates this node forwarded: applied here before they return (``_applied_here``).
+        self._applied = trio.Event()
+        self.applied_timeout = 10.0
+        self._behind: dict[VolumeId, int] = {}
         # A node alone: nothing changes its files behind its kernel's back.
         self.standalone = volumes is None and not self.repls
         self.notify = notify
@@ -163,6 +167,11 @@ class NodeFs:
         prove it current (it orders the volume, or holds a read lease on it)."""
         if not self.stores(vol):
             return False
+        behind = self._behind.get(vol)
+        if behind is not None:
+            if self.vfs.meta.seq(vol) < behind:
+                return False  # an update this node made is not applied here yet
+            del self._behind[vol]
         return self._current is None or self._mine(vol) or self._current(vol)
 
     async def _current_read(
@@ -249,7 +258,7 @@ class NodeFs:
             raise FsError(errno.EROFS, f"no primary for volume {vol} is known here")
         primary = self._volume(vol).primary if self.volumes is not None else ""
         try:
-            return await self._forward(
+            answer = await self._forward(
                 primary, op, args, pack_ctx(ctx) if ctx is not None else [0, 0, 0, None]
             )
         except PeerUnavailable as exc:
@@ -260,6 +269,32 @@ class NodeFs:
         except PeerTimeout as exc:
             self._refused(op, exc)
             raise
+        if not (isinstance(answer, list) and len(answer) == 2 and isinstance(answer[1], int)):
+            raise FsError(errno.EIO, f"malformed {op} answer from the primary")
+        result, seq = answer
+        if seq:
+            await self._applied_here(vol, seq)
+        return result
+
+    async def _applied_here(self, vol: VolumeId, seq: int) -> None:
+        """The primary answered without waiting for this node's replica (a storage site in
+        sync: see ``_serve``): wait until it has applied ``seq`` here too, so the update is on
+        every site in sync when it returns, as always. Should that take longer than the
+        call deadline, reads here go to the primary until it has (``_reads_here``)."""
+        meta = self.vfs.meta
+        if meta.seq(vol) >= seq:
+            return
+        with trio.move_on_after(self.applied_timeout):
+            while meta.seq(vol) < seq:
+                await self._applied.wait()
+        if meta.seq(vol) < seq:
+            self._behind[vol] = max(self._behind.get(vol, 0), seq)
+            raise FsError(errno.ETIMEDOUT, f"update {seq} of volume {vol} is not applied here yet")
+
+    def applied(self) -> None:
+        """The site applied records (ReplicaApplier calls this)."""
+        self._applied.set()
+        self._applied = trio.Event()
 
     def _refused(self, op: str, exc: Exception) -> None:
         now = trio.current_time()
@@ -769,12 +804,22 @@ class NodeFs:
         except (TypeError, ValueError, IndexError) as exc:
             raise FsError(errno.EINVAL, f"malformed {op} arguments: {exc}") from None
         if op == "read":
-            return result
-        await self._replicated(vol)
+            return [result, 0]
+        # A storage site in sync that forwarded an update waits for its own replica itself
+        # (it has the record streamed to it meanwhile): the answer need not wait for its
+        # acknowledgement, only for every other site's.
+        repl = self.repls.get(vol) if vol is not None else None
+        link = repl.links.get(peer) if repl is not None else None
+        skip = link is not None and link.in_sync
+        seq = self.vfs.meta.seq(vol) if skip and vol is not None else 0
+        if repl is not None:
+            await repl.wait(seq or None, skip=peer if skip else None)
+        else:
+            await self._replicated(vol)
         ticket = self._ticket.get()
         if ticket and self.notify is not None:
             await self.notify.flush(ticket)
-        return result
+        return [result, seq]
 
     def _ordered_here(self, ino: Any) -> VolumeId:
         """The volume of ``ino`` (an argument of a forwarded update); EROFS unless this node

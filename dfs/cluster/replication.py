@@ -210,13 +210,16 @@ class Replicator:
             _s, record, blobs = items.pop(seq)
             self._items_bytes -= len(record) + sum(len(b) for b in blobs if b is not None)
 
-    async def wait(self, seq: int | None = None) -> None:
+    async def wait(self, seq: int | None = None, *, skip: str | None = None) -> None:
         """Return once every site in sync has applied ``seq`` (default: the latest), and every
-        site that dropped out can no longer hold a lease."""
+        site that dropped out can no longer hold a lease. ``skip``: a site that waits for its
+        own replica itself (it forwarded the update: ``NodeFs._applied_here``)."""
         if seq is None:
             seq = self.meta.seq(self.vol)
         while True:
-            if all(not lk.in_sync or lk.acked >= seq for lk in self.links.values()):
+            if all(
+                not lk.in_sync or lk.acked >= seq or lk.name == skip for lk in self.links.values()
+            ):
                 break
             await self._changed.wait()
         now = trio.current_time()

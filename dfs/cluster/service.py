@@ -120,6 +120,7 @@ class ClusterService:
             notify=notify,
         )
         self.fs.repls = self.repls  # the same table: volumes added later are seen there
+        self.fs.applied_timeout = config.timeouts.call
         methods = cluster.methods
         self.fs.register(methods, lambda name: config.node(name).id)
         # Only what this node's kernel holds needs dropping from its caches.
@@ -129,6 +130,7 @@ class ClusterService:
             node.id,
             notify,
             known=lambda ino: ino == ROOT_INODE or ino in vfs.lookups,
+            applied=lambda: self.fs.applied(),
         )
         register_site_methods(methods, applier, self._primary_of)
         register_read_methods(methods, vfs)
