@@ -25,7 +25,7 @@ import click
 from dfs.cluster.control import ControlError, request, socket_path
 from dfs.net.rpc import RemoteError
 
-from .paths import TreePath, choose_mount, read_mounts, resolve
+from .paths import TreePath, TreePathError, choose_mount, read_mounts, resolve
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -140,7 +140,13 @@ def list_(path: str | None, mount: str | None, data: Path | None, as_json: bool)
     if path is not None:
         tree = resolve(path, mount=mount, env=os.environ)
     elif data is None:
-        tree = TreePath(choose_mount(mount, os.environ), "/")
+        try:
+            tree = TreePath(choose_mount(mount, os.environ), "/")
+        except TreePathError as exc:
+            raise click.UsageError(
+                f"give a path in a dfs mount (any node's mount: each knows every volume), "
+                f"--mount MOUNT or --data DIR ({exc.message})"
+            ) from None
     vols = _ask(_control(data, tree), "volume.list", {}, timeout=10.0)
     if as_json:
         click.echo(json.dumps(vols, indent=2))
