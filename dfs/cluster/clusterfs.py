@@ -42,12 +42,15 @@ from dfs.fs.ctx import Ctx, SetAttrs
 from dfs.fs.vfs import DirEntry, FsStats, Vfs
 from dfs.meta.store import ORIGIN, WriteTxn
 from dfs.net.frames import Field
+from dfs.net.peer import Pending
 from dfs.net.rpc import Methods, PeerTimeout, PeerUnavailable
 from dfs.types import ROOT_INODE, ROOT_VOLUME, Attr, FileHandle, InodeId, NodeId, VolumeId
 
 log = logging.getLogger("dfs.cluster.fs")
 T = TypeVar("T")
 
+Post = Callable[[str, str, dict[str, Any], Callable[[Pending], None]], Any]
+"""``post(node, method, args, on_done)``: send a request without waiting (``Peer.post``)."""
 Forward = Callable[[str, str, list[Any], list[Any]], Awaitable[Any]]
 """``await forward(node, op, args, ctx)``: run an update on ``node`` (a volume's primary);
 its result (wire form)."""
@@ -57,6 +60,7 @@ MAX_ARGS = 8
 PURGE_INTERVAL = 0.5
 MAX_OFF = (1 << 63) - 1
 WRITE_WINDOW = 16  # writes on a primary ahead of its slowest site in sync (see NodeFs.flush)
+WRITES_IN_FLIGHT = 32  # writes a node posts to primaries without waiting for their answers
 REMOTE_FH = 1 << 61  # handles on files and directories of volumes not stored here
 # The last invalidation ticket of the forwarded update this task runs (see NodeFs._serve).
 _TICKET: contextvars.ContextVar[int] = contextvars.ContextVar("dfs_inval_ticket", default=0)
@@ -105,6 +109,7 @@ class NodeFs:
         replicators: dict[VolumeId, Replicator] | None = None,
         reader: Callable[[str], Reader] | None = None,
         current: Callable[[VolumeId], bool] | None = None,
+        post: Post | None = None,
         notify: Notifier | None = None,
     ) -> None:
         self.vfs = vfs
@@ -122,6 +127,13 @@ class NodeFs:
         # (it holds a read lease from the primary); None: always.
         self._current = current
         self._last_stale = -1e9
+        # Writes this node sends to a primary without waiting (``write``): how many are
+        # unanswered, each handle's stream, and the inodes with writes not yet flushed.
+        self._post = post
+        self._inflight = 0
+        self._answered = trio.Event()
+        self._streams: dict[int, _Stream] = {}
+        self._unflushed: dict[InodeId, int] = {}
         # Updates this node forwarded: applied here before they return (``_applied_here``).
         self._applied = trio.Event()
         self.applied_timeout = 10.0
@@ -257,6 +269,8 @@ class NodeFs:
         if self._forward is None:
             raise FsError(errno.EROFS, f"no primary for volume {vol} is known here")
         primary = self._volume(vol).primary if self.volumes is not None else ""
+        if self._inflight:
+            await self._drain()  # nothing may overtake this node's posted writes
         try:
             answer = await self._forward(
                 primary, op, args, pack_ctx(ctx) if ctx is not None else [0, 0, 0, None]
@@ -275,6 +289,19 @@ class NodeFs:
         if seq:
             await self._applied_here(vol, seq)
         return result
+
+    async def _drain(self) -> None:
+        """Wait until every write this node posted has been answered."""
+        while self._inflight:
+            await self._answered.wait()
+
+    async def _fresh(self, a: Attr) -> Attr:
+        """``a`` from this node's replica, or the primary's when this node has posted writes
+        to that file that its replica may not show before they are flushed."""
+        if a.ino not in self._unflushed:
+            return a
+        await self._drain()
+        return await self._read(a.volume).getattr(a.ino)
 
     async def _applied_here(self, vol: VolumeId, seq: int) -> None:
         """The primary answered without waiting for this node's replica (a storage site in
@@ -335,7 +362,7 @@ class NodeFs:
                 self.vfs.forget([(a.ino, 1)])  # the kernel gets the volume's root instead
                 a = await self._root_attr(v)
                 self._counted_attr(a)
-            return a
+            return await self._fresh(a) if self._unflushed else a
         found = await self._read(vol).lookup(parent, name)
         if found is None:
             raise NotFound()
@@ -366,6 +393,9 @@ class NodeFs:
 
     async def getattr(self, ino: InodeId) -> Attr:
         vol = self.volume_of(ino)
+        if ino in self._unflushed:
+            await self._drain()
+            return await self._read(vol).getattr(ino)
         if self.stores(vol):
             return await self._current_read(
                 vol, lambda r: r.getattr(ino), lambda: self.vfs.getattr(ino)
@@ -500,9 +530,10 @@ class NodeFs:
                 return await self.files.read(fh, off, size)
             ino = self.files.inode_of(fh)
             vol = self.volume_of(ino)
-            if self._reads_here(vol) or self._remote_fh.get(fh) is not None:
-                # (a file open for writing here: the writes went through the primary,
-                # which waited for this replica)
+            if ino in self._unflushed:  # this node's posted writes: the primary has them
+                await self._drain()
+                return await self._read(vol).read(ino, off, size)
+            if self._reads_here(vol):
                 return await self.files.read(fh, off, size)
             try:
                 return await self._read(vol).read(ino, off, size)
@@ -662,9 +693,10 @@ class NodeFs:
     async def write(self, fh: int, off: int, data: bytes) -> int:
         rf = self._rfiles.get(fh)
         if rf is not None:
-            vol, rfh = rf.vol, rf.rfh
+            vol, rfh, ino = rf.vol, rf.rfh, rf.ino
         else:
-            vol = self._handle_volume(fh)
+            ino = self.files.inode_of(fh)
+            vol = self.volume_of(ino)
             if self._mine(vol):
                 n = await self.files.write(fh, off, data)
                 await self._written(fh, vol)
@@ -673,10 +705,76 @@ class NodeFs:
             if got is None:
                 raise FsError(errno.EBADF, "file not open for writing")
             rfh = got
+        if self._post is not None and self._posted(fh, vol, rfh, ino, off, data):
+            return len(data)
         n = await self._fwd(vol, "write", [rfh, off, data])
         if not isinstance(n, int):
             raise FsError(errno.EIO, "malformed write answer from the primary")
         return n
+
+    def _posted(
+        self, fh: int, vol: VolumeId, rfh: int, ino: InodeId, off: int, data: bytes
+    ) -> bool:
+        """Send a write to the primary without waiting (in order: ``fs.write``); False when
+        it cannot be posted now (no connection yet, or too many in flight): then it is sent
+        and waited for like any update. Its outcome is checked at flush/fsync/close, where
+        an error is reported, and by the next write of the handle."""
+        stream = self._streams.get(fh)
+        if stream is None:
+            stream = self._streams[fh] = _Stream(vol, rfh, ino)
+        if stream.error is not None:
+            err, stream.error = stream.error, None
+            raise err
+        if self._inflight >= WRITES_IN_FLIGHT:
+            return False
+        assert self._post is not None
+        want = len(data)
+
+        def done(p: Pending) -> None:
+            self._inflight -= 1
+            self._answered.set()
+            self._answered = trio.Event()
+            try:
+                n = p.result()
+                if n != want:
+                    raise FsError(errno.EIO, f"short write on the primary ({n!r:.20} of {want})")
+            except FsError as exc:  # RemoteError, PeerUnavailable
+                if stream.error is None:
+                    stream.error = FsError(exc.errno or errno.EIO, f"write failed: {exc}")
+
+        try:
+            self._post(self._volume(vol).primary, "fs.write", {"w": [rfh, off, data]}, done)
+        except PeerUnavailable:
+            return False
+        self._inflight += 1
+        if not stream.dirty:
+            stream.dirty = True
+            self._unflushed[ino] = self._unflushed.get(ino, 0) + 1
+        return True
+
+    async def _flush_stream(self, fh: int, op: str, args: list[Any]) -> bool:
+        """flush/fsync of a handle with posted writes: forwarded (``_fwd`` waits for every
+        posted write first); True if it was done here."""
+        stream = self._streams.get(fh)
+        if stream is None:
+            return False
+        try:
+            await self._fwd(stream.vol, op, args)
+        finally:
+            self._clean(stream)
+        if stream.error is not None:
+            err, stream.error = stream.error, None
+            raise err
+        return True
+
+    def _clean(self, stream: _Stream) -> None:
+        if stream.dirty:
+            stream.dirty = False
+            left = self._unflushed.get(stream.ino, 0) - 1
+            if left > 0:
+                self._unflushed[stream.ino] = left
+            else:
+                self._unflushed.pop(stream.ino, None)
 
     async def _written(self, fh: int, vol: VolumeId) -> None:
         """A write made here, on the primary: it is acknowledged to the writer at ``flush``
@@ -692,6 +790,10 @@ class NodeFs:
 
     async def flush(self, fh: int) -> None:
         """close(2): the handle's writes are on every storage site in sync when it returns."""
+        stream = self._streams.get(fh)
+        if stream is not None and (stream.dirty or stream.error is not None):
+            await self._flush_stream(fh, "flush", [stream.rfh])
+            return
         pending = self._unacked.pop(fh, None)
         if pending is not None:
             repl = self.repls.get(pending[0])
@@ -699,6 +801,10 @@ class NodeFs:
                 await repl.wait(pending[1])
 
     async def fsync(self, fh: int, datasync: bool) -> None:
+        stream = self._streams.get(fh)
+        if stream is not None:
+            await self._flush_stream(fh, "fsync", [stream.rfh, datasync])
+            return
         rf = self._rfiles.get(fh)
         if rf is not None:
             await self._fwd(rf.vol, "fsync", [rf.rfh, datasync])
@@ -721,6 +827,16 @@ class NodeFs:
         await self._fwd(vol, "sync", [ino])
 
     async def release(self, fh: int) -> None:
+        stream = self._streams.get(fh)
+        if stream is not None:
+            try:
+                if stream.dirty or stream.error is not None:
+                    await self._flush_stream(fh, "flush", [stream.rfh])
+            except FsError as exc:
+                log.warning("writes of handle %d failed at release: %s", fh, exc)
+            finally:
+                self._clean(stream)
+                del self._streams[fh]
         rf = self._rfiles.pop(fh, None)
         if rf is not None:
             await self._release_remote(rf.vol, rf.rfh)
@@ -793,6 +909,21 @@ class NodeFs:
             op,
         )
 
+        async def write(peer: str, args: dict[str, Any]) -> int:
+            """A write posted by another node (``_posted``): run in arrival order, answered
+            without waiting for replication (the writer's flush/fsync waits)."""
+            a = args["w"]
+            if not (len(a) == 3 and isinstance(a[1], int) and 0 <= a[1] <= MAX_OFF):
+                raise FsError(errno.EINVAL, "malformed write")
+            ORIGIN.set(int(node_id(peer)))
+            self._ticket.set(0)
+            fh, vol = self._held_volume(peer, a[0])
+            n = await self.files.write(fh, a[1], _b(a[2]))
+            await self._written(fh, vol)
+            return n
+
+        methods.add("fs.write", {"w": Field(list, max_len=3)}, write, in_order=True)
+
     def _own(self, peer: str, fh: Any) -> int:
         if not isinstance(fh, int) or self._held.get(fh) != peer:
             raise FsError(errno.EBADF, f"handle {fh!r:.20} is not open for {peer}")
@@ -805,6 +936,9 @@ class NodeFs:
             raise FsError(errno.EINVAL, f"malformed {op} arguments: {exc}") from None
         if op == "read":
             return [result, 0]
+        if op in ("flush", "fsync") and self.notify is not None:
+            # The writes it covers came as fs.write, whose invalidations nobody waited for.
+            await self.notify.flush(self.notify.put([]))
         # A storage site in sync that forwarded an update waits for its own replica itself
         # (it has the record streamed to it meanwhile): the answer need not wait for its
         # acknowledgement, only for every other site's.
@@ -848,6 +982,8 @@ class NodeFs:
                 return vol, await self.files.write(fh, a[1], _b(a[2]))
             if op == "fsync":
                 await self.files.fsync(fh, bool(a[1]))
+            elif op == "flush":
+                await self.flush(fh)
             else:
                 del self._held[fh]
                 await self.files.release(fh)
@@ -913,7 +1049,18 @@ class _RemoteFile:
     rfh: int
 
 
-_HANDLE_OPS = frozenset({"read", "write", "fsync", "release"})
+@dataclass(slots=True)
+class _Stream:
+    """The writes of one handle posted to the primary (``NodeFs._posted``)."""
+
+    vol: VolumeId
+    rfh: int
+    ino: InodeId
+    dirty: bool = False  # posted writes not flushed yet
+    error: FsError | None = None  # the first that failed, reported at the next chance
+
+
+_HANDLE_OPS = frozenset({"read", "write", "fsync", "flush", "release"})
 
 
 def _b(v: Any) -> bytes:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -68,7 +69,8 @@ from dfs.fs.vfs import Vfs
 from dfs.meta import schema as S
 from dfs.meta.store import ORIGIN
 from dfs.net.frames import Field
-from dfs.net.peer import Peer
+from dfs.net.peer import Peer, Pending
+from dfs.net.rpc import PeerUnavailable
 from dfs.types import ROOT_INODE, ROOT_VOLUME, InodeId, VolumeId
 
 log = logging.getLogger("dfs.cluster.service")
@@ -117,6 +119,7 @@ class ClusterService:
             forward=self._forward,
             reader=lambda node: self._reader(node, raw=True),
             current=self._lease_current,
+            post=self._post,
             notify=notify,
         )
         self.fs.repls = self.repls  # the same table: volumes added later are seen there
@@ -340,6 +343,13 @@ class ClusterService:
         if self.cluster.pool is None:
             raise FsError(errno.EHOSTDOWN, "the cluster is not started")
         return await self.cluster.pool.peer(node).call(method, args, timeout=limit)
+
+    def _post(
+        self, node: str, method: str, args: dict[str, Any], on_done: Callable[[Pending], None]
+    ) -> Pending:
+        if self.cluster.pool is None:
+            raise PeerUnavailable("the cluster is not started")
+        return self.cluster.pool.peer(node).post(method, args, on_done)
 
     def _peer(self, node: str) -> Peer | None:
         """The connection records are streamed over (``Peer.post``)."""

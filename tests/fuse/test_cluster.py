@@ -131,12 +131,21 @@ def test_changes_show_at_once_in_cached_views(mnts: dict[str, Path]) -> None:
     assert not (b / "new").exists() and (b / "renamed").read_text() == "x"
     os.unlink(mnts["n1"] / "renamed")
     assert not (a / "renamed").exists() and not (b / "renamed").exists()
-    # Appends on one node, reads of the growing file on another.
+    # Appends on one node, reads of the growing file on another: each append is there once
+    # fsync returned (file data is acknowledged at fsync/close, docs/CONSISTENCY.md §4) ...
     with open(a / "log", "ab") as w:
         for i in range(50):
             w.write(b"%d\n" % i)
             w.flush()
+            os.fsync(w.fileno())
             assert (b / "log").read_bytes().endswith(b"%d\n" % i)
+        # ... and shows soon without it (streamed as it is written).
+        w.write(b"tail\n")
+        w.flush()
+        deadline = time.monotonic() + 5
+        while not (b / "log").read_bytes().endswith(b"tail\n"):
+            assert time.monotonic() < deadline, "an append never showed on another node"
+            time.sleep(0.01)
 
 
 def test_concurrent_creates_of_one_name_one_wins(mnts: dict[str, Path]) -> None:

@@ -1,0 +1,132 @@
+"""Writes a non-primary node posts to the primary without waiting (NodeFs._posted).
+
+n2 (a storage site) forwards to the primary's handlers in-process; its posted
+writes go through an in-order queue served by one task, with a delay, like the
+in-order ``fs.write`` method over one connection. Checked: write(2) returns
+before the primary has the data; the writes land in order; n2 reads its own
+writes before they are flushed; flush (close) returns once every site has them;
+a write that fails on the primary is reported by the next flush.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from dfs.cluster.clusterfs import WRITES_IN_FLIGHT, NodeFs
+from dfs.cluster.remote import LocalReader, Reader
+from dfs.cluster.replication import ReplicaApplier, Replicator
+from dfs.cluster.volumes import Volume, VolumeTable
+from dfs.errors import FsError
+from dfs.fs.ctx import ROOT_CTX
+from dfs.net.frames import Message, MessageType
+from dfs.net.peer import Pending
+from dfs.net.rpc import Methods
+from dfs.types import ROOT_INODE, ROOT_VOLUME, NodeId
+from tests.core.test_replication import Node, until
+
+
+def test_posted_writes_are_ordered_read_back_and_flushed(tmp_path: Path) -> None:
+    primary = Node(tmp_path / "n1", 1)
+    site = Node(tmp_path / "n2", 2)
+    methods = Methods()
+    queue: deque[tuple[dict[str, Any], Pending]] = deque()
+    served: list[int] = []
+    wake = {"e": trio.Event()}
+    root = Volume(ROOT_VOLUME, "/", ROOT_INODE, "n1", ("n1", "n2"), ROOT_INODE)
+
+    def reader(node: str) -> Reader:
+        return LocalReader(primary.vfs)
+
+    async def forward(node: str, op: str, args: list[Any], ctx: list[Any]) -> Any:
+        return await methods._methods["fs.op"].handler("n2", {"op": op, "args": args, "ctx": ctx})
+
+    def post(
+        node: str, method: str, args: dict[str, Any], on_done: Callable[[Pending], None]
+    ) -> Pending:
+        assert method == "fs.write"
+        p = Pending("n1", len(served) + len(queue) + 1, on_done)
+        queue.append((args, p))
+        wake["e"].set()
+        return p
+
+    async def serve_in_order() -> None:
+        while True:
+            if not queue:
+                wake["e"] = trio.Event()
+                await wake["e"].wait()
+                continue
+            args, p = queue.popleft()
+            await trio.sleep(0.005)  # the network
+            try:
+                n = await methods._methods["fs.write"].handler("n2", args)
+                p.answer(Message(MessageType.RESPONSE, p.rid, {"r": n}))
+            except FsError as exc:
+                p.answer(
+                    Message(MessageType.ERROR, p.rid, {"reason": str(exc), "errno": exc.errno})
+                )
+            served.append(p.rid)
+
+    n2 = NodeFs(
+        site.vfs,
+        me="n2",
+        volumes=VolumeTable(site.meta, root),
+        forward=forward,
+        reader=reader,
+        current=lambda vol: True,
+        post=post,
+    )
+    applier = ReplicaApplier(site.meta, site.data, NodeId(2), applied=n2.applied)
+
+    async def call(node: str, method: str, args: dict[str, Any], limit: float) -> Any:
+        return {"have": await applier.apply(args["vol"], args["records"])}
+
+    repl = Replicator(
+        primary.meta, primary.data, ROOT_VOLUME, ["n2"], call, call_timeout=60.0, lease=3.0
+    )
+    fs1 = NodeFs(primary.vfs, replicator=repl)
+    fs1.register(methods, lambda name: NodeId(int(name[1:])))
+    chunks = [bytes([65 + i % 26]) * 1000 for i in range(WRITES_IN_FLIGHT + 8)]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(repl.run)
+            nursery.start_soon(serve_in_order)
+            await until(lambda: repl.links["n2"].in_sync)
+            fh, f = await n2.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
+            start = trio.current_time()
+            for i, c in enumerate(chunks[:WRITES_IN_FLIGHT]):
+                assert await n2.write(fh, i * 1000, c) == 1000
+            assert trio.current_time() - start < 0.005  # none waited for the primary
+            assert primary.vfs.getattr(f.ino).size < WRITES_IN_FLIGHT * 1000
+            # More than fit in flight: the next ones wait; all land in order.
+            for i, c in enumerate(chunks[WRITES_IN_FLIGHT:], start=WRITES_IN_FLIGHT):
+                await n2.write(fh, i * 1000, c)
+            await n2.write(fh, 0, b"z" * 10)  # overwrites the first chunk's start, after it
+            want = b"z" * 10 + b"".join(chunks)[10:]
+            # n2 reads its own writes before they are flushed (from the primary).
+            assert await n2.read(fh, 0, len(want) + 10) == want
+            assert (await n2.getattr(f.ino)).size == len(want)
+            await n2.flush(fh)
+            # Flushed: on every site, n2's own replica included.
+            for n in (primary, site):
+                assert await LocalReader(n.vfs).read(f.ino, 0, len(want) + 10) == want
+            assert served == sorted(served)
+            # A write the primary refuses is reported by the next flush, once.
+            await n2.write(fh, (1 << 63), b"x")
+            with pytest.raises(FsError) as exc:
+                await n2.flush(fh)
+            assert exc.value.errno == errno.EINVAL
+            await n2.flush(fh)  # reported once
+            await n2.release(fh)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))
