@@ -151,6 +151,7 @@ class NodeFs:
         self._unacked: dict[int, tuple[VolumeId, int]] = {}  # primary: handle -> last write
         self._last_refusal = -1e9
         self._ticket = _TICKET
+        self._last_ticket = 0  # the newest invalidation batch queued for another node's update
         self._orphans: set[InodeId] = set()  # primary: purges waiting for the other nodes
         vfs.meta.on_commit = self._committed
         if self.repls or volumes is not None:
@@ -244,7 +245,9 @@ class NodeFs:
                 c for c in invalidations(ws, txn.data) if c[1] == ROOT_INODE or c[1] in lookups
             ]
             if changed:
-                self._ticket.set(self.notify.put(changed))
+                ticket = self.notify.put(changed)
+                self._ticket.set(ticket)
+                self._last_ticket = max(self._last_ticket, ticket)
 
     async def _replicated(self, vol: VolumeId | None) -> None:
         """Return once every in-sync site of ``vol`` (None: of every volume ordered here)
@@ -938,7 +941,7 @@ class NodeFs:
             return [result, 0]
         if op in ("flush", "fsync") and self.notify is not None:
             # The writes it covers came as fs.write, whose invalidations nobody waited for.
-            await self.notify.flush(self.notify.put([]))
+            await self.notify.flush(self._last_ticket)
         # A storage site in sync that forwarded an update waits for its own replica itself
         # (it has the record streamed to it meanwhile): the answer need not wait for its
         # acknowledgement, only for every other site's.
