@@ -141,15 +141,12 @@ class ClusterService:
         methods.add("repl.lease", vol_field, self._grant)
         methods.add("repl.hello", {}, self._hello)
         methods.add("repl.holds", {"inos": Field(list, max_len=PURGE_BATCH)}, self._holds)
-        methods.add(
-            "vol.create",
-            {
-                "path": Field(str, max_len=MAX_PATH),
-                "primary": Field(str, max_len=64),
-                "sites": Field(list, max_len=64),
-            },
-            self._create,
-        )
+        create = {
+            "path": Field(str, max_len=MAX_PATH),
+            "primary": Field(str, max_len=64),
+            "sites": Field(list, max_len=64),
+        }
+        methods.add("vol.create", create, self._create)
         methods.add(
             "vol.init",
             {
@@ -166,15 +163,7 @@ class ClusterService:
             self._join,
         )
         cm = cluster.control_methods
-        cm.add(
-            "volume.create",
-            {
-                "path": Field(str, max_len=MAX_PATH),
-                "primary": Field(str, max_len=64),
-                "sites": Field(list, max_len=64),
-            },
-            self._control_create,
-        )
+        cm.add("volume.create", create, self._control_create)
         cm.add("volume.list", {}, self._control_list)
         methods.add("vol.list", {}, self._list)
         cluster.extra_status = self.status

@@ -7,12 +7,12 @@ record (dfs/meta/schema.py) is part of the root volume, so it reaches every
 node with the root volume's replication, and a node knows of a volume as soon
 as it has applied the update that created it.
 
-``VolumeTable`` reads the records from this node's store: ``covering(dir)``
-(is this directory a mount point? read from the store each time, so it is
-never behind what this node's lookups show) and ``get(vol)`` (cached, reread
-when an unknown volume is asked for). Volume ids are handed out in order by the
-root volume's primary, which knows every volume (a volume's primary refuses an
-id it already has, from a creation that failed half-way, and the next is tried).
+``VolumeTable`` reads the records from this node's store whenever their count
+changed (records are only ever added), so ``covering(dir)`` (is this directory
+a mount point?) and ``get(vol)`` are never behind what this node's store shows.
+Volume ids are handed out in order by the root volume's primary, which knows
+every volume (a volume's primary refuses an id it already has, from a creation
+that failed half-way, and the next is tried).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import msgpack
 
 from dfs.meta import schema as S
 from dfs.meta.store import MetaStore
-from dfs.types import ROOT_INODE, ROOT_VOLUME, InodeId, VolumeId
+from dfs.types import ROOT_VOLUME, InodeId, VolumeId
 
 MAX_VOLUME_ID = (1 << 31) - 1
 
@@ -120,24 +120,30 @@ class VolumeTable:
         # else the table is what ``load`` was last given (from a node that stores it).
         self.local = local
         self._vols: dict[VolumeId, Volume] = {ROOT_VOLUME: root}
-        self._by_root: dict[InodeId, Volume] = {ROOT_INODE: root}
         self._covered: dict[InodeId, Volume] = {}
+        self._records = 0  # mount records read so far (they are never changed or removed)
         self.refresh()
 
     def load(self, volumes: list[Volume]) -> list[Volume]:
         """Replace the table by ``volumes`` (not the root); returns those not known before."""
         new = [v for v in volumes if v.vol not in self._vols]
         self._vols = {ROOT_VOLUME: self.root, **{v.vol: v for v in volumes}}
-        self._by_root = {v.root: v for v in self._vols.values()}
         self._covered = {v.mount_dir: v for v in volumes}
         return new
 
     def refresh(self) -> list[Volume]:
-        """Reread the mount records; returns the volumes not known before."""
+        """Read the mount records if there are new ones; returns the volumes not known before.
+
+        Mount records are only ever added, so their count says whether any is new: the
+        check is one lmdb stat, cheap enough for every lookup that may cross a mount."""
         if not self.local:
             return []
         new: list[Volume] = []
         with self.meta.read() as txn:
+            count = txn.stat(self.meta.mounts)["entries"]
+            if count == self._records:
+                return new
+            self._records = count
             for key, raw in txn.cursor(db=self.meta.mounts):
                 try:
                     v = decode_mount(S.read_u64(key), raw)
@@ -146,7 +152,6 @@ class VolumeTable:
                 if v.vol not in self._vols:
                     new.append(v)
                 self._vols[v.vol] = v
-                self._by_root[v.root] = v
                 self._covered[v.mount_dir] = v
         return new
 
@@ -163,19 +168,8 @@ class VolumeTable:
 
     def covering(self, ino: InodeId) -> Volume | None:
         """The volume mounted on directory ``ino`` of the root volume, if any."""
-        if not self.local:
-            return self._covered.get(ino)
-        with self.meta.read() as txn:
-            raw = txn.get(S.mount_key(ino), db=self.meta.mounts)
-        if raw is None:
-            return None
-        try:
-            v = decode_mount(ino, raw)
-        except ValueError:
-            return None
-        self._vols.setdefault(v.vol, v)
-        self._by_root.setdefault(v.root, v)
-        return v
+        self.refresh()
+        return self._covered.get(ino)
 
     def new_id(self, after: int = 0) -> VolumeId:
         """The next volume id after every known one (and after ``after``)."""

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -213,3 +214,53 @@ def assert_same_everywhere(mnts: dict[str, Path], origin: str) -> dict[str, tupl
 
 # A real source tree of a few hundred files: the standard library's email and json packages.
 SOURCES = " ".join(str(Path(shutil.__file__).parent / p) for p in ("email", "json"))
+
+
+def writes_while_a_site_is_killed(
+    cluster: Launcher, top: Path, site: str, *, rename_every: int = 0
+) -> list[str]:
+    """Write fsync'ed files into ``top`` (renaming every ``rename_every``-th) while ``site`` is
+    SIGKILLed and restarted; returns the names whose writes were acknowledged. Fails if
+    updates stop while the site is down or any write fails."""
+    done = threading.Event()
+    acked: list[str] = []
+    errors: list[str] = []
+
+    def workload() -> None:
+        i = 0
+        while not done.is_set() and i < 2000:
+            name = f"f{i:04d}"
+            try:
+                with open(top / name, "wb") as f:
+                    f.write(os.urandom(100 + (i % 7) * 30000))
+                    f.flush()
+                    os.fsync(f.fileno())
+                if rename_every and i % rename_every == 0:
+                    os.rename(top / name, top / f"r{i:04d}")
+                    name = f"r{i:04d}"
+                acked.append(name)
+            except OSError as exc:
+                errors.append(f"{name}: {exc}")
+                return
+            i += 1
+
+    t = threading.Thread(target=workload)
+    t.start()
+    try:
+        time.sleep(1.0)
+        r = cluster.dfs("stop", site, "--kill")
+        assert r.returncode == 0, r.stderr
+        n_at_kill = len(acked)
+        # The primary waits for the dead site's read lease (3 heartbeats) to run out, once.
+        deadline = time.monotonic() + 10
+        while len(acked) < n_at_kill + 20 and time.monotonic() < deadline and not errors:
+            time.sleep(0.1)
+        assert len(acked) >= n_at_kill + 20, "updates stopped while a storage site was down"
+        r = cluster.dfs("start", site)
+        assert r.returncode == 0, r.stdout + r.stderr
+        time.sleep(1.0)
+    finally:
+        done.set()
+        t.join(60)
+    assert not errors, errors
+    return acked

@@ -23,7 +23,14 @@ from typing import Any
 
 import pytest
 
-from tests.fuse.clusters import SOURCES, Launcher, assert_same_everywhere, launched, run
+from tests.fuse.clusters import (
+    SOURCES,
+    Launcher,
+    assert_same_everywhere,
+    launched,
+    run,
+    writes_while_a_site_is_killed,
+)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
@@ -258,48 +265,7 @@ def test_storage_site_killed_mid_workload_catches_up(
     cluster: Launcher, mnts: dict[str, Path]
 ) -> None:
     """SIGKILL n3 while n2 writes; updates go on; n3 restarts and catches up; nothing lost."""
-    a = mnts["n2"]
-    done = threading.Event()
-    acked: list[str] = []
-    errors: list[str] = []
-
-    def workload() -> None:
-        i = 0
-        while not done.is_set() and i < 2000:
-            name = f"f{i:04d}"
-            try:
-                with open(a / name, "wb") as f:
-                    f.write(os.urandom(100 + (i % 7) * 30000))
-                    f.flush()
-                    os.fsync(f.fileno())
-                if i % 5 == 0:
-                    os.rename(a / name, a / f"r{i:04d}")
-                    name = f"r{i:04d}"
-                acked.append(name)
-            except OSError as exc:
-                errors.append(f"{name}: {exc}")
-                return
-            i += 1
-
-    t = threading.Thread(target=workload)
-    t.start()
-    try:
-        time.sleep(1.0)
-        r = cluster.dfs("stop", "n3", "--kill")
-        assert r.returncode == 0, r.stderr
-        n_at_kill = len(acked)
-        # The primary waits for the dead site's read lease (3 heartbeats) to run out, once.
-        deadline = time.monotonic() + 10
-        while len(acked) < n_at_kill + 20 and time.monotonic() < deadline and not errors:
-            time.sleep(0.1)
-        assert len(acked) >= n_at_kill + 20, "updates stopped while a storage site was down"
-        r = cluster.dfs("start", "n3")
-        assert r.returncode == 0, r.stdout + r.stderr
-        time.sleep(1.0)
-    finally:
-        done.set()
-        t.join(60)
-    assert not errors, errors
+    acked = writes_while_a_site_is_killed(cluster, mnts["n2"], "n3", rename_every=5)
     assert len(acked) > 10
     want = assert_same_everywhere(mnts, "n2")
     assert set(acked) <= set(want)

@@ -16,7 +16,6 @@ import errno
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,15 @@ from typing import Any
 
 import pytest
 
-from tests.fuse.clusters import DFS, SOURCES, Launcher, assert_same_everywhere, launched, run
+from tests.fuse.clusters import (
+    DFS,
+    SOURCES,
+    Launcher,
+    assert_same_everywhere,
+    launched,
+    run,
+    writes_while_a_site_is_killed,
+)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
@@ -223,43 +230,7 @@ def test_volume_site_killed_mid_workload_catches_up(
     cluster: Launcher, vdirs: dict[str, Path]
 ) -> None:
     """SIGKILL n3 (a site of /proj) while n1 writes there through n2; n3 catches up."""
-    a = vdirs["n1"]
-    done = threading.Event()
-    acked: list[str] = []
-    errors: list[str] = []
-
-    def workload() -> None:
-        i = 0
-        while not done.is_set() and i < 2000:
-            name = f"f{i:04d}"
-            try:
-                with open(a / name, "wb") as f:
-                    f.write(os.urandom(100 + (i % 7) * 30000))
-                    f.flush()
-                    os.fsync(f.fileno())
-                acked.append(name)
-            except OSError as exc:
-                errors.append(f"{name}: {exc}")
-                return
-            i += 1
-
-    t = threading.Thread(target=workload)
-    t.start()
-    try:
-        time.sleep(1.0)
-        r = cluster.dfs("stop", "n3", "--kill")
-        assert r.returncode == 0, r.stderr
-        n_at_kill = len(acked)
-        deadline = time.monotonic() + 10
-        while len(acked) < n_at_kill + 20 and time.monotonic() < deadline and not errors:
-            time.sleep(0.1)
-        assert len(acked) >= n_at_kill + 20, "updates stopped while a storage site was down"
-        r = cluster.dfs("start", "n3")
-        assert r.returncode == 0, r.stdout + r.stderr
-    finally:
-        done.set()
-        t.join(60)
-    assert not errors, errors
+    acked = writes_while_a_site_is_killed(cluster, vdirs["n1"], "n3")
     want = assert_same_everywhere(vdirs, "n2")
     assert set(acked) <= set(want)
 
