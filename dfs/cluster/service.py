@@ -262,6 +262,7 @@ class ClusterService:
         for repl in self.repls.values():
             nursery.start_soon(repl.run)
         nursery.start_soon(self.fs.purge_orphans, self._ask_holds)
+        nursery.start_soon(self.fs.write_held_writes)
         nursery.start_soon(self._watch)
         for keeper in self.keepers.values():
             nursery.start_soon(keeper.run)

@@ -219,7 +219,10 @@ class FileIO:
             blocks = blocks_spanning(off, end - off)
             digests: dict[int, int] = {}
             cur = txn.cursor(db=self.meta.blocks)
-            if self.replica(a.volume) and txn.get(S.dirty_key(st.ino), db=self.meta.dirty):
+            if (
+                self.replica(a.volume)
+                and txn.get(S.dirty_key(st.ino), db=self.meta.dirty) is not None
+            ):
                 pass  # being written on the primary: digests follow
             elif cur.set_range(S.block_key(st.ino, blocks.start)):
                 for key, raw in cur:
@@ -261,22 +264,24 @@ class FileIO:
                 raise Corrupted(message=f"inode {st.ino:#x} block {blk}: checksum mismatch")
         return raw_data[off - first : end - first]
 
-    async def write(self, fh: int, off: int, data: bytes) -> int:
+    async def write(self, fh: int, off: int, data: bytes, when: int | None = None) -> int:
+        """Write ``data`` at ``off``; ``when``: the time to stamp (default: now), for a
+        write that was made earlier and held (see NodeFs.write)."""
         st = self.handle(fh).inode
         n = len(data)
         if n == 0:
             return 0
         self.data.admit(n)
         try:
-            return await self._write(st, off, data)
+            return await self._write(st, off, data, when)
         finally:
             self.data.done(n)
 
-    async def _write(self, st: OpenInode, off: int, data: bytes) -> int:
+    async def _write(self, st: OpenInode, off: int, data: bytes, when: int | None) -> int:
         n = len(data)
         async with _locked(st.lock):
             if st.fd is None:
-                if off + n <= S.INLINE_MAX and self._write_inline(st.ino, off, data):
+                if off + n <= S.INLINE_MAX and self._write_inline(st.ino, off, data, when):
                     return n
                 st.fd = self._to_data_file(st)
             if not st.intent:
@@ -305,7 +310,7 @@ class FileIO:
                 st.pending.pop(blk, None)
                 st.dirty.add(blk)
             st.written = True
-            now = self.clock()
+            now = self.clock() if when is None else when
             with self.meta.write() as txn:
                 a = self._attr(txn, st.ino)
                 if off + n > a.size:
@@ -319,9 +324,9 @@ class FileIO:
 
     # --- inline files (see dfs/meta/schema.py) ---------------------------------------------
 
-    def _write_inline(self, ino: InodeId, off: int, data: bytes) -> bool:
+    def _write_inline(self, ino: InodeId, off: int, data: bytes, when: int | None) -> bool:
         """Write into an inline (or empty) file in one transaction; False if it has a data file."""
-        now = self.clock()
+        now = self.clock() if when is None else when
         with self.meta.write() as txn:
             a = self._attr(txn, ino)
             key = S.inline_key(ino)

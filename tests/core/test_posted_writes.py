@@ -103,15 +103,17 @@ def test_posted_writes_are_ordered_read_back_and_flushed(tmp_path: Path) -> None
             await until(lambda: repl.links["n2"].in_sync)
             fh, f = await n2.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
             start = trio.current_time()
-            for i, c in enumerate(chunks[:WRITES_IN_FLIGHT]):
-                assert await n2.write(fh, i * 1000, c) == 1000
+            # Writes with gaps between them: a small write is held on the node until one
+            # that does not continue it comes (NodeFs.write), so each posts the one before.
+            for i, c in enumerate(chunks[: WRITES_IN_FLIGHT + 1]):
+                assert await n2.write(fh, i * 2000, c) == 1000
             assert trio.current_time() - start < 0.005  # none waited for the primary
-            assert primary.vfs.getattr(f.ino).size < WRITES_IN_FLIGHT * 1000
+            assert primary.vfs.getattr(f.ino).size < WRITES_IN_FLIGHT * 2000
             # More than fit in flight: the next ones wait; all land in order.
-            for i, c in enumerate(chunks[WRITES_IN_FLIGHT:], start=WRITES_IN_FLIGHT):
-                await n2.write(fh, i * 1000, c)
+            for i, c in enumerate(chunks[WRITES_IN_FLIGHT + 1 :], start=WRITES_IN_FLIGHT + 1):
+                await n2.write(fh, i * 2000, c)
             await n2.write(fh, 0, b"z" * 10)  # overwrites the first chunk's start, after it
-            want = b"z" * 10 + b"".join(chunks)[10:]
+            want = b"z" * 10 + b"".join(c + bytes(1000) for c in chunks)[10:-1000]
             # n2 reads its own writes before they are flushed (from the primary).
             assert await n2.read(fh, 0, len(want) + 10) == want
             assert (await n2.getattr(f.ino)).size == len(want)

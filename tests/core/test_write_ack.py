@@ -51,15 +51,19 @@ def test_writes_overlap_replication_and_close_waits_for_it(tmp_path: Path) -> No
             assert applied == primary.meta.seq(ROOT_VOLUME)  # metadata: at once
 
             gate["open"] = trio.Event()  # the site stops applying
-            for i in range(WRITE_WINDOW):
+            # Writes with gaps between them: a small write is held on the node until one
+            # that does not continue it comes (NodeFs.write), so each of these writes the
+            # one before; the last one stays held.
+            stride, n = 4096, 2048
+            for i in range(WRITE_WINDOW + 1):
                 with trio.fail_after(1):  # returns without the site
-                    await fs.write(fh, i * 4096, b"w" * 4096)
+                    await fs.write(fh, i * stride, b"w" * n)
             assert site.meta.seq(ROOT_VOLUME) == applied
             # One more is too far ahead: it waits for the site.
             blocked = trio.Event()
 
             async def one_more() -> None:
-                await fs.write(fh, WRITE_WINDOW * 4096, b"w" * 4096)
+                await fs.write(fh, (WRITE_WINDOW + 1) * stride, b"w" * n)
                 blocked.set()
 
             nursery.start_soon(one_more)
@@ -68,7 +72,7 @@ def test_writes_overlap_replication_and_close_waits_for_it(tmp_path: Path) -> No
             gate["open"].set()
             with trio.fail_after(10):
                 await blocked.wait()
-            size = (WRITE_WINDOW + 1) * 4096
+            size = (WRITE_WINDOW + 1) * stride + n
 
             # close(2) waits until the site has every write of the handle.
             gate["open"] = trio.Event()
