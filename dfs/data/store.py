@@ -152,6 +152,19 @@ class DataStore:
                 return None
             raise _fs_error(exc, f"opening data of inode {ino:#x}") from exc
 
+    def create_direct(self, ino: int) -> int | None:
+        """An fd on ino's data file (created if missing) that bypasses the page cache, or None
+        where the file system refuses O_DIRECT."""
+        if not self.direct:
+            return None
+        try:
+            return os.open(self.fspath(ino), _OPEN_FLAGS | os.O_CREAT | os.O_DIRECT, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                self.direct = False
+                return None
+            raise _fs_error(exc, f"creating data of inode {ino:#x}") from exc
+
     @staticmethod
     def pwrite_direct(fd: int, off: int, data: bytes | memoryview) -> None:
         """pwrite through an aligned bounce buffer; off and len(data) must be aligned."""
