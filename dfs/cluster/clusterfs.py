@@ -184,6 +184,8 @@ class NodeFs:
         self._ticket = _TICKET
         self._last_ticket = 0  # the newest invalidation batch queued for another node's update
         self._orphans: set[InodeId] = set()  # primary: purges waiting for the other nodes
+        # The volume of an inode the host views show (HostViews.volume_of), if any.
+        self.view_volume: Callable[[InodeId], VolumeId | None] | None = None
         vfs.meta.on_commit = self._committed
         if self.repls or volumes is not None:
             vfs.defer_purge = self._orphans.add
@@ -252,7 +254,14 @@ class NodeFs:
         r = self._remote.get(ino)
         if r is not None:
             return VolumeId(r[0])
-        return self.vfs.getattr(ino).volume
+        try:
+            return self.vfs.getattr(ino).volume
+        except NotFound:
+            # Named through a host view (MOUNT/.../HOST/...), in a volume not stored here.
+            vol = self.view_volume(ino) if self.view_volume is not None else None
+            if vol is None:
+                raise
+            return vol
 
     def _handle_volume(self, fh: int) -> VolumeId:
         return self.volume_of(self.files.inode_of(fh))

@@ -166,6 +166,7 @@ class ClusterService:
         cm.add("volume.create", create, self._control_create)
         cm.add("volume.list", {}, self._control_list)
         methods.add("vol.list", {}, self._list)
+        methods.add("vol.added", {"volume": Field(dict)}, self._added)
         cluster.extra_status = self.status
         for v in volumes.all():
             self._adopt(v)
@@ -298,7 +299,20 @@ class ClusterService:
             n.name: LocalReader(self.vfs) if n.name == self.me else self._reader(n.name)
             for n in self.config.nodes
         }
-        return HostViews(hosts, root=lambda: self.vfs.getattr(ROOT_INODE))
+
+        def stored(host: str) -> list[tuple[str, InodeId]] | None:
+            root = self.volumes.get(ROOT_VOLUME)
+            if root is None or root.stored_on(host):
+                return None
+            return [
+                (v.path, v.root)
+                for v in self.volumes.all()
+                if v.vol != ROOT_VOLUME and v.stored_on(host)
+            ]
+
+        views = HostViews(hosts, root=lambda: self.vfs.getattr(ROOT_INODE), stored=stored)
+        self.fs.view_volume = views.volume_of
+        return views
 
     def status(self) -> dict[str, Any]:
         vols = []
@@ -469,10 +483,36 @@ class ClusterService:
             await self.notify.flush(self.notify.put([("e", int(parent), name)]))
             self.volumes.refresh()
             self._adopt(v)
+            # Nodes that store no root replica learn of it now rather than at their next
+            # heartbeat: the volume's primary may be one, and must know the volume is its own.
+            root_vol = self.volumes.root
+            async with trio.open_nursery() as nursery:
+                for n in self.config.nodes:
+                    if n.name != self.me and not root_vol.stored_on(n.name):
+                        nursery.start_soon(self._tell_added, n.name, v)
             log.info(
                 "volume %d created at %s (primary %s, sites %s)", vol, path, v.primary, v.sites
             )
             return v.as_dict()
+
+    async def _tell_added(self, node: str, v: Volume) -> None:
+        try:
+            await self._call(node, "vol.added", {"volume": v.wire()}, self.config.timeouts.call)
+        except FsError as exc:
+            log.info("volume %d: %s not told (%s); it learns of it later", v.vol, node, exc)
+
+    async def _added(self, peer: str, args: dict[str, Any]) -> None:
+        """From the root volume's primary: a volume was created (this node does not store
+        the root volume, so its table does not get the mount record by replication)."""
+        if peer != self.volumes.root.primary:
+            raise FsError(errno.EPERM, "only the root volume's primary adds volumes")
+        try:
+            v = from_wire(args["volume"])
+        except (ValueError, TypeError) as exc:
+            raise FsError(errno.EINVAL, f"malformed volume: {exc}") from None
+        if self.volumes.add(v):
+            log.info("volume %d at %s (primary %s)", v.vol, v.path, v.primary)
+        self._adopt(v)
 
     def _resolve(self, path: str) -> tuple[InodeId, bytes, Any]:
         """(parent, name, attributes) of the directory ``path`` of the root volume."""

@@ -34,6 +34,13 @@ layer must call ``remember`` for the entries of one ``readdir`` before it
 awaits anything else of this object. The same real inode of the
 same host keeps the same view inode while the kernel holds it.
 
+A host that stores no replica of the root volume (a cluster with more nodes
+than root replicas) still shows the volumes it stores, at their paths: with
+``stored`` given, its directory and the directories on the way to each such
+volume are synthetic (0555, root's; their names are the components of the
+volumes' paths), and each volume's name shows the host's replica of it.
+Writes below a synthetic directory other than the host's own are refused (EPERM).
+
 Attributes answered through a view are the host's, with ``ino`` replaced by
 the view inode (``parent`` stays the host's real number; the kernel never sees
 it). A host that does not answer still has its directory, with synthetic
@@ -60,7 +67,7 @@ from dfs.cluster.remote import Reader
 from dfs.errors import FsError, Invalid, IsADir, NameTooLong, NoData, NotFound
 from dfs.fs.vfs import DirEntry
 from dfs.meta import schema as S
-from dfs.types import NODE_SHIFT, ROOT_INODE, Attr, InodeId
+from dfs.types import NODE_SHIFT, ROOT_INODE, Attr, InodeId, VolumeId
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,7 @@ DOTS_MODE = stat.S_IFDIR | 0o555
 class _Mapped:
     host: str
     real: InodeId
+    volume: VolumeId
     refs: int = 0
 
 
@@ -97,6 +105,8 @@ class HostViews:
     ``hosts`` maps host (node) names to their readers. ``root``, if given,
     returns the attributes of the mount's root, for the ".." of ``...``
     (without it ``...`` lists no "..", and looking it up is ENOENT).
+    ``stored(host)``, if given: None when the host stores the root volume,
+    else the (path, root directory) of every other volume it stores.
     """
 
     def __init__(
@@ -104,6 +114,7 @@ class HostViews:
         hosts: Mapping[str, Reader],
         *,
         root: Callable[[], Attr] | None = None,
+        stored: Callable[[str], list[tuple[str, InodeId]] | None] | None = None,
         clock: WallClock = system_time_ns,
     ) -> None:
         names = sorted(hosts)
@@ -124,8 +135,14 @@ class HostViews:
         self._by_view: dict[InodeId, _Mapped] = {}
         self._by_real: dict[tuple[str, InodeId], InodeId] = {}
         self._unconfirmed: OrderedDict[InodeId, None] = OrderedDict()
+        self._volumes: dict[InodeId, list[int]] = {}  # real inode -> [volume, mappings]
         now = clock()
         self._dots = Attr(DOTS_INODE, DOTS_MODE, 0, 0, 2 + len(names), 0, now, now, now, now)
+        self._stored = stored
+        # Synthetic directories of hosts without the root volume: (host, path) <-> a number
+        # standing for a real inode, below 2**48 like view inodes, so never a real one.
+        self._skel_ids: dict[tuple[str, tuple[bytes, ...]], InodeId] = {}
+        self._skel_paths: dict[tuple[str, InodeId], tuple[bytes, ...]] = {}
 
     @property
     def hosts(self) -> tuple[str, ...]:
@@ -156,6 +173,12 @@ class HostViews:
         EPERM for ``...`` itself (nothing can be written there), ESTALE for a
         number this table does not hold (forgotten, or never handed out).
         """
+        host, real = self._mapped(ino)
+        if (host, real) in self._skel_paths:
+            raise FsError(errno.EPERM, f"{host} stores no replica of this directory")
+        return host, real
+
+    def _mapped(self, ino: InodeId) -> tuple[str, InodeId]:
         if ino == DOTS_INODE:
             raise FsError(errno.EPERM, f"{VIEW_DIR_NAME.decode()} cannot be changed")
         host = self._ino_host.get(ino)
@@ -166,8 +189,54 @@ class HostViews:
             raise FsError(errno.ESTALE, f"no view inode {ino:#x}")
         return m.host, m.real
 
+    # --- hosts without the root volume -----------------------------------------------------
+
+    def _skeleton(self, host: str) -> dict[tuple[bytes, ...], InodeId | None] | None:
+        """None if ``host`` stores the root volume; else every path (as components) leading
+        to a volume it stores: the volume's root directory, or None on the way there."""
+        vols = self._stored(host) if self._stored is not None else None
+        if vols is None:
+            return None
+        tree: dict[tuple[bytes, ...], InodeId | None] = {(): None}
+        for path, root in vols:
+            comps = tuple(c.encode() for c in path.split("/") if c)
+            if not comps:
+                continue
+            for i in range(1, len(comps)):
+                tree.setdefault(comps[:i], None)
+            tree[comps] = root
+        return tree
+
+    def _skel_path(self, host: str, real: InodeId) -> tuple[bytes, ...] | None:
+        """The path of a synthetic directory of ``host``, or None for a stored inode."""
+        if real == ROOT_INODE:
+            return () if self._skeleton(host) is not None else None
+        return self._skel_paths.get((host, real))
+
+    def _skel_attr(self, host: str, path: tuple[bytes, ...]) -> Attr:
+        if not path:
+            return replace(self._dots, ino=ROOT_INODE, nlink=2)
+        key = (host, path)
+        real = self._skel_ids.get(key)
+        if real is None:
+            if self._next >= VIEW_INODE_END:
+                raise FsError(errno.ENFILE, "per-host view inode numbers are exhausted")
+            real = InodeId(self._next)  # from the view range: never a real inode
+            self._next += 1
+            self._skel_ids[key] = real
+            self._skel_paths[key[0], real] = path
+        return replace(self._dots, ino=real, nlink=2)
+
+    async def _skel_entry(
+        self, host: str, tree: dict[tuple[bytes, ...], InodeId | None], path: tuple[bytes, ...]
+    ) -> Attr:
+        root = tree[path]
+        if root is None:
+            return self._skel_attr(host, path)
+        return await self._readers[host].getattr(root)
+
     def _reader(self, ino: InodeId) -> tuple[str, Reader, InodeId]:
-        host, real = self.real(ino)
+        host, real = self._mapped(ino)
         return host, self._readers[host], real
 
     def _attach(self, host: str, a: Attr, *, counted: bool) -> Attr:
@@ -181,8 +250,10 @@ class HostViews:
                 raise FsError(errno.ENFILE, "per-host view inode numbers are exhausted")
             view = InodeId(self._next)
             self._next += 1
-            self._by_view[view] = _Mapped(host, a.ino)
+            self._by_view[view] = _Mapped(host, a.ino, a.volume)
             self._by_real[key] = view
+            got = self._volumes.setdefault(a.ino, [a.volume, 0])
+            got[1] += 1
         m = self._by_view[view]
         if counted:
             m.refs += 1
@@ -203,6 +274,17 @@ class HostViews:
         m = self._by_view.pop(view)
         del self._by_real[(m.host, m.real)]
         self._unconfirmed.pop(view, None)
+        got = self._volumes.get(m.real)
+        if got is not None:
+            got[1] -= 1
+            if got[1] <= 0:
+                del self._volumes[m.real]
+
+    def volume_of(self, real: InodeId) -> VolumeId | None:
+        """The volume of a real inode the views show (a write through a view names it, and
+        the node may store no replica of its volume to look it up in)."""
+        got = self._volumes.get(real)
+        return VolumeId(got[0]) if got is not None else None
 
     def remember(self, ino: InodeId) -> None:
         """The kernel accepted a readdir entry (not "." or ".."): count one reference."""
@@ -229,6 +311,8 @@ class HostViews:
 
     async def _host_attr(self, host: str) -> Attr:
         """Host's root through the view; synthetic if the host cannot say."""
+        if self._skeleton(host) is not None:
+            return replace(self._dots, ino=self._host_ino[host], nlink=2)
         try:
             a = await self._readers[host].getattr(ROOT_INODE)
         except FsError as exc:
@@ -268,6 +352,13 @@ class HostViews:
         host, reader, real = self._reader(parent)
         if real == ROOT_INODE and name == b"..":
             return self.dots_attr()
+        path = self._skel_path(host, real)
+        if path is not None:
+            tree = self._skeleton(host) or {}
+            child = (*path, name)
+            if child not in tree:
+                raise NotFound()
+            return self._attach(host, await self._skel_entry(host, tree, child), counted=True)
         a = await reader.lookup(real, name)
         if a is None:
             raise NotFound()
@@ -279,7 +370,10 @@ class HostViews:
         host = self._ino_host.get(ino)
         if host is not None:
             return await self._host_attr(host)
-        _, reader, real = self._reader(ino)
+        host, reader, real = self._reader(ino)
+        path = self._skel_path(host, real)
+        if path is not None:
+            return replace(self._skel_attr(host, path), ino=ino)
         return replace(await reader.getattr(real), ino=ino)
 
     async def readdir(self, ino: InodeId, start: int = 0) -> list[DirEntry]:
@@ -293,6 +387,9 @@ class HostViews:
         if ino == DOTS_INODE:
             return await self._readdir_dots(start)
         host, reader, real = self._reader(ino)
+        path = self._skel_path(host, real)
+        if path is not None:
+            return await self._readdir_skeleton(ino, host, path, start)
         out: list[DirEntry] = []
         for e in await reader.readdir(real, start):
             if e.name == b".":
@@ -303,6 +400,31 @@ class HostViews:
                 a = self._attach(host, e.attr, counted=False)
             out.append(DirEntry(e.name, a, e.cookie))
         self._prune(keep=len(out))  # this batch must survive until the FUSE layer remembers it
+        return out
+
+    async def _readdir_skeleton(
+        self, ino: InodeId, host: str, path: tuple[bytes, ...], start: int
+    ) -> list[DirEntry]:
+        tree = self._skeleton(host) or {}
+        out: list[DirEntry] = []
+        if start < 1:
+            out.append(DirEntry(b".", await self.getattr(ino), 1))
+        if start < 2:
+            if not path:
+                parent = self.dots_attr()
+            elif len(path) == 1:
+                parent = await self._host_attr(host)
+            else:
+                parent = self._attach(host, self._skel_attr(host, path[:-1]), counted=False)
+            out.append(DirEntry(b"..", parent, 2))
+        depth = len(path)
+        names = sorted({p[depth] for p in tree if len(p) > depth and p[:depth] == path})
+        for i, name in enumerate(names):
+            cookie = S.FIRST_COOKIE + i
+            if cookie > start:
+                a = await self._skel_entry(host, tree, (*path, name))
+                out.append(DirEntry(name, self._attach(host, a, counted=False), cookie))
+        self._prune(keep=len(out))
         return out
 
     async def _readdir_dots(self, start: int) -> list[DirEntry]:
@@ -320,23 +442,31 @@ class HostViews:
     async def read(self, ino: InodeId, off: int, size: int) -> bytes:
         if ino == DOTS_INODE:
             raise IsADir()
-        _, reader, real = self._reader(ino)
+        host, reader, real = self._reader(ino)
+        if self._skel_path(host, real) is not None:
+            raise IsADir()
         return await reader.read(real, off, size)
 
     async def readlink(self, ino: InodeId) -> bytes:
         if ino == DOTS_INODE:
             raise Invalid()
-        _, reader, real = self._reader(ino)
+        host, reader, real = self._reader(ino)
+        if self._skel_path(host, real) is not None:
+            raise Invalid()
         return await reader.readlink(real)
 
     async def getxattr(self, ino: InodeId, name: bytes) -> bytes:
         if ino == DOTS_INODE:
             raise NoData()
-        _, reader, real = self._reader(ino)
+        host, reader, real = self._reader(ino)
+        if self._skel_path(host, real) is not None:
+            raise NoData()
         return await reader.getxattr(real, name)
 
     async def listxattr(self, ino: InodeId) -> list[bytes]:
         if ino == DOTS_INODE:
             return []
-        _, reader, real = self._reader(ino)
+        host, reader, real = self._reader(ino)
+        if self._skel_path(host, real) is not None:
+            return []
         return await reader.listxattr(real)

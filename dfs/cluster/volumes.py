@@ -131,6 +131,15 @@ class VolumeTable:
         self._covered = {v.mount_dir: v for v in volumes}
         return new
 
+    def add(self, v: Volume) -> bool:
+        """A volume this node was told of (a table not ``local``); True if it is new."""
+        if self.local or v.vol == ROOT_VOLUME:
+            return False
+        new = v.vol not in self._vols
+        self._vols[v.vol] = v
+        self._covered[v.mount_dir] = v
+        return new
+
     def refresh(self) -> list[Volume]:
         """Read the mount records if there are new ones; returns the volumes not known before.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -261,6 +262,35 @@ def test_volume_primary_restarts_with_everything(cluster: Launcher, vdirs: dict[
         assert (vdirs[node] / "kept").read_text() == "kept across a restart of n2"
     (vdirs["n1"] / "after").write_text("y")
     assert (vdirs["n3"] / "after").read_text() == "y"
+
+
+def test_a_host_without_the_root_volume_shows_the_volumes_it_stores(cluster: Launcher) -> None:
+    """n4 stores no root replica; ``.../n4`` still leads to a volume n4 stores, through
+    synthetic directories along its path, on every node (n4's own view included)."""
+    (mnt(cluster, "n1") / "deep" / "er").mkdir(parents=True)
+    r = dfs(
+        "volume", "create", str(mnt(cluster, "n2") / "deep" / "er"), "--primary", "n4",
+        "--sites", "n3", "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    (mnt(cluster, "n2") / "deep" / "er" / "f").write_text("on n4\n")
+    for viewer in NODES:
+        h = mnt(cluster, viewer) / "..." / "n4"
+        assert os.listdir(h) == ["deep"]  # not proj, not the root volume's other names
+        assert os.listdir(h / "deep") == ["er"]
+        st = os.stat(h / "deep")
+        assert stat.S_ISDIR(st.st_mode) and st.st_mode & 0o777 == 0o555
+        assert (h / "deep" / "er" / "f").read_text() == "on n4\n"
+        assert not (h / "proj").exists() and not (h / "deep" / "x").exists()
+        with pytest.raises(OSError) as e:
+            (h / "deep" / "x").write_text("n4 stores no replica of /deep")
+        assert e.value.errno == errno.EPERM
+        # The hosts that store the root volume show /deep as it is.
+        assert "proj" in os.listdir(mnt(cluster, viewer) / "..." / "n3")
+    # Writes through the view land in the tree, as everywhere else.
+    (mnt(cluster, "n1") / "..." / "n4" / "deep" / "er" / "g").write_text("via the view")
+    assert (mnt(cluster, "n3") / "deep" / "er" / "g").read_text() == "via the view"
+    assert (mnt(cluster, "n1") / "..." / "n3" / "deep" / "er" / "g").read_text() == "via the view"
 
 
 def test_every_store_checks_clean(cluster: Launcher) -> None:

@@ -563,3 +563,54 @@ def test_view_inodes_cannot_be_real_inodes() -> None:
         HostViews({"a/b": LocalReader.__new__(LocalReader)})
     with pytest.raises(ValueError):
         HostViews({"...": LocalReader.__new__(LocalReader)})
+
+
+@trio_test()
+async def test_a_host_without_the_root_volume_shows_its_volumes_at_their_paths(
+    cores: dict[str, Core],
+) -> None:
+    """``stored``: host b keeps no root replica, only a volume mounted at /x/y/docs (here b's
+    /docs directory): its view is synthetic directories down to that volume's root."""
+    docs = InodeId(cores["b"].ino("/docs"))
+    async with network(cores) as (_, readers, _):
+        views = HostViews(
+            {"a": LocalReader(cores["a"].vfs), "b": readers["b"]},
+            stored=lambda h: None if h == "a" else [("/x/y/docs", docs)],
+        )
+        host = views.host_inode("b")
+        assert [e.name for e in await listing(views, host)] == [b".", b"..", b"x"]
+        x = await walk(views, "b", "/x")
+        y = await walk(views, "b", "/x/y")
+        for d in (x, y, await views.getattr(host)):
+            assert (d.mode, d.uid, d.gid, d.nlink) == (0o40555, 0, 0, 2)
+        assert [(e.name, e.attr.ino) for e in await listing(views, x.ino)] == [
+            (b".", x.ino),
+            (b"..", host),
+            (b"y", y.ino),
+        ]
+        ents = await listing(views, y.ino)
+        assert [e.name for e in ents] == [b".", b"..", b"docs"]
+        assert ents[1].attr.ino == x.ino
+        for i, e in enumerate(ents):  # resuming after each cookie
+            assert [f.name for f in await views.readdir(y.ino, e.cookie)] == [
+                f.name for f in ents[i + 1 :]
+            ]
+        got = await walk(views, "b", "/x/y/docs/a.txt")
+        assert await views.read(got.ino, 0, 100) == CONTENTS["b"]
+        d = await walk(views, "b", "/x/y/docs")
+        assert views.real(d.ino) == ("b", docs)  # a write there goes to the volume
+        assert views.volume_of(docs) == cores["b"].vfs.getattr(docs).volume
+        assert views.volume_of(InodeId(docs + 12345)) is None
+        for bad in (views.lookup(host, b"docs"), views.lookup(x.ino, b"z")):
+            assert await errno_of(bad) == errno.ENOENT
+        assert await errno_of(views.read(x.ino, 0, 1)) == errno.EISDIR
+        assert await errno_of(views.readlink(x.ino)) == errno.EINVAL
+        assert await errno_of(views.getxattr(x.ino, b"user.k")) == errno.ENODATA
+        assert await views.listxattr(x.ino) == []
+        for synthetic in (x, y):
+            with pytest.raises(FsError) as info:
+                views.real(synthetic.ino)
+            assert info.value.errno == errno.EPERM
+        assert views.real(host) == ("b", ROOT_INODE)  # writes there go to the tree's root
+        # Host a stores the root volume: its view is its store, as before.
+        assert b"docs" in [e.name for e in await listing(views, views.host_inode("a"))]
