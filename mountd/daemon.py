@@ -22,6 +22,8 @@ import queue
 import resource
 import signal
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,7 +320,9 @@ class _Node:
                 await cluster.aclose()
             return EXIT_OK
         try:
-            pyfuse3.init(DfsOperations(fs, views=views), str(opts.mountpoint), self.fuse_options)
+            ops = DfsOperations(fs, views=views)
+            invalidator.in_flight = ops.in_flight
+            pyfuse3.init(ops, str(opts.mountpoint), self.fuse_options)
         except RuntimeError as exc:
             log.error("%s: mount failed: %s", opts.mountpoint, exc)
             if cluster is not None:
@@ -404,6 +408,9 @@ class _Invalidator:
         self._done = 0
         self._changed = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
+        # Whether the kernel may be making what an invalidation found missing (see
+        # ``invalidate_one``); set once the FUSE operations exist. Called in this thread.
+        self.in_flight: Callable[[Inval], bool] = lambda item: False
 
     def put(self, batch: list[Inval]) -> int:
         if not self._live:
@@ -437,27 +444,68 @@ class _Invalidator:
                 except queue.Empty:
                     break
                 batch = batch + more
-            _invalidate_batch(batch)
+            _invalidate_batch(batch, self.in_flight)
             try:
                 self._token.run_sync_soon(self._progress, ticket)
             except trio.RunFinishedError:
                 return
 
 
-def _invalidate_batch(batch: list[Inval]) -> None:
+def _notify(item: Inval) -> None:
+    if item[0] == "e":
+        pyfuse3.invalidate_entry(
+            pyfuse3.InodeT(item[1]),
+            item[2],  # type: ignore[misc]
+        )
+    else:
+        pyfuse3.invalidate_inode(pyfuse3.InodeT(item[1]), attr_only=item[0] == "i")
+
+
+def _invalidate_batch(
+    batch: list[Inval],
+    in_flight: Callable[[Inval], bool] = lambda item: False,
+    notify: Callable[[Inval], None] = _notify,
+) -> None:
     seen: set[Inval] = set()
     for item in batch:
         if item in seen:
             continue
         seen.add(item)
+        invalidate_one(item, in_flight, notify)
+
+
+INFLIGHT_RETRY = 0.001
+INFLIGHT_WAIT = 0.05
+
+
+def invalidate_one(
+    item: Inval,
+    in_flight: Callable[[Inval], bool],
+    notify: Callable[[Inval], None],
+    *,
+    wait: float = INFLIGHT_WAIT,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Tell the kernel to drop ``item``; when it has nothing to drop yet but is about to
+    (``in_flight``), try again until it has, for at most ``wait`` seconds.
+
+    The race: this node answered a lookup (an inode with its attributes, or "no such
+    name"), and the kernel makes the inode or the negative entry from that answer only
+    when the task that asked runs again. An invalidation of a change committed in between
+    finds nothing (ENOENT) and is lost, and the kernel would then cache the answer from
+    before the change for the whole attribute or entry timeout. ``in_flight`` says when
+    that can be the case: the kernel holds references to the inode (it has it, or is
+    making it), or this node recently answered that name negatively.
+    """
+    deadline = time.monotonic() + wait
+    while True:
         try:
-            if item[0] == "e":
-                pyfuse3.invalidate_entry(
-                    pyfuse3.InodeT(item[1]),
-                    item[2],  # type: ignore[misc]
-                )
-            else:
-                pyfuse3.invalidate_inode(pyfuse3.InodeT(item[1]), attr_only=item[0] == "i")
+            notify(item)
+            return
         except OSError as exc:
+            if exc.errno == errno.ENOENT and in_flight(item) and time.monotonic() < deadline:
+                sleep(INFLIGHT_RETRY)
+                continue
             if exc.errno not in (errno.ENOENT, errno.EBADF):
                 log.warning("cannot invalidate the kernel's cache of %r: %s", item[:2], exc)
+            return

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Sequence
 
 import pyfuse3
 
+from dfs.cluster.applier import Inval
 from dfs.cluster.clusterfs import NodeFs
 from dfs.cluster.views import VIEW_DIR_NAME, HostViews, is_view
 from dfs.errors import FsError, NotFound
@@ -26,6 +28,10 @@ VIEW_TIMEOUT = 1.0  # host views are not invalidated: the kernel re-asks after t
 REMOTE_TIMEOUT = 1.0  # nor are volumes this node does not store (docs/CONSISTENCY.md)
 VIEW_FH = 1 << 62  # handles of files and directories opened through a host view
 DOTS = (b".", b"..")
+
+
+NEGATIVE_MEMORY = 1.0  # seconds a negative lookup answer counts as possibly in flight
+NEGATIVES_MAX = 4096
 
 
 class DfsOperations(pyfuse3.Operations):
@@ -46,6 +52,31 @@ class DfsOperations(pyfuse3.Operations):
         # node whose files change elsewhere must do without it (docs/ARCHITECTURE.md).
         self.enable_writeback_cache = fs.standalone
         fs.files.stamp_writes = not self.enable_writeback_cache
+        # (parent, name) -> when this node last answered that the name does not exist.
+        self._negatives: dict[tuple[int, bytes], float] = {}
+
+    def _answered_negative(self, parent: int, name: bytes) -> None:
+        now = time.monotonic()
+        key = (parent, name)
+        self._negatives.pop(key, None)
+        self._negatives[key] = now  # newest last
+        while self._negatives:
+            first = next(iter(self._negatives))
+            if (
+                len(self._negatives) <= NEGATIVES_MAX
+                and now - self._negatives[first] < NEGATIVE_MEMORY
+            ):
+                break
+            del self._negatives[first]
+
+    def in_flight(self, item: Inval) -> bool:
+        """Whether the kernel may be making what ``item`` invalidates right now (see
+        mountd.daemon.invalidate_one): an inode it holds references to, or a name this
+        node answered negatively a moment ago. Called from the invalidation thread."""
+        if item[0] == "e" and len(item) == 3:
+            t = self._negatives.get((item[1], item[2]))
+            return t is not None and time.monotonic() - t < NEGATIVE_MEMORY
+        return InodeId(item[1]) in self.vfs.vfs.lookups
 
     # --- host views (MOUNT/.../HOST/path, dfs/cluster/views.py) --------------------------------
 
@@ -87,6 +118,7 @@ class DfsOperations(pyfuse3.Operations):
         try:
             a = await self.vfs.lookup(InodeId(parent_inode), name)
         except NotFound:
+            self._answered_negative(parent_inode, name)
             return negative_entry(self._timeout(parent_inode))
         return entry(a, self._timeout(a.ino))
 
