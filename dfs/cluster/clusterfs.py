@@ -160,6 +160,7 @@ class NodeFs:
         # that were written on behalf of another operation (reported by the handle's next
         # write, flush, fsync), and how many held writes are being written now.
         self._gathered: dict[int, _Gathered] = {}
+        self._held_by_ino: dict[InodeId, int] = {}  # the one handle holding writes of a file
         self._gathered_bytes = 0
         self._gather_errors: dict[int, FsError] = {}
         self._gathering = 0
@@ -757,9 +758,10 @@ class NodeFs:
         one each (every update costs the same CPU on the primary and on each site, and an
         inline file's update carries its whole contents). A write of less than GATHER_MAX
         is held while the next ones continue it; they are written when the handle is
-        flushed, fsynced or released, when a write does not continue them, and before any
-        other operation of this node (``_after_held_writes``), so that what runs next sees
-        them as it would see a plain write. An error writing them is reported by the
+        flushed, fsynced or released, when a write does not continue them, when another
+        handle of the file writes (one holder per file keeps the order of its writes), and
+        before any other operation of this node (``_after_held_writes``), so that what runs
+        next sees them as it would see a plain write. An error writing them is reported by the
         handle's next write, flush or fsync, as for any write acknowledged before it is
         replicated. A standalone node has the kernel's writeback cache doing this already.
         """
@@ -769,8 +771,17 @@ class NodeFs:
         if err is not None:
             raise err
         n = len(data)
-        g = self._gathered.get(fh)
-        if g is not None:
+        ino = self.inode_of(fh)  # EBADF now, not later
+        while True:  # until nothing held is in the way (each await lets other writes in)
+            other = self._held_by_ino.get(ino)
+            if other is not None and other != fh:
+                # Another handle of the file holds writes: they were made first. (One
+                # holder per file keeps the writes of all its handles in their order.)
+                await self._write_for(other)
+                continue
+            g = self._gathered.get(fh)
+            if g is None:
+                break
             if off == g.off + len(g.buf) and len(g.buf) + n <= GATHER_MAX:
                 g.buf += data
                 g.when = self.vfs.clock()
@@ -778,12 +789,19 @@ class NodeFs:
                 return n
             await self._write_gathered(fh)
         if 0 < n < GATHER_MAX and self._gathered_bytes + n <= GATHER_TOTAL:
-            self.inode_of(fh)  # EBADF now, not later
-            self._gathered[fh] = _Gathered(off, bytearray(data), self.vfs.clock())
+            self._gathered[fh] = _Gathered(ino, off, bytearray(data), self.vfs.clock())
+            self._held_by_ino[ino] = fh
             self._gathered_bytes += n
             self._held_new.set()
             return n
         return await self._write_now(fh, off, data)
+
+    async def _write_for(self, fh: int) -> None:
+        """Write what ``fh`` holds on behalf of something else: its error is kept for it."""
+        try:
+            await self._write_gathered(fh)
+        except FsError as exc:
+            self._gather_errors.setdefault(fh, exc)
 
     async def write_held_writes(self) -> None:
         """Background task: write what has been held for HOLD_FOR seconds, so that a writer
@@ -800,6 +818,8 @@ class NodeFs:
         g = self._gathered.pop(fh, None)
         if g is None:
             return
+        if self._held_by_ino.get(g.ino) == fh:
+            del self._held_by_ino[g.ino]
         self._gathered_bytes -= len(g.buf)
         self._gathering += 1
         try:
@@ -818,21 +838,14 @@ class NodeFs:
         """Write every held write and wait for those being written; their errors are kept
         for their handles."""
         while self._gathered:
-            fh = next(iter(self._gathered))
-            try:
-                await self._write_gathered(fh)
-            except FsError as exc:
-                self._gather_errors.setdefault(fh, exc)
+            await self._write_for(next(iter(self._gathered)))
         while self._gathering:
             await self._gathered_out.wait()
 
     async def _held_of(self, fh: int) -> None:
         """Write what ``fh`` holds and raise the first error of its held writes."""
         if fh in self._gathered:
-            try:
-                await self._write_gathered(fh)
-            except FsError as exc:
-                self._gather_errors.setdefault(fh, exc)
+            await self._write_for(fh)
         while self._gathering:
             await self._gathered_out.wait()
         err = self._gather_errors.pop(fh, None)
@@ -1209,6 +1222,7 @@ class _RemoteFile:
 class _Gathered:
     """Writes of one handle held to be written as one (``NodeFs.write``)."""
 
+    ino: InodeId
     off: int
     buf: bytearray
     when: int  # the time of the last one: the file's mtime once written

@@ -200,3 +200,31 @@ def test_a_writer_that_goes_quiet_is_written_soon(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))
+
+
+def test_writes_of_two_handles_of_one_file_keep_their_order(tmp_path: Path) -> None:
+    """Held per handle, writes of two handles to one file could be written out of the
+    order they were made; one holder per file keeps it (the later write wins, as POSIX)."""
+    primary, site, fs, repl, _ = _pair(tmp_path)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(repl.run)
+            await until(lambda: repl.links["n2"].in_sync)
+            one, f = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
+            two = await fs.open(f.ino, os.O_RDWR, ROOT_CTX)
+            await fs.write(one, 0, b"a" * 100)
+            await fs.write(two, 100, b"b" * 100)  # writes one's first
+            await fs.write(one, 100, b"c" * 100)  # later than two's: must win
+            await fs.write(two, 200, b"d" * 50)
+            await fs.flush(one)
+            await fs.flush(two)
+            want = b"a" * 100 + b"c" * 100 + b"d" * 50
+            for n in (primary, site):
+                assert await LocalReader(n.vfs).read(f.ino, 0, 1000) == want
+            assert await fs.read(one, 0, 1000) == want
+            await fs.release(one)
+            await fs.release(two)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))
