@@ -488,6 +488,8 @@ class NodeFs:
                 lambda: list(self.vfs.readdir(ino, start)),
             )
             entries = iter(got)
+        if self._unflushed:
+            entries = await self._fresh_entries(entries)
         covers = self._mounts_in(ino) if vol == ROOT_VOLUME else {}
         if not covers:
             return entries
@@ -501,6 +503,24 @@ class NodeFs:
                 roots[mdir] = Attr(v.root, 0o40755, 0, 0, 2, 0, 0, 0, 0, 0, volume=v.vol)
         return (
             DirEntry(e.name, roots[e.attr.ino], e.cookie) if e.attr.ino in roots else e
+            for e in entries
+        )
+
+    async def _fresh_entries(self, entries: Iterator[DirEntry]) -> Iterator[DirEntry]:
+        """``entries`` with the primary's attributes for files with writes of this node in
+        flight: readdirplus attributes are taken by the kernel like a getattr's, and a size
+        from before those writes would cut the file short in its cache (see ``_fresh``)."""
+        await self._drain()
+        fresh: dict[InodeId, Attr] = {}
+        for ino in list(self._unflushed):
+            try:
+                fresh[ino] = await self._read(self.volume_of(ino)).getattr(ino)
+            except FsError:
+                continue  # gone: its entry is stale anyway
+        return (
+            DirEntry(e.name, fresh[e.attr.ino], e.cookie)
+            if e.attr.ino in fresh and e.name not in (b".", b"..")
+            else e
             for e in entries
         )
 

@@ -183,7 +183,10 @@ class Vfs:
 
     async def setattr(self, ino: InodeId, ch: SetAttrs, ctx: Ctx) -> Attr:
         blocks = None
+        old_size: int | None = None
         if ch.size is not None:
+            with self.meta.read() as txn:
+                old_size = self._get(txn, ino).size  # truncate may commit the new one
             await self.files.truncate(ino, ch.size)
             blocks = self.files.allocated(ino)
         now = self.clock()
@@ -197,7 +200,7 @@ class Vfs:
                 # A truncate that keeps the size changes no timestamp: POSIX says so, and
                 # the kernel's writeback cache (which keeps mtime/ctime of regular files
                 # itself) shows none, so storing one would make them jump at a restart.
-                same_size = a.size == ch.size
+                same_size = old_size == ch.size
                 a.size = ch.size
                 a.blocks = blocks if blocks is not None else a.blocks
                 if ch.mtime_ns is None and not same_size:

@@ -86,7 +86,12 @@ def test_posted_writes_are_ordered_read_back_and_flushed(tmp_path: Path) -> None
     )
     applier = ReplicaApplier(site.meta, site.data, NodeId(2), applied=n2.applied)
 
+    gate = {"open": trio.Event()}
+    gate["open"].set()
+
     async def call(node: str, method: str, args: dict[str, Any], limit: float) -> Any:
+        if args["records"]:
+            await gate["open"].wait()
         return {"have": await applier.apply(args["vol"], args["records"])}
 
     repl = Replicator(
@@ -117,6 +122,15 @@ def test_posted_writes_are_ordered_read_back_and_flushed(tmp_path: Path) -> None
             # n2 reads its own writes before they are flushed (from the primary).
             assert await n2.read(fh, 0, len(want) + 10) == want
             assert (await n2.getattr(f.ino)).size == len(want)
+            # ... and so does its readdir, though n2's replica lags (the kernel takes the
+            # sizes in readdirplus entries: a stale one would cut the file short).
+            gate["open"] = trio.Event()
+            await n2.write(fh, len(want), b"tail")
+            want += b"tail"
+            listed = {e.name: e.attr for e in await n2.readdir(ROOT_INODE)}
+            assert site.vfs.getattr(f.ino).size < len(want)
+            assert listed[b"f"].size == len(want)
+            gate["open"].set()
             await n2.flush(fh)
             # Flushed: on every site, n2's own replica included.
             for n in (primary, site):
