@@ -11,6 +11,7 @@ each other (entries, link groups, inode numbers and times) and the local one.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +24,13 @@ from tests.fuse.test_model import MODEL_SETTINGS, ModelMachine, diff, snapshot
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
-# Each step costs a replicated round trip or more: fewer examples than on one node.
-CLUSTER_SETTINGS = settings(MODEL_SETTINGS, max_examples=min(MODEL_SETTINGS.max_examples, 20))
+# Each step costs a replicated round trip or more: fewer examples than on one node in CI
+# (about 45 s); DFS_MODEL_EXAMPLES=N (see test_model.py) runs N with a fresh seed.
+CLUSTER_SETTINGS = (
+    MODEL_SETTINGS
+    if os.environ.get("DFS_MODEL_EXAMPLES")
+    else settings(MODEL_SETTINGS, max_examples=150)
+)
 
 
 @pytest.fixture
