@@ -150,14 +150,21 @@ class DfsOperations(pyfuse3.Operations):
         fh: pyfuse3.FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        mtime = attr.st_mtime_ns if fields.update_mtime else None
+        ctime = attr.st_ctime_ns if fields.update_ctime else None
+        if fields.update_size and fh is not None and mtime is None:
+            # ftruncate(2) sets mtime and ctime even when the size stays (truncate(2) by
+            # path does not). Without the writeback cache the kernel leaves that to us
+            # (fuse's update_mtime()), and only the handle tells the two apart.
+            mtime = ctime = time.time_ns()
         ch = SetAttrs(
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+            mtime_ns=mtime,
+            ctime_ns=ctime,
         )
         a = await self.vfs.setattr(self._real(inode), ch, ctx_of(ctx))
         if self.views is not None and is_view(inode):

@@ -194,6 +194,38 @@ def test_a_change_racing_a_lookup_on_another_node_still_shows(mnts: dict[str, Pa
         poller.join()
 
 
+@pytest.mark.parametrize("node", ["n1", "n2"])
+def test_truncate_times_as_linux(mnts: dict[str, Path], node: str) -> None:
+    """ftruncate(2) sets mtime and ctime even at the same size, truncate(2) by path only when
+    the size changes (as ext4). Without the writeback cache (cluster nodes) the kernel
+    leaves both to dfs; a shrinking truncate of a file past 64 KiB once kept the old times."""
+    f = mnts[node] / "t"
+    f.write_bytes(b"x" * 70000)
+    before = os.stat(f)
+    time.sleep(0.01)
+    os.truncate(f, 70000)  # same size, by path: nothing changes
+    same = os.stat(f)
+    assert (same.st_mtime_ns, same.st_ctime_ns) == (before.st_mtime_ns, before.st_ctime_ns)
+    os.truncate(f, 10)  # shrinks: both change
+    cut = os.stat(f)
+    assert cut.st_mtime_ns > before.st_mtime_ns and cut.st_ctime_ns > before.st_ctime_ns
+    time.sleep(0.01)
+    fd = os.open(f, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, 10)  # same size, through a descriptor: both change
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    assert after.st_mtime_ns > cut.st_mtime_ns and after.st_ctime_ns > cut.st_ctime_ns
+    for other in mnts.values():  # and every node shows the same
+        st = os.stat(other / "t")
+        assert (st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (
+            10,
+            after.st_mtime_ns,
+            after.st_ctime_ns,
+        )
+
+
 def test_concurrent_creates_of_one_name_one_wins(mnts: dict[str, Path]) -> None:
     results: dict[str, list[int]] = {n: [] for n in NODES}
     names = [f"x{i}" for i in range(60)]
