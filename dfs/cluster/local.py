@@ -80,6 +80,9 @@ class ClusterError(Exception):
         self.exit_code = exit_code
 
 
+EXIT_GRACE_POLLS = 20  # polls (POLL apart) for the exit status of a daemon that is going
+
+
 class LaunchError(ClusterError):
     """A node did not come up; ``log_tail`` is the end of its log."""
 
@@ -476,6 +479,13 @@ class LocalCluster:
                 pid = pids.get(node.name)
                 if pid is not None and self.daemon_pid(node) is None:
                     code = self._collect(pid)
+                    # Our child may be in the middle of exiting (its command line is gone
+                    # before it is a zombie): give it a moment to report its status.
+                    for _ in range(EXIT_GRACE_POLLS):
+                        if code is not None:
+                            break
+                        time.sleep(POLL)
+                        code = self._collect(pid)
                     how = f"exited with status {code}" if code is not None else "died"
                     raise LaunchError(node.name, f"dfs-mountd {how}", _tail(node.log_path))
                 why = self._not_up(node, names)

@@ -178,7 +178,7 @@ def test_up_fails_cleanly_when_a_port_is_taken(cluster: Launcher) -> None:
     finally:
         taken.close()
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "node n2: dfs-mountd exited with status 1" in r.stderr
+    assert "node n2: dfs-mountd exited with status 1" in r.stderr, r.stderr
     assert "cannot listen on" in r.stderr and "another process uses this port" in r.stderr
     assert not mounts_under(cluster.root)  # n1 and n3 were stopped again
     code, doc = cluster.status()
