@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,57 +54,75 @@ def _pair(tmp_path: Path) -> tuple[Node, Node, NodeFs, Replicator, list[int]]:
     return primary, site, fs, repl, shipped
 
 
-def test_writes_that_continue_each_other_become_one_update(tmp_path: Path) -> None:
-    primary, site, fs, repl, shipped = _pair(tmp_path)
-    now: list[int] = fs.test_clock  # type: ignore[attr-defined]
+def _run(
+    fs: NodeFs,
+    repl: Replicator,
+    body: Callable[[], Awaitable[None]],
+    *,
+    quiet_writers: bool = False,
+) -> None:
+    """Run ``body`` once the primary streams to the site (and, with ``quiet_writers``, the
+    task that writes what is held for too long, as in mountd)."""
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(repl.run)
+            if quiet_writers:
+                nursery.start_soon(fs.write_held_writes)
             await until(lambda: repl.links["n2"].in_sync)
-            fh, f = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
-            seq = primary.meta.seq(ROOT_VOLUME)
-            chunks = [bytes([65 + i]) * 10240 for i in range(6)]  # tar's 10 KiB writes
-            for i, c in enumerate(chunks):
-                now[0] = T0 + i
-                assert await fs.write(fh, i * 10240, c) == 10240
-            assert primary.meta.seq(ROOT_VOLUME) == seq  # held, nothing written yet
-            now[0] = T0 + 1000
-            await fs.flush(fh)
-            assert primary.meta.seq(ROOT_VOLUME) == seq + 1  # one update for six writes
-            want = b"".join(chunks)
-            for n in (primary, site):  # on the site once close returned
-                assert await LocalReader(n.vfs).read(f.ino, 0, 1 << 20) == want
-            a = site.vfs.getattr(f.ino)
-            assert (a.size, a.mtime_ns) == (len(want), T0 + 5)  # the last write's time
-
-            # A write that does not continue the held ones writes them first.
-            await fs.write(fh, 0, b"x" * 100)
-            await fs.write(fh, 200, b"y" * 100)
-            assert primary.meta.seq(ROOT_VOLUME) == seq + 2
-            # Any other operation of the node writes them before it runs: getattr and
-            # read see them, like after a plain write.
-            await fs.write(fh, len(want), b"z" * 5)  # writes the "y"s
-            assert primary.meta.seq(ROOT_VOLUME) == seq + 3
-            assert (await fs.getattr(f.ino)).size == len(want) + 5
-            assert primary.meta.seq(ROOT_VOLUME) == seq + 4
-            await fs.write(fh, 300, b"w" * 7)
-            got = await fs.read(fh, 0, 1 << 20)
-            assert got[:100] == b"x" * 100 and got[200:300] == b"y" * 100
-            assert got[300:307] == b"w" * 7 and got[-5:] == b"z" * 5
-            # A write of GATHER_MAX bytes or more is not held.
-            await fs.write(fh, 0, b"b" * GATHER_MAX)
-            assert primary.meta.seq(ROOT_VOLUME) > seq + 5
-            # Release writes what is held (a close without flush: written through a
-            # mapping, or a dup'ed descriptor closed last).
-            await fs.write(fh, 10, b"r" * 3)
-            await fs.release(fh)
-            assert (await LocalReader(primary.vfs).read(f.ino, 10, 3)) == b"rrr"
-            await until(lambda: site.meta.seq(ROOT_VOLUME) == primary.meta.seq(ROOT_VOLUME))
-            assert (await LocalReader(site.vfs).read(f.ino, 10, 3)) == b"rrr"
+            await body()
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))
+
+
+def test_writes_that_continue_each_other_become_one_update(tmp_path: Path) -> None:
+    primary, site, fs, repl, shipped = _pair(tmp_path)
+    now: list[int] = fs.test_clock  # type: ignore[attr-defined]
+
+    async def body() -> None:
+        fh, f = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
+        seq = primary.meta.seq(ROOT_VOLUME)
+        chunks = [bytes([65 + i]) * 10240 for i in range(6)]  # tar's 10 KiB writes
+        for i, c in enumerate(chunks):
+            now[0] = T0 + i
+            assert await fs.write(fh, i * 10240, c) == 10240
+        assert primary.meta.seq(ROOT_VOLUME) == seq  # held, nothing written yet
+        now[0] = T0 + 1000
+        await fs.flush(fh)
+        assert primary.meta.seq(ROOT_VOLUME) == seq + 1  # one update for six writes
+        want = b"".join(chunks)
+        for n in (primary, site):  # on the site once close returned
+            assert await LocalReader(n.vfs).read(f.ino, 0, 1 << 20) == want
+        a = site.vfs.getattr(f.ino)
+        assert (a.size, a.mtime_ns) == (len(want), T0 + 5)  # the last write's time
+
+        # A write that does not continue the held ones writes them first.
+        await fs.write(fh, 0, b"x" * 100)
+        await fs.write(fh, 200, b"y" * 100)
+        assert primary.meta.seq(ROOT_VOLUME) == seq + 2
+        # Any other operation of the node writes them before it runs: getattr and
+        # read see them, like after a plain write.
+        await fs.write(fh, len(want), b"z" * 5)  # writes the "y"s
+        assert primary.meta.seq(ROOT_VOLUME) == seq + 3
+        assert (await fs.getattr(f.ino)).size == len(want) + 5
+        assert primary.meta.seq(ROOT_VOLUME) == seq + 4
+        await fs.write(fh, 300, b"w" * 7)
+        got = await fs.read(fh, 0, 1 << 20)
+        assert got[:100] == b"x" * 100 and got[200:300] == b"y" * 100
+        assert got[300:307] == b"w" * 7 and got[-5:] == b"z" * 5
+        # A write of GATHER_MAX bytes or more is not held.
+        await fs.write(fh, 0, b"b" * GATHER_MAX)
+        assert primary.meta.seq(ROOT_VOLUME) > seq + 5
+        # Release writes what is held (a close without flush: written through a
+        # mapping, or a dup'ed descriptor closed last).
+        await fs.write(fh, 10, b"r" * 3)
+        await fs.release(fh)
+        assert (await LocalReader(primary.vfs).read(f.ino, 10, 3)) == b"rrr"
+        await until(lambda: site.meta.seq(ROOT_VOLUME) == primary.meta.seq(ROOT_VOLUME))
+        assert (await LocalReader(site.vfs).read(f.ino, 10, 3)) == b"rrr"
+
+    _run(fs, repl, body)
 
 
 def test_an_error_of_held_writes_is_reported_by_the_handle_once(tmp_path: Path) -> None:
@@ -119,35 +138,31 @@ def test_an_error_of_held_writes_is_reported_by_the_handle_once(tmp_path: Path) 
 
     fs.files.write = full_at_bad  # type: ignore[method-assign]
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(repl.run)
-            await until(lambda: repl.links["n2"].in_sync)
-            fh, f = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
-            other, g = await fs.create(ROOT_INODE, b"g", 0o644, os.O_RDWR, ROOT_CTX)
-            # Held, so write(2) succeeds ...
-            assert await fs.write(fh, bad, b"x") == 1
-            # ... and another operation writes it: that operation is not failed ...
-            await fs.write(other, 0, b"fine")
-            assert (await fs.getattr(g.ino)).size == 4
-            # ... the handle's next write reports it, once.
-            with pytest.raises(FsError) as exc:
-                await fs.write(fh, 0, b"a")
-            assert exc.value.errno == errno.ENOSPC
+    async def body() -> None:
+        fh, f = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
+        other, g = await fs.create(ROOT_INODE, b"g", 0o644, os.O_RDWR, ROOT_CTX)
+        # Held, so write(2) succeeds ...
+        assert await fs.write(fh, bad, b"x") == 1
+        # ... and another operation writes it: that operation is not failed ...
+        await fs.write(other, 0, b"fine")
+        assert (await fs.getattr(g.ino)).size == 4
+        # ... the handle's next write reports it, once.
+        with pytest.raises(FsError) as exc:
             await fs.write(fh, 0, b"a")
+        assert exc.value.errno == errno.ENOSPC
+        await fs.write(fh, 0, b"a")
+        await fs.flush(fh)
+        # Reported by flush (close) when no write comes first.
+        await fs.write(fh, bad, b"x")
+        with pytest.raises(FsError) as exc:
             await fs.flush(fh)
-            # Reported by flush (close) when no write comes first.
-            await fs.write(fh, bad, b"x")
-            with pytest.raises(FsError) as exc:
-                await fs.flush(fh)
-            assert exc.value.errno == errno.ENOSPC
-            await fs.flush(fh)
-            await fs.release(fh)
-            await fs.release(other)
-            assert await LocalReader(site.vfs).read(f.ino, 0, 10) == b"a"
-            nursery.cancel_scope.cancel()
+        assert exc.value.errno == errno.ENOSPC
+        await fs.flush(fh)
+        await fs.release(fh)
+        await fs.release(other)
+        assert await LocalReader(site.vfs).read(f.ino, 0, 10) == b"a"
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))
+    _run(fs, repl, body)
 
 
 def test_a_site_reads_a_file_whose_digests_have_not_followed_yet(tmp_path: Path) -> None:
@@ -156,50 +171,41 @@ def test_a_site_reads_a_file_whose_digests_have_not_followed_yet(tmp_path: Path)
     (The ``dirty`` record's value is empty: a truthiness check missed it.)"""
     primary, site, fs, repl, _ = _pair(tmp_path)
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(repl.run)
-            await until(lambda: repl.links["n2"].in_sync)
-            fh, f = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
-            await fs.write(fh, 0, b"a" * GATHER_MAX)  # a data file (past the inline size)
-            await fs.flush(fh)
-            await fs.fsync(fh, False)  # settled: block 0's digest is stored everywhere
-            await fs.write(fh, 10, b"b" * 10)  # part of block 0: its digest is now stale
-            await fs.flush(fh)  # on the site, not settled (the handle is still open)
-            want = b"a" * 10 + b"b" * 10 + b"a" * (GATHER_MAX - 20)
-            assert await LocalReader(site.vfs).read(f.ino, 0, GATHER_MAX) == want
-            await fs.release(fh)
-            await until(lambda: site.meta.seq(ROOT_VOLUME) == primary.meta.seq(ROOT_VOLUME))
-            assert await LocalReader(site.vfs).read(f.ino, 0, GATHER_MAX) == want
-            nursery.cancel_scope.cancel()
+    async def body() -> None:
+        fh, f = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
+        await fs.write(fh, 0, b"a" * GATHER_MAX)  # a data file (past the inline size)
+        await fs.flush(fh)
+        await fs.fsync(fh, False)  # settled: block 0's digest is stored everywhere
+        await fs.write(fh, 10, b"b" * 10)  # part of block 0: its digest is now stale
+        await fs.flush(fh)  # on the site, not settled (the handle is still open)
+        want = b"a" * 10 + b"b" * 10 + b"a" * (GATHER_MAX - 20)
+        assert await LocalReader(site.vfs).read(f.ino, 0, GATHER_MAX) == want
+        await fs.release(fh)
+        await until(lambda: site.meta.seq(ROOT_VOLUME) == primary.meta.seq(ROOT_VOLUME))
+        assert await LocalReader(site.vfs).read(f.ino, 0, GATHER_MAX) == want
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))
+    _run(fs, repl, body)
 
 
 def test_a_writer_that_goes_quiet_is_written_soon(tmp_path: Path) -> None:
     """A log appended without fsync or close still reaches the sites (write_held_writes)."""
     primary, site, fs, repl, _ = _pair(tmp_path)
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(repl.run)
-            nursery.start_soon(fs.write_held_writes)
-            await until(lambda: repl.links["n2"].in_sync)
-            fh, f = await fs.create(ROOT_INODE, b"log", 0o644, os.O_RDWR, ROOT_CTX)
-            for i in range(3):
-                seq = primary.meta.seq(ROOT_VOLUME)
-                await fs.write(fh, i * 6, b"line%d\n" % i)
-                await trio.sleep(HOLD_FOR / 2)
-                assert primary.meta.seq(ROOT_VOLUME) == seq  # still held
-                await trio.sleep(HOLD_FOR)
-                assert primary.meta.seq(ROOT_VOLUME) == seq + 1
-                await until(lambda: site.meta.seq(ROOT_VOLUME) == primary.meta.seq(ROOT_VOLUME))
-                got = await LocalReader(site.vfs).read(f.ino, 0, 100)
-                assert got == b"".join(b"line%d\n" % j for j in range(i + 1))
-            await fs.release(fh)
-            nursery.cancel_scope.cancel()
+    async def body() -> None:
+        fh, f = await fs.create(ROOT_INODE, b"log", 0o644, os.O_RDWR, ROOT_CTX)
+        for i in range(3):
+            seq = primary.meta.seq(ROOT_VOLUME)
+            await fs.write(fh, i * 6, b"line%d\n" % i)
+            await trio.sleep(HOLD_FOR / 2)
+            assert primary.meta.seq(ROOT_VOLUME) == seq  # still held
+            await trio.sleep(HOLD_FOR)
+            assert primary.meta.seq(ROOT_VOLUME) == seq + 1
+            await until(lambda: site.meta.seq(ROOT_VOLUME) == primary.meta.seq(ROOT_VOLUME))
+            got = await LocalReader(site.vfs).read(f.ino, 0, 100)
+            assert got == b"".join(b"line%d\n" % j for j in range(i + 1))
+        await fs.release(fh)
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))
+    _run(fs, repl, body, quiet_writers=True)
 
 
 def test_writes_of_two_handles_of_one_file_keep_their_order(tmp_path: Path) -> None:
@@ -207,24 +213,20 @@ def test_writes_of_two_handles_of_one_file_keep_their_order(tmp_path: Path) -> N
     order they were made; one holder per file keeps it (the later write wins, as POSIX)."""
     primary, site, fs, repl, _ = _pair(tmp_path)
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(repl.run)
-            await until(lambda: repl.links["n2"].in_sync)
-            one, f = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
-            two = await fs.open(f.ino, os.O_RDWR, ROOT_CTX)
-            await fs.write(one, 0, b"a" * 100)
-            await fs.write(two, 100, b"b" * 100)  # writes one's first
-            await fs.write(one, 100, b"c" * 100)  # later than two's: must win
-            await fs.write(two, 200, b"d" * 50)
-            await fs.flush(one)
-            await fs.flush(two)
-            want = b"a" * 100 + b"c" * 100 + b"d" * 50
-            for n in (primary, site):
-                assert await LocalReader(n.vfs).read(f.ino, 0, 1000) == want
-            assert await fs.read(one, 0, 1000) == want
-            await fs.release(one)
-            await fs.release(two)
-            nursery.cancel_scope.cancel()
+    async def body() -> None:
+        one, f = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
+        two = await fs.open(f.ino, os.O_RDWR, ROOT_CTX)
+        await fs.write(one, 0, b"a" * 100)
+        await fs.write(two, 100, b"b" * 100)  # writes one's first
+        await fs.write(one, 100, b"c" * 100)  # later than two's: must win
+        await fs.write(two, 200, b"d" * 50)
+        await fs.flush(one)
+        await fs.flush(two)
+        want = b"a" * 100 + b"c" * 100 + b"d" * 50
+        for n in (primary, site):
+            assert await LocalReader(n.vfs).read(f.ino, 0, 1000) == want
+        assert await fs.read(one, 0, 1000) == want
+        await fs.release(one)
+        await fs.release(two)
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))
+    _run(fs, repl, body)

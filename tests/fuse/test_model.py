@@ -760,17 +760,23 @@ def check_fsck(node: Mount) -> None:
     assert res.returncode == 0, f"fsck failed:\n{res.stdout}{res.stderr}"
 
 
-def test_model(node: Mount, tmp_path: Path) -> None:
-    local = tmp_path / "local"
-    local.mkdir()
+def run_model(base: Path, local: Path, model_settings: settings) -> dict[str, list[str]]:
+    """Run the state machine on ``base/exN`` and ``local/exN``; each example's operations."""
     counter = itertools.count()
     histories: dict[str, list[str]] = {}
 
     class Machine(ModelMachine):
         def __init__(self) -> None:
-            super().__init__(node.path, local, next(counter), histories)
+            super().__init__(base, local, next(counter), histories)
 
-    run_state_machine_as_test(Machine, settings=MODEL_SETTINGS)
+    run_state_machine_as_test(Machine, settings=model_settings)
+    return histories
+
+
+def test_model(node: Mount, tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    local.mkdir()
+    histories = run_model(node.path, local, MODEL_SETTINGS)
     # What every example left behind, as the kernel saw it ...
     before, reference = snapshot(str(node.path)), snapshot(str(local))
     assert before.entries == reference.entries, diff(before.entries, reference.entries)

@@ -12,17 +12,15 @@ times) and the local one.
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
-from hypothesis.stateful import run_state_machine_as_test
 
 from tests.fuse.clusters import Launcher, launched
-from tests.fuse.test_model import MODEL_SETTINGS, ModelMachine, diff, snapshot
+from tests.fuse.test_model import MODEL_SETTINGS, diff, run_model, snapshot
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
@@ -49,14 +47,7 @@ def test_model_on_a_cluster_node(cluster: Launcher, tmp_path: Path, node: str) -
     mnt[node].mkdir()
     local = tmp_path / "local"
     local.mkdir()
-    counter = itertools.count()
-    histories: dict[str, list[str]] = {}
-
-    class Machine(ModelMachine):
-        def __init__(self) -> None:
-            super().__init__(mnt[node], local, next(counter), histories)
-
-    run_state_machine_as_test(Machine, settings=CLUSTER_SETTINGS)
+    run_model(mnt[node], local, CLUSTER_SETTINGS)
     here, reference = snapshot(str(mnt[node])), snapshot(str(local))
     assert here.entries == reference.entries, diff(here.entries, reference.entries)
     assert here.links == reference.links
