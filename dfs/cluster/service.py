@@ -27,7 +27,9 @@ Creating a volume (``volume.create`` on the control socket of any node):
    directory as the volume's first update (replicated like any other);
 3. the root primary records the mount (``Vfs.cover``: a ``mounts`` record in
    the root volume, replicated to every storage site of the root volume before
-   the call returns) and every node's kernel drops the old directory.
+   the call returns) and every node's kernel drops the old directory; nodes
+   that store no root replica, which get no mount records, are told
+   (``vol.added``).
 
 A failure between 2 and 3 leaves an empty volume that nothing mounts
 (harmless; ``dfs volume list`` does not show it). Only one creation runs at a

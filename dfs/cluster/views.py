@@ -213,6 +213,17 @@ class HostViews:
             return () if self._skeleton(host) is not None else None
         return self._skel_paths.get((host, real))
 
+    def _skel_dir(
+        self, host: str, real: InodeId
+    ) -> tuple[tuple[bytes, ...], dict[tuple[bytes, ...], InodeId | None]] | None:
+        """``_skel_path`` and the host's ``_skeleton``, built once, for a synthetic directory."""
+        if real != ROOT_INODE and (host, real) not in self._skel_paths:
+            return None
+        tree = self._skeleton(host)
+        if tree is None:
+            return None
+        return (() if real == ROOT_INODE else self._skel_paths[host, real]), tree
+
     def _skel_attr(self, host: str, path: tuple[bytes, ...]) -> Attr:
         if not path:
             return replace(self._dots, ino=ROOT_INODE, nlink=2)
@@ -352,9 +363,9 @@ class HostViews:
         host, reader, real = self._reader(parent)
         if real == ROOT_INODE and name == b"..":
             return self.dots_attr()
-        path = self._skel_path(host, real)
-        if path is not None:
-            tree = self._skeleton(host) or {}
+        skel = self._skel_dir(host, real)
+        if skel is not None:
+            path, tree = skel
             child = (*path, name)
             if child not in tree:
                 raise NotFound()
@@ -387,9 +398,9 @@ class HostViews:
         if ino == DOTS_INODE:
             return await self._readdir_dots(start)
         host, reader, real = self._reader(ino)
-        path = self._skel_path(host, real)
-        if path is not None:
-            return await self._readdir_skeleton(ino, host, path, start)
+        skel = self._skel_dir(host, real)
+        if skel is not None:
+            return await self._readdir_skeleton(ino, host, *skel, start)
         out: list[DirEntry] = []
         for e in await reader.readdir(real, start):
             if e.name == b".":
@@ -403,9 +414,13 @@ class HostViews:
         return out
 
     async def _readdir_skeleton(
-        self, ino: InodeId, host: str, path: tuple[bytes, ...], start: int
+        self,
+        ino: InodeId,
+        host: str,
+        path: tuple[bytes, ...],
+        tree: dict[tuple[bytes, ...], InodeId | None],
+        start: int,
     ) -> list[DirEntry]:
-        tree = self._skeleton(host) or {}
         out: list[DirEntry] = []
         if start < 1:
             out.append(DirEntry(b".", await self.getattr(ino), 1))

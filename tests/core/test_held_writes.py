@@ -16,7 +16,6 @@ import errno
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -28,30 +27,21 @@ from dfs.cluster.replication import ReplicaApplier, Replicator
 from dfs.errors import FsError
 from dfs.fs.ctx import ROOT_CTX
 from dfs.types import ROOT_INODE, ROOT_VOLUME, NodeId
-from tests.core.test_replication import Node, until
+from tests.core.test_replication import Node, replicating_to, until
 
 T0 = 1_800_000_000_000_000_000
 
 
-def _pair(tmp_path: Path) -> tuple[Node, Node, NodeFs, Replicator, list[int]]:
+def _pair(tmp_path: Path) -> tuple[Node, Node, NodeFs, Replicator]:
     primary = Node(tmp_path / "n1", 1)
     site = Node(tmp_path / "n2", 2)
     site.vfs.make_replica()
-    applier = ReplicaApplier(site.meta, site.data, NodeId(2))
-    shipped: list[int] = []  # records per repl.apply call
-
-    async def call(node: str, method: str, args: dict[str, Any], limit: float) -> Any:
-        shipped.append(len(args["records"]))
-        return {"have": await applier.apply(args["vol"], args["records"])}
-
-    repl = Replicator(
-        primary.meta, primary.data, ROOT_VOLUME, ["n2"], call, call_timeout=60.0, lease=3.0
-    )
+    repl, _gate = replicating_to(primary, ReplicaApplier(site.meta, site.data, NodeId(2)))
     now = [T0]
     primary.vfs.clock = primary.vfs.files.clock = lambda: now[0]
     fs = NodeFs(primary.vfs, replicator=repl)
     fs.test_clock = now  # type: ignore[attr-defined]
-    return primary, site, fs, repl, shipped
+    return primary, site, fs, repl
 
 
 def _run(
@@ -77,7 +67,7 @@ def _run(
 
 
 def test_writes_that_continue_each_other_become_one_update(tmp_path: Path) -> None:
-    primary, site, fs, repl, shipped = _pair(tmp_path)
+    primary, site, fs, repl = _pair(tmp_path)
     now: list[int] = fs.test_clock  # type: ignore[attr-defined]
 
     async def body() -> None:
@@ -126,7 +116,7 @@ def test_writes_that_continue_each_other_become_one_update(tmp_path: Path) -> No
 
 
 def test_an_error_of_held_writes_is_reported_by_the_handle_once(tmp_path: Path) -> None:
-    primary, site, fs, repl, _ = _pair(tmp_path)
+    primary, site, fs, repl = _pair(tmp_path)
 
     bad = 12345  # a write at this offset finds the disk full
     write = fs.files.write
@@ -169,7 +159,7 @@ def test_a_site_reads_a_file_whose_digests_have_not_followed_yet(tmp_path: Path)
     """Between a write and the settle record (the primary stores digests at fsync and
     release), a site's blocks are newer than its digests: it must not call them corrupt.
     (The ``dirty`` record's value is empty: a truthiness check missed it.)"""
-    primary, site, fs, repl, _ = _pair(tmp_path)
+    primary, site, fs, repl = _pair(tmp_path)
 
     async def body() -> None:
         fh, f = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
@@ -189,7 +179,7 @@ def test_a_site_reads_a_file_whose_digests_have_not_followed_yet(tmp_path: Path)
 
 def test_a_writer_that_goes_quiet_is_written_soon(tmp_path: Path) -> None:
     """A log appended without fsync or close still reaches the sites (write_held_writes)."""
-    primary, site, fs, repl, _ = _pair(tmp_path)
+    primary, site, fs, repl = _pair(tmp_path)
 
     async def body() -> None:
         fh, f = await fs.create(ROOT_INODE, b"log", 0o644, os.O_RDWR, ROOT_CTX)
@@ -211,7 +201,7 @@ def test_a_writer_that_goes_quiet_is_written_soon(tmp_path: Path) -> None:
 def test_writes_of_two_handles_of_one_file_keep_their_order(tmp_path: Path) -> None:
     """Held per handle, writes of two handles to one file could be written out of the
     order they were made; one holder per file keeps it (the later write wins, as POSIX)."""
-    primary, site, fs, repl, _ = _pair(tmp_path)
+    primary, site, fs, repl = _pair(tmp_path)
 
     async def body() -> None:
         one, f = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)

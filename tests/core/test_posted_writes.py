@@ -23,7 +23,7 @@ import trio.testing
 
 from dfs.cluster.clusterfs import WRITES_IN_FLIGHT, NodeFs
 from dfs.cluster.remote import LocalReader, Reader
-from dfs.cluster.replication import ReplicaApplier, Replicator
+from dfs.cluster.replication import ReplicaApplier
 from dfs.cluster.volumes import Volume, VolumeTable
 from dfs.errors import FsError
 from dfs.fs.ctx import ROOT_CTX
@@ -31,7 +31,7 @@ from dfs.net.frames import Message, MessageType
 from dfs.net.peer import Pending
 from dfs.net.rpc import Methods
 from dfs.types import ROOT_INODE, ROOT_VOLUME, NodeId
-from tests.core.test_replication import Node, until
+from tests.core.test_replication import Node, replicating_to, until
 
 
 def test_posted_writes_are_ordered_read_back_and_flushed(tmp_path: Path) -> None:
@@ -85,18 +85,7 @@ def test_posted_writes_are_ordered_read_back_and_flushed(tmp_path: Path) -> None
         post=post,
     )
     applier = ReplicaApplier(site.meta, site.data, NodeId(2), applied=n2.applied)
-
-    gate = {"open": trio.Event()}
-    gate["open"].set()
-
-    async def call(node: str, method: str, args: dict[str, Any], limit: float) -> Any:
-        if args["records"]:
-            await gate["open"].wait()
-        return {"have": await applier.apply(args["vol"], args["records"])}
-
-    repl = Replicator(
-        primary.meta, primary.data, ROOT_VOLUME, ["n2"], call, call_timeout=60.0, lease=3.0
-    )
+    repl, gate = replicating_to(primary, applier)
     fs1 = NodeFs(primary.vfs, replicator=repl)
     fs1.register(methods, lambda name: NodeId(int(name[1:])))
     chunks = [bytes([65 + i % 26]) * 1000 for i in range(WRITES_IN_FLIGHT + 8)]

@@ -79,6 +79,26 @@ class Node:
         self.vfs = Vfs(self.meta, self.data)
 
 
+def replicating_to(
+    primary: Node, applier: ReplicaApplier
+) -> tuple[Replicator, dict[str, trio.Event]]:
+    """A Replicator of the root volume from ``primary`` to one site, "n2", whose
+    ``repl.apply`` is ``applier`` called in-process; while ``gate["open"]`` is not set,
+    nothing is applied (the site looks slow or stuck)."""
+    gate = {"open": trio.Event()}
+    gate["open"].set()
+
+    async def call(node: str, method: str, args: dict[str, Any], limit: float) -> Any:
+        if args["records"]:
+            await gate["open"].wait()
+        return {"have": await applier.apply(args["vol"], args["records"])}
+
+    repl = Replicator(
+        primary.meta, primary.data, ROOT_VOLUME, ["n2"], call, call_timeout=60.0, lease=3.0
+    )
+    return repl, gate
+
+
 def replicated(meta: MetaStore) -> list[tuple[str, list[tuple[bytes, bytes]]]]:
     out = []
     with meta.read() as txn:

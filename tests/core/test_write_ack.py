@@ -12,33 +12,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import trio
 import trio.testing
 
 from dfs.cluster.clusterfs import WRITE_WINDOW, NodeFs
-from dfs.cluster.replication import ReplicaApplier, Replicator
+from dfs.cluster.replication import ReplicaApplier
 from dfs.fs.ctx import ROOT_CTX
 from dfs.types import ROOT_INODE, ROOT_VOLUME, NodeId
-from tests.core.test_replication import Node, until
+from tests.core.test_replication import Node, replicating_to, until
 
 
 def test_writes_overlap_replication_and_close_waits_for_it(tmp_path: Path) -> None:
     primary = Node(tmp_path / "n1", 1)
     site = Node(tmp_path / "n2", 2)
     site.vfs.make_replica()
-    applier = ReplicaApplier(site.meta, site.data, NodeId(2))
-    gate = {"open": trio.Event()}
-
-    async def call(node: str, method: str, args: dict[str, Any], limit: float) -> Any:
-        if args["records"]:
-            await gate["open"].wait()
-        return {"have": await applier.apply(args["vol"], args["records"])}
-
-    repl = Replicator(
-        primary.meta, primary.data, ROOT_VOLUME, ["n2"], call, call_timeout=60.0, lease=3.0
-    )
+    repl, gate = replicating_to(primary, ReplicaApplier(site.meta, site.data, NodeId(2)))
     fs = NodeFs(primary.vfs, replicator=repl)
 
     async def main() -> None:
