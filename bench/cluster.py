@@ -20,7 +20,7 @@ and tar, 200 samples of each of the 4 kinds of change with a 10 s bound;
 --quick: 64 MiB, 2,000, 500, a 1,000-file tree, 1 round, 20 samples, 2 s.
 
 The benchmark starts its own cluster in a new directory
-DIR/dfs-cluster-bench-XXXX (default /tmp), with dfs.cluster.local (what `dfs
+DIR/dfs-cluster-bench-XXXX (default /tmp), with dfs_tools.launcher (what `dfs
 cluster up --dir` runs) on free loopback ports, and always brings it down and
 removes every file, after an error, Ctrl-C or SIGTERM too. The daemons run
 under PR_SET_PDEATHSIG: if the benchmark is SIGKILLed they get SIGTERM and
@@ -51,6 +51,13 @@ from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dfs_tools.launcher import (  # noqa: E402
+    ClusterError,
+    LaunchError,
+    LocalCluster,
+    mountd_command,
+)
+
 from bench import sources  # noqa: E402
 from bench.harness import (  # noqa: E402
     REPO,
@@ -76,14 +83,8 @@ from bench.workloads import (  # noqa: E402
     Workload,
     catalogue,
 )
-from dfs.cluster.local import (  # noqa: E402
-    ClusterError,
-    LaunchError,
-    LocalCluster,
-    mountd_command,
-    mounted,
-)
 from dfs.errors import BUG_MARKER  # noqa: E402
+from dfs.mounts import is_mounted as mounted  # noqa: E402
 
 PREFIX = "dfs-cluster-bench-"
 NODES = ("n1", "n2", "n3")

@@ -41,7 +41,7 @@ from bench.harness import (  # noqa: E402
 )
 from bench.report import Figure, requests_table, table, to_json  # noqa: E402
 from bench.workloads import DROP, FULL, MAKE, QUICK, Place, Sizes, Workload, catalogue  # noqa: E402
-from mountd.mountpoint import MountPointError, force_unmount, mounts  # noqa: E402
+from dfs.mounts import UnmountError, force_unmount, is_mounted  # noqa: E402
 
 PREFIX = "dfs-bench-"
 
@@ -128,10 +128,10 @@ def remove_stale(parent: Path) -> None:
         except (OSError, ValueError):
             continue
         mnt = d / "mnt"
-        if str(mnt) in mounts():
+        if is_mounted(mnt):
             try:
                 force_unmount(mnt)
-            except MountPointError as exc:
+            except UnmountError as exc:
                 say(f"warning: cannot clean up {d}: {exc}")
                 continue
         say(f"removing {d}, left by an earlier run that was killed")

@@ -4,64 +4,21 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
 from pathlib import Path
+
+from dfs.mounts import UnmountError, force_unmount, mount_at
 
 
 class MountPointError(Exception):
     """The mount point cannot be used; the message says why and what to do."""
 
 
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 1 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mounts() -> dict[str, str]:
-    """Mount point -> file system type, from /proc/self/mountinfo."""
-    out: dict[str, str] = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            sep = parts.index("-")
-            out[_unescape(parts[4])] = parts[sep + 1]
-    return out
-
-
 def fuse_device(path: Path) -> str | None:
     """``major:minor`` of the FUSE mount at ``path`` (from mountinfo: no request to the mount)."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            sep = parts.index("-")
-            if _unescape(parts[4]) == str(path) and parts[sep + 1].startswith("fuse"):
-                return parts[2]
-    return None
-
-
-def is_mounted(path: Path) -> bool:
-    return str(path) in mounts()
-
-
-def force_unmount(path: Path) -> None:
-    """Lazily detach whatever is mounted at ``path`` (a stale FUSE mount)."""
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    if tool is not None:
-        r = subprocess.run([tool, "-u", "-z", str(path)], capture_output=True, text=True)
-        if r.returncode == 0:
-            return
-    r = subprocess.run(["umount", "-l", str(path)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise MountPointError(f"{path}: cannot unmount stale mount: {r.stderr.strip()}")
+    entry = mount_at(path)
+    if entry is None or not entry.fstype.startswith("fuse"):
+        return None
+    return f"{os.major(entry.dev)}:{os.minor(entry.dev)}"
 
 
 def _is_stale(path: Path) -> bool:
@@ -80,10 +37,13 @@ def prepare(mountpoint: Path) -> bool:
     """
     recovered = False
     path = Path(os.path.abspath(mountpoint))
-    fstype = mounts().get(str(path))
-    if fstype is not None:
-        if fstype.startswith("fuse") and _is_stale(path):
-            force_unmount(path)
+    entry = mount_at(path)
+    if entry is not None:
+        if entry.fstype.startswith("fuse") and _is_stale(path):
+            try:
+                force_unmount(path)
+            except UnmountError as exc:
+                raise MountPointError(f"stale mount: {exc}") from None
             recovered = True
         else:
             raise MountPointError(

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from dfs.errors import BUG_MARKER
-from mountd.mountpoint import force_unmount, mounts
+from dfs.mounts import force_unmount, mount_points
 
 MOUNTD = [sys.executable, "-m", "mountd"]
 START_TIMEOUT = 20.0
@@ -72,7 +72,7 @@ class Mount:
         raise MountError(f"mount did not become live in {START_TIMEOUT}s:\n{self.log()}")
 
     def is_mounted(self) -> bool:
-        return str(self.path) in mounts()
+        return str(self.path) in mount_points()
 
     def kill(self) -> None:
         """SIGKILL the daemon (the mount goes stale until the next start)."""
@@ -130,7 +130,7 @@ class Mount:
 
 
 def mounts_under(scope: Path) -> set[str]:
-    return {p for p in mounts() if p == str(scope) or p.startswith(f"{scope}/")}
+    return {p for p in mount_points() if p == str(scope) or p.startswith(f"{scope}/")}
 
 
 def mountd(*args: str | Path, scope: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:

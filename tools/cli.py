@@ -2,7 +2,7 @@
 
 Thin by design: each command parses options, calls into ``dfs`` and prints.
 The logic of ``dfs fsck`` lives in ``dfs/check``; ``dfs cluster`` is in
-tools/cluster.py over ``dfs/cluster/local.py``.
+tools/cluster.py over tools/launcher.py.
 """
 
 from __future__ import annotations

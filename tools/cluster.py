@@ -1,4 +1,4 @@
-"""``dfs cluster``: a local cluster of dfs-mountd nodes on loopback, thin over dfs.cluster.local."""
+"""``dfs cluster``: a local cluster of dfs-mountd nodes on loopback, thin over tools/launcher.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from dfs.cluster.local import (
+from .launcher import (
     EXIT_NOT_RUNNING,
     EXIT_OK,
     ClusterError,

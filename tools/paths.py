@@ -21,7 +21,8 @@ API (everything else is private)::
     TreePath(mount, path, host)        # .target == fs_path(self, self.host); str() gives
                                        # "/a/b" or "/../n2/a/b"
     list_hosts(mount) -> list[str]     # the hosts of a mount (``ls MNT/...``), sorted
-    read_mounts(text=None) -> list[MountEntry]   # parse mountinfo (default: this process's)
+    read_mounts(text=None) -> list[MountEntry]   # dfs/mounts.py: parse mountinfo (default:
+                                                 # this process's)
     TreePathError                      # a click.UsageError: its message says what is wrong
 
 How a path is placed in a mount. The path is made absolute (against the
@@ -51,26 +52,16 @@ from pathlib import Path
 import click
 
 from dfs.cluster.views import VIEW_DIR_NAME
+from dfs.mounts import MOUNTINFO, MountEntry, read_mounts
 
 VIEW_DIR = os.fsdecode(VIEW_DIR_NAME)  # "...": the host views, in a mount's root
 NEWCASTLE = "/.."  # the super-root of the Newcastle Connection: /../HOST/path
 FSTYPE = "fuse.dfs"
-MOUNTINFO = Path("/proc/self/mountinfo")
 ENV_MOUNT = "DFS_MOUNT"
 
 
 class TreePathError(click.UsageError):
     """A path that names nothing in a dfs tree here; ``message`` says why and what to write."""
-
-
-@dataclass(frozen=True, slots=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo (the fields dfs needs)."""
-
-    mount_point: str  # absolute, unescaped
-    root: str  # the directory of the file system mounted there ("/" unless a bind mount)
-    dev: int  # st_dev of files in it (os.makedev of the MAJ:MIN field)
-    fstype: str  # e.g. "fuse.dfs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,29 +102,6 @@ def list_hosts(mount: Path) -> list[str]:
             f"{mount}: cannot list the hosts in {mount / VIEW_DIR} ({_errtext(exc)}); "
             "is it a node of a dfs cluster?"
         ) from None
-
-
-def read_mounts(text: str | None = None) -> list[MountEntry]:
-    """Parse mountinfo ``text`` (default: read /proc/self/mountinfo now), in its order."""
-    if text is None:
-        text = MOUNTINFO.read_text(errors="surrogateescape")
-    out: list[MountEntry] = []
-    for line in text.splitlines():
-        parts = line.split()
-        try:
-            sep = parts.index("-", 6)
-            major, minor = parts[2].split(":")
-            out.append(
-                MountEntry(
-                    mount_point=_unescape(parts[4]),
-                    root=_unescape(parts[3]),
-                    dev=os.makedev(int(major), int(minor)),
-                    fstype=parts[sep + 1],
-                )
-            )
-        except (ValueError, IndexError):
-            continue  # not a mountinfo line
-    return out
 
 
 def resolve(
@@ -324,19 +292,6 @@ def _tail(path: str) -> str:
 
 def _errtext(exc: OSError) -> str:
     return exc.strerror or str(exc)
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and len(field) >= i + 4 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
 
 
 def choose_mount(

@@ -23,39 +23,25 @@ from typing import Any
 import click
 
 from dfs.cluster.control import ControlError, request, socket_path
+from dfs.mounts import mount_at, read_mounts
 from dfs.net.rpc import RemoteError
 
-from .paths import TreePath, TreePathError, choose_mount, read_mounts, resolve
+from .paths import TreePath, TreePathError, choose_mount, resolve
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
 
-def data_dir_of(mount: Path, mountinfo: str | None = None) -> Path | None:
+def data_dir_of(mount: Path, mountinfo: str | bytes | None = None) -> Path | None:
     """The data directory of the daemon serving ``mount``, from the mount's source."""
-    if mountinfo is None:
-        try:
-            mountinfo = Path("/proc/self/mountinfo").read_text()
-        except OSError:
-            return None
-    entries = {e.mount_point: e for e in read_mounts(mountinfo)}
-    if str(mount) not in entries:
+    try:
+        table = read_mounts(mountinfo)
+    except OSError:
         return None
-    for line in mountinfo.splitlines():
-        pre, sep, post = line.partition(" - ")
-        fields = pre.split()
-        if not sep or len(fields) < 5:
-            continue
-        if _unescape(fields[4]) != str(mount):
-            continue
-        tail = post.split()
-        if len(tail) >= 2 and tail[1].startswith("dfs:"):
-            return Path(_unescape(tail[1][4:]))
-    return None
-
-
-def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    entry = mount_at(mount, table)
+    if entry is None or not entry.source.startswith("dfs:"):
+        return None
+    return Path(entry.source[4:])
 
 
 def _control(data: Path | None, tree: TreePath | None) -> Path:

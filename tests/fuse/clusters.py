@@ -26,10 +26,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from dfs.errors import BUG_MARKER
-from mountd.mountpoint import force_unmount
+from dfs.mounts import force_unmount
 from tests.mounting import mounts_under
 
 DFS = [sys.executable, "-m", "dfs_tools"]
@@ -61,12 +62,12 @@ def free_base_port(n: int) -> int:
 
 
 def is_our_daemon(pid: int, config: Path) -> bool:
+    """Is ``pid`` a live (not zombie) process with ``config`` on its command line?"""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and str(config) in proc.cmdline()
+    except psutil.Error:
         return False
-    return state != "Z" and os.fsencode(str(config)) in argv
 
 
 class Launcher:

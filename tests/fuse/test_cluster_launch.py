@@ -24,9 +24,9 @@ from dfs.cluster.control import request
 from dfs.config import init, load
 from dfs.errors import BUG_MARKER
 from dfs.meta.store import MetaStore
+from dfs.mounts import force_unmount, mount_points
 from dfs.types import NodeId
 from mountd.daemon import EXIT_DATADIR, EXIT_FAILURE, EXIT_USAGE
-from mountd.mountpoint import force_unmount, mounts
 from tests.fuse.clusters import (
     HEARTBEAT,
     Launcher,
@@ -49,7 +49,7 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Launcher
 
 
 def assert_live(mnt: Path) -> None:
-    assert str(mnt) in mounts()
+    assert str(mnt) in mount_points()
     assert os.stat(mnt).st_dev != os.stat(mnt.parent).st_dev
     os.listdir(mnt)
 
@@ -124,7 +124,7 @@ def test_up_status_kill_start_down(cluster: Launcher) -> None:
     assert r.returncode == 0, r.stderr + cluster.logs()
     assert_live(root / "n2" / "mnt")
     assert (root / "n2" / "mnt" / "kept.txt").read_text() == "written before kill -9\n"
-    assert len([p for p in mounts() if p == str(root / "n2" / "mnt")]) == 1
+    assert len([p for p in mount_points() if p == str(root / "n2" / "mnt")]) == 1
     nodes = cluster.wait(
         "every node reaches every other",
         lambda ns: all(set(peer_states(n).values()) == {"reachable"} for n in ns.values()),
@@ -138,7 +138,7 @@ def test_up_status_kill_start_down(cluster: Launcher) -> None:
     # A clean stop of one node unmounts it.
     r = cluster.dfs("stop", "n3")
     assert r.returncode == 0, r.stderr
-    assert str(root / "n3" / "mnt") not in mounts()
+    assert str(root / "n3" / "mnt") not in mount_points()
     assert cluster.nodes()["n3"]["mount"] == "none"
 
     # Down: nothing mounted, no daemon left; and down again is harmless.
@@ -234,7 +234,7 @@ def test_a_node_with_the_wrong_secret_is_reported_not_crashing(
     )
     try:
         deadline = time.monotonic() + 20
-        while str(root / "n3" / "mnt") not in mounts():
+        while str(root / "n3" / "mnt") not in mount_points():
             assert proc.poll() is None and time.monotonic() < deadline, (
                 root / "n3" / "evil.log"
             ).read_text()
@@ -276,7 +276,7 @@ def test_a_node_with_the_wrong_secret_is_reported_not_crashing(
                 proc.kill()
                 proc.wait(10)
         log.close()
-        if str(root / "n3" / "mnt") in mounts():
+        if str(root / "n3" / "mnt") in mount_points():
             force_unmount(root / "n3" / "mnt")
     assert proc.returncode == 0
     evil_log = (root / "n3" / "evil.log").read_text()

@@ -18,8 +18,8 @@ import pytest
 
 from dfs.meta import schema as S
 from dfs.meta.store import MetaStore
+from dfs.mounts import mount_points
 from mountd.daemon import EXIT_DATADIR, EXIT_MOUNTPOINT, EXIT_OK, EXIT_USAGE
-from mountd.mountpoint import mounts
 from tests.mounting import Mount, mountd
 
 pytestmark = pytest.mark.fuse
@@ -139,7 +139,7 @@ def test_stale_mount_recovered_at_start(node: Mount) -> None:
     assert "cleaned up a stale mount left by a daemon that died" in log
     assert "previous daemon did not stop cleanly" in log
     assert (node.path / "f").read_bytes() == b"before the crash"
-    assert len([p for p in mounts() if p == str(node.path)]) == 1
+    assert len([p for p in mount_points() if p == str(node.path)]) == 1
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

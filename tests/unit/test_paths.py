@@ -24,6 +24,8 @@ from dfs_tools import paths as P
 from dfs_tools import where as W
 from dfs_tools.cli import main
 
+import dfs.mounts
+
 HOSTS = ("n1", "n2", "n3")
 MTIME = 1_700_000_000_123_456_789
 
@@ -86,9 +88,9 @@ def test_read_mounts_parses_and_unescapes() -> None:
     )
     got = P.read_mounts(text)
     assert got == [
-        P.MountEntry("/mnt/parent", "/mnt1", os.makedev(98, 0), "ext3"),
-        P.MountEntry("/tmp/with space/mnt", "/", os.makedev(0, 39), "fuse.dfs"),
-        P.MountEntry("/x", "/", os.makedev(0, 40), "fuse.sshfs"),
+        P.MountEntry("/mnt/parent", "/mnt1", os.makedev(98, 0), "ext3", "/dev/root"),
+        P.MountEntry("/tmp/with space/mnt", "/", os.makedev(0, 39), "fuse.dfs", "dfs"),
+        P.MountEntry("/x", "/", os.makedev(0, 40), "fuse.sshfs", "host:/"),
     ]
 
 
@@ -371,7 +373,7 @@ def put(fake: Fake, host: str, name: str, data: bytes, mode: int = 0o644) -> Pat
 def run_where(fake: Fake, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
     info = fake.root / "mountinfo"
     info.write_text("\n".join(fake.lines) + "\n")
-    monkeypatch.setattr(P, "MOUNTINFO", info)
+    monkeypatch.setattr(dfs.mounts, "MOUNTINFO", info)
     monkeypatch.delenv("DFS_MOUNT", raising=False)
     r = CliRunner().invoke(main, ["where", *args], catch_exceptions=False)
     return r.exit_code, r.stdout, r.stderr

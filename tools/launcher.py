@@ -19,10 +19,15 @@ once every node they wait for is up and sees every other running node as
 reachable, or fail after a deadline, stopping what they started.
 
 Signals go only to PIDs recorded in state.json that are still a dfs-mountd for
-this configuration and node (``/proc/PID/cmdline``) and started when recorded
-(``/proc/PID/stat``), never to processes found by name. Every check of a
-mount runs in a helper thread with a deadline, so a hung daemon makes a
-command report "hung", not hang.
+this configuration and node (their command line) and started when recorded
+(their start time, both from psutil), never to processes found by name. Every
+check of a mount runs in a helper thread with a deadline, so a hung daemon
+makes a command report "hung", not hang.
+
+This is deployment code (subprocesses, mounts, signals), so it lives with the
+tools, not in the core package ``dfs``. How a node's daemon is started is one
+method, ``LocalCluster.daemon_argv``: the place to wrap it (in a network
+namespace, say) without touching the rest.
 """
 
 from __future__ import annotations
@@ -31,9 +36,7 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -43,9 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from dfs.cluster.control import ControlError, request, socket_path
 from dfs.config import ClusterConfig, ConfigError, init, load
 from dfs.errors import FsError
+from dfs.mounts import UnmountError, force_unmount, is_mounted
 
 CLUSTER_NAME = "local"
 DEFAULT_NODES = 3
@@ -80,7 +86,7 @@ class ClusterError(Exception):
         self.exit_code = exit_code
 
 
-EXIT_GRACE_POLLS = 20  # polls (POLL apart) for the exit status of a daemon that is going
+EXIT_GRACE = 2.0  # seconds to wait for the exit status of a daemon that is going
 
 
 class LaunchError(ClusterError):
@@ -158,35 +164,26 @@ class UpResult:
 # --- processes -----------------------------------------------------------------------------------
 
 
-def _proc_start_time(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks) of ``pid``, or None if there is no such process."""
+def _process(pid: object, start_time: object) -> psutil.Process | None:
+    """The process ``pid`` if it exists and started at ``start_time`` (psutil's create_time)."""
+    if not isinstance(pid, int) or pid <= 0 or not isinstance(start_time, float):
+        return None
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+        proc = psutil.Process(pid)
+        return proc if proc.create_time() == start_time else None
+    except psutil.Error:
         return None
-    except OSError:
-        return None
-    rest = raw[raw.rindex(")") + 2 :].split()
-    return rest[0], int(rest[19])
 
 
-def _reap(pid: int) -> int | None:
-    """Collect ``pid`` if it is our exited child; its exit status, else None."""
+def _wait_exit(pid: int, timeout: float = 0) -> int | None:
+    """Collect ``pid`` if it is our child and exits within ``timeout``; its exit status, else None.
+
+    Negative for a signal, as ``subprocess`` has it.
+    """
     try:
-        got, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
+        return psutil.Process(pid).wait(timeout)
+    except (psutil.TimeoutExpired, psutil.NoSuchProcess):
         return None
-    if got == 0:
-        return None
-    return os.waitstatus_to_exitcode(status)
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [os.fsdecode(a) for a in raw.split(b"\0") if a]
 
 
 def _follows(argv: Sequence[str], first: str, second: str) -> bool:
@@ -196,28 +193,9 @@ def _follows(argv: Sequence[str], first: str, second: str) -> bool:
 # --- mounts --------------------------------------------------------------------------------------
 
 
-def _unescape(field_: str) -> str:
-    out, i = [], 0
-    while i < len(field_):
-        if field_[i] == "\\" and field_[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field_[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field_[i])
-            i += 1
-    return "".join(out)
-
-
-def mounted(path: Path) -> bool:
-    """Is something mounted at ``path`` (from /proc/self/mountinfo; never touches the mount)?"""
-    target = str(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(_unescape(line.split()[4]) == target for line in f)
-
-
 def mount_state(path: Path, timeout: float = PROBE_TIMEOUT) -> str:
     """``live``, ``stale`` (its daemon died), ``none``, ``hung`` (no answer) or ``error``."""
-    if not mounted(path):
+    if not is_mounted(path):
         return "none"
     result: list[str] = []
 
@@ -237,19 +215,6 @@ def mount_state(path: Path, timeout: float = PROBE_TIMEOUT) -> str:
     t.start()
     t.join(timeout)
     return result[0] if result else "hung"
-
-
-def force_unmount(path: Path) -> str | None:
-    """Lazily detach the mount at ``path``; None on success, else the reason."""
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmds = ([[tool, "-u", "-z", str(path)]] if tool else []) + [["umount", "-l", str(path)]]
-    reason = "no fusermount3 or umount"
-    for cmd in cmds:
-        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if r.returncode == 0:
-            return None
-        reason = r.stderr.strip() or f"{cmd[0]} exited with {r.returncode}"
-    return reason
 
 
 def _tail(path: Path, lines: int = LOG_TAIL) -> str:
@@ -278,9 +243,9 @@ class LocalCluster:
         self.say = say
         self._exit_status: dict[int, int] = {}  # of our children that we reaped
 
-    def _collect(self, pid: int) -> int | None:
-        """Reap ``pid`` if it is our exited child; its exit status, if known."""
-        code = _reap(pid)
+    def _collect(self, pid: int, timeout: float = 0) -> int | None:
+        """Reap ``pid`` if it is our child and exits within ``timeout``; its exit status."""
+        code = _wait_exit(pid, timeout)
         if code is not None:
             self._exit_status[pid] = code
         return self._exit_status.get(pid)
@@ -355,26 +320,28 @@ class LocalCluster:
         entry = self._state().get(node.name)
         if not entry:
             return None
-        pid, start = entry.get("pid"), entry.get("start_time")
-        if not isinstance(pid, int) or pid <= 0:
+        proc = _process(entry.get("pid"), entry.get("start_time"))
+        if proc is None:
             return None
-        st = _proc_start_time(pid)
-        if st is None or st[1] != start:
+        try:
+            if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                self._collect(proc.pid)
+                return None
+            argv = proc.cmdline()
+        except psutil.Error:  # gone, or a zombie, since we looked
             return None
-        if st[0] in "ZX":
-            self._collect(pid)
-            return None
-        argv = _cmdline(pid)
-        ours = _follows(argv, "-m", "mountd") or any(
+        return proc.pid if self._is_daemon_of(argv, node) else None
+
+    def _is_daemon_of(self, argv: Sequence[str], node: LocalNode) -> bool:
+        """Is ``argv`` the command line of a dfs-mountd for ``node`` of this cluster?"""
+        mountd = _follows(argv, "-m", "mountd") or any(
             os.path.basename(a) == "dfs-mountd" for a in argv
         )
-        if (
-            ours
+        return (
+            mountd
             and _follows(argv, "--config", str(self.config_path))
             and _follows(argv, "--node", node.name)
-        ):
-            return pid
-        return None
+        )
 
     # --- starting ------------------------------------------------------------------------------
 
@@ -390,11 +357,9 @@ class LocalCluster:
             raise ClusterError(str(exc)) from None
         self.say(f"created cluster {CLUSTER_NAME!r} with {nodes} nodes in {self.root}")
 
-    def _spawn(self, node: LocalNode) -> int:
-        node.data_dir.mkdir(parents=True, exist_ok=True)
-        if not mounted(node.mountpoint):  # a stale mount: the daemon recovers it
-            node.mountpoint.mkdir(parents=True, exist_ok=True)
-        argv = [
+    def daemon_argv(self, node: LocalNode) -> list[str]:
+        """The command that runs ``node``'s daemon (``_is_daemon_of`` recognises it)."""
+        return [
             *self.mountd,
             "--config",
             str(self.config_path),
@@ -404,6 +369,12 @@ class LocalCluster:
             str(node.data_dir),
             str(node.mountpoint),
         ]
+
+    def _spawn(self, node: LocalNode) -> int:
+        node.data_dir.mkdir(parents=True, exist_ok=True)
+        if not is_mounted(node.mountpoint):  # a stale mount: the daemon recovers it
+            node.mountpoint.mkdir(parents=True, exist_ok=True)
+        argv = self.daemon_argv(node)
         fd = os.open(node.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         try:
             os.write(fd, f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} start ====\n".encode())
@@ -420,8 +391,11 @@ class LocalCluster:
             )
         finally:
             os.close(fd)
-        st = _proc_start_time(pid)
-        self._record(node.name, {"pid": pid, "start_time": st[1] if st else None})
+        try:
+            start_time: float | None = psutil.Process(pid).create_time()
+        except psutil.Error:  # gone already: _wait_up reports its exit status
+            start_time = None
+        self._record(node.name, {"pid": pid, "start_time": start_time})
         return pid
 
     def up(
@@ -478,14 +452,9 @@ class LocalCluster:
             for node in nodes:
                 pid = pids.get(node.name)
                 if pid is not None and self.daemon_pid(node) is None:
-                    code = self._collect(pid)
                     # Our child may be in the middle of exiting (its command line is gone
                     # before it is a zombie): give it a moment to report its status.
-                    for _ in range(EXIT_GRACE_POLLS):
-                        if code is not None:
-                            break
-                        time.sleep(POLL)
-                        code = self._collect(pid)
+                    code = self._collect(pid, EXIT_GRACE)
                     how = f"exited with status {code}" if code is not None else "died"
                     raise LaunchError(node.name, f"dfs-mountd {how}", _tail(node.log_path))
                 why = self._not_up(node, names)
@@ -611,8 +580,9 @@ class LocalCluster:
             if unmount and mount_state(node.mountpoint) in ("stale", "hung", "error"):
                 if node.name in pids or self.daemon_pid(node) is not None:
                     continue  # still served by a daemon we could not stop
-                reason = force_unmount(node.mountpoint)
-                report[node.name] += (
-                    "; stale mount removed" if reason is None else f"; cannot unmount: {reason}"
-                )
+                try:
+                    force_unmount(node.mountpoint)
+                    report[node.name] += "; stale mount removed"
+                except UnmountError as exc:
+                    report[node.name] += f"; {exc}"
         return [f"{name}: {what}" for name, what in report.items()]
