@@ -24,14 +24,19 @@ Example (what ``dfs init`` writes)::
     primary = "n1"
     sites = ["n1", "n2", "n3"]
 
-Unknown keys, duplicate names/ids/ports, unknown nodes in volumes and other
-inconsistencies are ``ConfigError`` with a message that names the key.
+The file's layout is the msgspec Structs below (frozen, unknown fields
+refused), so types, missing keys and unknown keys are checked by msgspec;
+what a type cannot say (ranges, duplicates, nodes a volume names) is checked
+after. Every problem is a ``ConfigError`` whose message names the file and
+the key. ``dfs init`` writes the file with tomli-w, which escapes what TOML
+requires.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import stat
 import tomllib
@@ -39,6 +44,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import msgspec
+import tomli_w
 
 from dfs.types import MAX_NODE_ID, NodeId
 
@@ -51,26 +59,51 @@ class ConfigError(Exception):
     """The configuration file cannot be used; the message says which key and why."""
 
 
-@dataclass(frozen=True, slots=True)
-class Timeouts:
+class _Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A table of the file: its keys are the fields; any other key is an error."""
+
+
+class Timeouts(_Table, frozen=True, forbid_unknown_fields=True):
+    """``[timeouts]``, in seconds."""
+
     connect: float = 2.0
     call: float = 5.0
     heartbeat: float = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class NodeConfig:
+class NodeConfig(_Table, frozen=True, forbid_unknown_fields=True):
+    """One ``[[nodes]]`` entry."""
+
     name: str
     address: str
     port: int
     id: NodeId
 
 
-@dataclass(frozen=True, slots=True)
-class VolumeConfig:
+class VolumeConfig(_Table, frozen=True, forbid_unknown_fields=True):
+    """One ``[[volumes]]`` entry."""
+
     path: str
     primary: str
     sites: tuple[str, ...]
+
+
+class _ClusterTable(_Table, frozen=True, forbid_unknown_fields=True):
+    """``[cluster]``."""
+
+    name: str
+    id: str
+    secret_file: str
+    replicas: int = DEFAULT_REPLICAS
+
+
+class _File(_Table, frozen=True, forbid_unknown_fields=True):
+    """The whole file."""
+
+    cluster: _ClusterTable
+    nodes: tuple[NodeConfig, ...]
+    timeouts: Timeouts = Timeouts()
+    volumes: tuple[VolumeConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,27 +141,25 @@ class ClusterConfig:
         return data
 
 
-_TOP_KEYS = {"cluster", "timeouts", "nodes", "volumes"}
-_CLUSTER_KEYS = {"name", "id", "secret_file", "replicas"}
-_TIMEOUT_KEYS = {"connect", "call", "heartbeat"}
-_NODE_KEYS = {"name", "address", "port", "id"}
-_VOLUME_KEYS = {"path", "primary", "sites"}
+# msgspec's words for the types of a TOML document's values.
+_TYPE_WORDS = {"object": "table", "array": "array"}
+_MSGSPEC_ERROR = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<at>[^`]*)`)?$", re.DOTALL)
 
 
-def _unknown(where: str, got: dict[str, Any], allowed: set[str]) -> None:
-    extra = sorted(set(got) - allowed)
-    if extra:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)}")
-
-
-def _get(where: str, d: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
-    if key not in d:
-        raise ConfigError(f"{where}.{key}: missing")
-    v = d[key]
-    if isinstance(v, bool) and typ is not bool or not isinstance(v, typ):
-        names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
-        raise ConfigError(f"{where}.{key}: expected {names}, got {type(v).__name__}")
-    return v
+def _config_error(exc: msgspec.ValidationError) -> ConfigError:
+    """msgspec's message, reworded to name the key as the file spells it (``nodes[0].port``)."""
+    m = _MSGSPEC_ERROR.match(str(exc))
+    assert m is not None  # the pattern matches any text
+    what, at = m.group("what"), (m.group("at") or "").lstrip(".")
+    where = at or "top level"
+    if got := re.match(r"Object contains unknown field `(.*)`$", what):
+        return ConfigError(f"{where}: unknown key(s) {got.group(1)}")
+    if got := re.match(r"Object missing required field `(.*)`$", what):
+        return ConfigError(f"{where}.{got.group(1)}: missing")
+    if got := re.match(r"Expected `(.*)`, got `(.*)`$", what):
+        want, was = (_TYPE_WORDS.get(t, t) for t in got.groups())
+        return ConfigError(f"{where}: expected {want}, got {was}")
+    return ConfigError(f"{where}: {what}")
 
 
 def load(path: Path) -> ClusterConfig:
@@ -145,94 +176,67 @@ def load(path: Path) -> ClusterConfig:
 
 
 def parse(raw: dict[str, Any], *, base: Path, path: Path | None = None) -> ClusterConfig:
-    _unknown("top level", raw, _TOP_KEYS)
-    cl = _get("top level", raw, "cluster", dict)
-    _unknown("cluster", cl, _CLUSTER_KEYS)
-    name = _get("cluster", cl, "name", str)
-    cid = _get("cluster", cl, "id", str)
-    if not cid:
+    """Validate the parsed TOML document ``raw`` (relative paths are taken from ``base``)."""
+    try:
+        doc = msgspec.convert(raw, _File)
+    except msgspec.ValidationError as exc:
+        raise _config_error(exc) from None
+    cl = doc.cluster
+    if not cl.id:
         raise ConfigError("cluster.id: empty")
-    secret_file = Path(_get("cluster", cl, "secret_file", str))
+    secret_file = Path(cl.secret_file)
     if not secret_file.is_absolute():
         secret_file = base / secret_file
-    replicas = cl.get("replicas", DEFAULT_REPLICAS)
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+    if cl.replicas < 1:
         raise ConfigError("cluster.replicas: expected a positive integer")
+    for k in msgspec.structs.fields(Timeouts):
+        if getattr(doc.timeouts, k.name) <= 0:
+            raise ConfigError(f"timeouts.{k.name}: must be positive")
+    timeouts = doc.timeouts
 
-    tm = raw.get("timeouts", {})
-    if not isinstance(tm, dict):
-        raise ConfigError("timeouts: expected a table")
-    _unknown("timeouts", tm, _TIMEOUT_KEYS)
-    values: dict[str, float] = {}
-    for k in _TIMEOUT_KEYS & set(tm):
-        v = _get("timeouts", tm, k, (int, float))
-        if v <= 0:
-            raise ConfigError(f"timeouts.{k}: must be positive")
-        values[k] = float(v)
-    timeouts = Timeouts(**values)
-
-    nodes_raw = _get("top level", raw, "nodes", list)
-    if not nodes_raw:
+    nodes = doc.nodes
+    if not nodes:
         raise ConfigError("nodes: at least one node is needed")
-    nodes: list[NodeConfig] = []
-    for i, n in enumerate(nodes_raw):
+    for i, n in enumerate(nodes):
         where = f"nodes[{i}]"
-        if not isinstance(n, dict):
-            raise ConfigError(f"{where}: expected a table")
-        _unknown(where, n, _NODE_KEYS)
-        nname = _get(where, n, "name", str)
-        if not nname or "/" in nname or nname in (".", "..", "..."):
-            raise ConfigError(f"{where}.name: {nname!r} is not a valid node name")
-        addr = _get(where, n, "address", str)
+        if not n.name or "/" in n.name or n.name in (".", "..", "..."):
+            raise ConfigError(f"{where}.name: {n.name!r} is not a valid node name")
         try:
-            ipaddress.ip_address(addr)
+            ipaddress.ip_address(n.address)
         except ValueError:
-            if not addr or " " in addr:
-                raise ConfigError(f"{where}.address: {addr!r} is not an address") from None
-        port = _get(where, n, "port", int)
-        if not 0 < port < 65536:
-            raise ConfigError(f"{where}.port: {port} out of range")
-        nid = _get(where, n, "id", int)
-        if not 0 < nid <= MAX_NODE_ID:
-            raise ConfigError(f"{where}.id: {nid} out of range 1..{MAX_NODE_ID}")
-        nodes.append(NodeConfig(nname, addr, port, NodeId(nid)))
+            if not n.address or " " in n.address:
+                raise ConfigError(f"{where}.address: {n.address!r} is not an address") from None
+        if not 0 < n.port < 65536:
+            raise ConfigError(f"{where}.port: {n.port} out of range")
+        if not 0 < n.id <= MAX_NODE_ID:
+            raise ConfigError(f"{where}.id: {n.id} out of range 1..{MAX_NODE_ID}")
     _no_duplicates("nodes", "name", [n.name for n in nodes])
     _no_duplicates("nodes", "id", [n.id for n in nodes])
     _no_duplicates("nodes", "address:port", [f"{n.address}:{n.port}" for n in nodes])
     names = {n.name for n in nodes}
 
-    vols_raw = raw.get("volumes", [])
-    if not isinstance(vols_raw, list):
-        raise ConfigError("volumes: expected an array of tables")
-    volumes: list[VolumeConfig] = []
-    for i, v in enumerate(vols_raw):
+    volumes = list(doc.volumes)
+    for i, v in enumerate(volumes):
         where = f"volumes[{i}]"
-        if not isinstance(v, dict):
-            raise ConfigError(f"{where}: expected a table")
-        _unknown(where, v, _VOLUME_KEYS)
-        vpath = _get(where, v, "path", str)
-        if not vpath.startswith("/") or "//" in vpath or "/../" in vpath + "/":
-            raise ConfigError(f"{where}.path: {vpath!r} must be an absolute, normal path")
-        primary = _get(where, v, "primary", str)
-        sites = _get(where, v, "sites", list)
-        if not sites or not all(isinstance(s, str) for s in sites):
+        if not v.path.startswith("/") or "//" in v.path or "/../" in v.path + "/":
+            raise ConfigError(f"{where}.path: {v.path!r} must be an absolute, normal path")
+        if not v.sites:
             raise ConfigError(f"{where}.sites: expected a non-empty list of node names")
-        for s in [primary, *sites]:
+        for s in [v.primary, *v.sites]:
             if s not in names:
                 raise ConfigError(f"{where}: unknown node {s!r}")
-        if primary not in sites:
-            raise ConfigError(f"{where}: primary {primary!r} must be one of its sites")
-        _no_duplicates(where, "sites", sites)
-        volumes.append(VolumeConfig(vpath, primary, tuple(sites)))
+        if v.primary not in v.sites:
+            raise ConfigError(f"{where}: primary {v.primary!r} must be one of its sites")
+        _no_duplicates(where, "sites", list(v.sites))
     _no_duplicates("volumes", "path", [v.path for v in volumes])
     if volumes and "/" not in {v.path for v in volumes}:
         raise ConfigError('volumes: the root volume (path "/") is missing')
     if not volumes:
         # The root volume: first node primary, the first `replicas` nodes as sites.
-        sites = tuple(n.name for n in nodes[:replicas])
+        sites = tuple(n.name for n in nodes[: cl.replicas])
         volumes.append(VolumeConfig("/", nodes[0].name, sites))
     return ClusterConfig(
-        name, cid, secret_file, replicas, tuple(nodes), tuple(volumes), timeouts, path
+        cl.name, cl.id, secret_file, cl.replicas, nodes, tuple(volumes), timeouts, path
     )
 
 
@@ -247,43 +251,30 @@ def _no_duplicates(where: str, what: str, items: list[Any]) -> None:
 # --- writing a new configuration (``dfs init``) ----------------------------------------------
 
 
-def _toml_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+HEADER = "# dfs cluster configuration (see docs/OPERATIONS.md)\n"
 
 
 def render(cfg: ClusterConfig, secret_name: str) -> str:
-    lines = [
-        "# dfs cluster configuration (see docs/OPERATIONS.md)",
-        "[cluster]",
-        f"name = {_toml_str(cfg.name)}",
-        f"id = {_toml_str(cfg.id)}",
-        f"secret_file = {_toml_str(secret_name)}",
-        f"replicas = {cfg.replicas}",
-        "",
-        "[timeouts]",
-        f"connect = {cfg.timeouts.connect}",
-        f"call = {cfg.timeouts.call}",
-        f"heartbeat = {cfg.timeouts.heartbeat}",
-    ]
-    for n in cfg.nodes:
-        lines += [
-            "",
-            "[[nodes]]",
-            f"name = {_toml_str(n.name)}",
-            f"address = {_toml_str(n.address)}",
-            f"port = {n.port}",
-            f"id = {n.id}",
-        ]
-    for v in cfg.volumes:
-        sites = ", ".join(_toml_str(s) for s in v.sites)
-        lines += [
-            "",
-            "[[volumes]]",
-            f"path = {_toml_str(v.path)}",
-            f"primary = {_toml_str(v.primary)}",
-            f"sites = [{sites}]",
-        ]
-    return "\n".join(lines) + "\n"
+    """The TOML text of ``cfg`` (its secret file named ``secret_name``), as ``dfs init`` writes it.
+
+    tomli-w writes every value; the tables are laid out here, one ``[[nodes]]``
+    and ``[[volumes]]`` block per entry as people write them (tomli-w would
+    put short ones inline).
+    """
+    head = {
+        "cluster": {
+            "name": cfg.name,
+            "id": cfg.id,
+            "secret_file": secret_name,
+            "replicas": cfg.replicas,
+        },
+        "timeouts": msgspec.structs.asdict(cfg.timeouts),
+    }
+    parts = [HEADER + tomli_w.dumps(head)]
+    for kind, entries in (("nodes", cfg.nodes), ("volumes", cfg.volumes)):
+        for e in entries:
+            parts.append(f"[[{kind}]]\n" + tomli_w.dumps(msgspec.to_builtins(e)))
+    return "\n".join(parts)
 
 
 def init(

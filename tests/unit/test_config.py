@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from dfs import config as C
 
@@ -131,3 +132,47 @@ def test_dfs_init_command(tmp_path: Path) -> None:
     assert again.returncode == 2 and "already exists" in again.stderr
     bad = subprocess.run([*cmd[:4], "x=1.2.3.4:port"], capture_output=True, text=True)
     assert bad.returncode == 2 and "port is not a number" in bad.stderr
+
+
+def test_values_with_control_characters_round_trip(tmp_path: Path) -> None:
+    """The writer escapes what TOML requires (control characters, quotes, backslashes)."""
+    p = tmp_path / "cluster.toml"
+    name = 'lab\x00\x01\x08\t\n\x0b\x0c\r\x1b\x1f\x7f"\\ \u00e9 \u2028 end'
+    made = C.init(p, [("a", "127.0.0.1", 7801)], name=name)
+    assert made.name == name
+    assert C.load(p).name == name
+    assert "[[nodes]]" in p.read_text() and "[[volumes]]" in p.read_text()
+
+
+@pytest.mark.parametrize(
+    ("raw_change", "message"),
+    [
+        (
+            {"nodes": [{"name": "n1", "address": "x", "port": 1, "id": 1, "zone": "a"}]},
+            "nodes[0]: unknown key(s) zone",
+        ),
+        (
+            {"nodes": [{"name": "n1", "address": "x", "port": True, "id": 1}]},
+            "nodes[0].port: expected int, got bool",
+        ),
+        ({"nodes": [{"name": "n1", "address": "x", "id": 1}]}, "nodes[0].port: missing"),
+        ({"timeouts": [1]}, "timeouts: expected table, got array"),
+        (
+            {"volumes": [{"path": "/", "primary": "n1", "sites": "n1"}]},
+            "volumes[0].sites: expected array, got str",
+        ),
+        ({"cluster": {"name": "lab", "id": "abc"}}, "cluster.secret_file: missing"),
+    ],
+)
+def test_errors_name_the_key_as_the_file_spells_it(
+    tmp_path: Path, raw_change: dict[str, Any], message: str
+) -> None:
+    raw = base(**raw_change)
+    with pytest.raises(C.ConfigError) as exc:
+        C.parse(raw, base=tmp_path)
+    assert str(exc.value) == message
+    p = tmp_path / "c.toml"
+    p.write_text(tomli_w.dumps(raw))
+    with pytest.raises(C.ConfigError) as exc:
+        C.load(p)
+    assert str(exc.value) == f"{p}: {message}"
