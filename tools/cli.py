@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from dfs.check.fsck import EXIT_OPERATIONAL, FsckError, FsckResult, fsck
 from dfs.check.scan import Progress
 
 from .cluster import cluster
+from .output import ProgressBar, is_terminal
 from .volume import volume
 from .where import where
 
@@ -33,34 +33,6 @@ def main() -> None:
 main.add_command(cluster)
 main.add_command(where)
 main.add_command(volume)
-
-
-class _Status:
-    """Progress on a terminal's stderr: one status line, shown only once a run takes a while."""
-
-    DELAY = 1.0
-    INTERVAL = 0.1
-
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-        self.last = 0.0
-        self.shown = False
-
-    def __call__(self, what: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.start < self.DELAY or now - self.last < self.INTERVAL:
-            return
-        self.last = now
-        pct = f" ({100 * done // total}%)" if total else ""
-        sys.stderr.write(f"\r\x1b[K{what}: {done}/{total}{pct}")
-        sys.stderr.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-            self.shown = False
 
 
 def _finding_line(f: Finding) -> str:
@@ -117,7 +89,7 @@ def fsck_cmd(data_dir: Path, repair: bool, as_json: bool, no_data: bool) -> None
     left (not repaired, or not repairable), 8 operational error (in use by a
     running daemon, not a dfs directory, wrong format), 2 bad usage.
     """
-    progress: Progress | None = _Status() if sys.stderr.isatty() and not as_json else None
+    progress: Progress | None = ProgressBar() if is_terminal(sys.stderr) and not as_json else None
     try:
         result = fsck(data_dir, repair=repair, verify_data=not no_data, progress=progress)
     except FsckError as exc:
@@ -165,7 +137,7 @@ def fsck_cmd(data_dir: Path, repair: bool, as_json: bool, no_data: bool) -> None
 
 
 def _close(progress: Progress | None) -> None:
-    if isinstance(progress, _Status):
+    if isinstance(progress, ProgressBar):
         progress.close()
 
 

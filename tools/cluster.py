@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.text import Text
 
 from .launcher import (
     EXIT_NOT_RUNNING,
@@ -19,6 +20,7 @@ from .launcher import (
     NodeStatus,
     default_dir,
 )
+from .output import echo, table
 
 _DIR_HELP = "Cluster directory (default: $DFS_RUN/cluster, else ./run/cluster)."
 
@@ -190,25 +192,21 @@ def status_cmd(root: Path | None, as_json: bool) -> None:
         }
         click.echo(json.dumps(doc, indent=2))
     else:
-        rows = [("NODE", "ADDRESS", "PID", "STATE", "MOUNT", "MOUNT POINT", "VOLUMES", "PEERS")]
-        for n in nodes:
-            rows.append(
-                (
-                    n.name,
-                    n.address,
-                    str(n.pid or "-"),
-                    n.state,
-                    n.mount,
-                    n.mountpoint,
-                    _volumes_text(n) if n.pid else "-",
-                    _peers_text(n) if n.pid else "-",
-                )
+        headers = ("NODE", "ADDRESS", "PID", "STATE", "MOUNT", "MOUNT POINT", "VOLUMES", "PEERS")
+        rows = [
+            (
+                n.name,
+                n.address,
+                str(n.pid or "-"),
+                Text(n.state, style="green" if n.state == "running" else "bold red"),
+                Text(n.mount, style="green" if n.mount == "live" else "bold red"),
+                n.mountpoint,
+                _volumes_text(n) if n.pid else "-",
+                _peers_text(n) if n.pid else "-",
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        for r in rows:
-            click.echo(
-                "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1]
-            )
+            for n in nodes
+        ]
+        echo(table(headers, rows, right=(2,)))
         if any(n.mount == "stale" for n in nodes):
             click.echo("stale mount: its daemon died; `dfs cluster start NODE` recovers it")
     sys.exit(code)

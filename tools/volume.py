@@ -26,6 +26,7 @@ from dfs.cluster.control import ControlError, request, socket_path
 from dfs.mounts import mount_at, read_mounts
 from dfs.net.rpc import RemoteError
 
+from .output import echo, table
 from .paths import TreePath, TreePathError, choose_mount, resolve
 
 EXIT_REFUSED = 1
@@ -137,7 +138,7 @@ def list_(path: str | None, mount: str | None, data: Path | None, as_json: bool)
     if as_json:
         click.echo(json.dumps(vols, indent=2))
         return
-    rows = [("VOLUME", "PATH", "PRIMARY", "SITES", "ROLE", "APPLIED")]
+    rows = []
     for v in vols:
         role = v.get("role", "?")
         if role == "site":
@@ -145,6 +146,5 @@ def list_(path: str | None, mount: str | None, data: Path | None, as_json: bool)
         rows.append(
             (str(v["vol"]), v["path"], v["primary"], ",".join(v["sites"]), role, str(v["applied"]))
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    headers = ("VOLUME", "PATH", "PRIMARY", "SITES", "ROLE", "APPLIED")
+    echo(table(headers, rows, right=(0, 5)))

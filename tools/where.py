@@ -31,7 +31,10 @@ from typing import Any, Literal
 
 import click
 import xxhash
+from rich.table import Table
+from rich.text import Text
 
+from .output import Cell, is_terminal, render, table
 from .paths import TreePath, TreePathError, fs_path, list_hosts, resolve
 
 EXIT_SAME = 0
@@ -253,29 +256,30 @@ def _cells(c: Copy) -> list[str]:
     ]
 
 
-def report_lines(r: Report) -> list[str]:
-    """A table of the copies, then one line saying whether they agree."""
-    rows = [list(HEADER)] + [_cells(c) for c in r.copies if c.state == "ok"]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
-    right = {2, 6}  # numbers
-
-    def line(row: list[str]) -> str:
-        cells = [
-            s.rjust(w) if i in right else s.ljust(w)
-            for i, (s, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        return "  " + "  ".join(cells).rstrip()
-
-    out = [f"{r.tree}  (through {r.tree.mount})", line(rows[0])]
+def report_table(r: Report) -> Table:
+    """The copies, one row each; a node without a copy has its state under TYPE and the
+    reason under DIGEST; the last column flags copies that differ from the majority."""
+    rows: list[list[Cell]] = []
     for c in r.copies:
-        flag = "  <- DIFFERS" if c.node in r.differs else ""
         if c.state == "ok":
-            out.append(line(_cells(c)) + flag)
+            cells: list[Cell] = list(_cells(c))
         else:
-            state = c.state if c.error is None else f"{c.state} ({c.error})"
-            out.append(f"  {c.node.ljust(widths[0])}  {state}{flag}")
-    out.append("  " + _verdict(r))
-    return out
+            cells = [c.node, Text(c.state, style="bold red"), *[""] * (len(HEADER) - 3)]
+            cells.append("" if c.error is None else f"({c.error})")
+        cells.append(Text("<- DIFFERS", style="bold red") if c.node in r.differs else "")
+        rows.append(cells)
+    return table([*HEADER, ""], rows, right=(2, 6))
+
+
+def report_lines(r: Report, *, colour: bool = False) -> list[str]:
+    """A title line, the table of the copies, then one line saying whether they agree."""
+    verdict = _verdict(r)
+    style = "green" if r.same else "bold red" if verdict.startswith("NOT") else "yellow"
+    return [
+        f"{r.tree}  (through {r.tree.mount})",
+        *render(report_table(r), colour=colour, indent=2),
+        *render(Text(verdict, style=style), colour=colour, indent=2),
+    ]
 
 
 def _verdict(r: Report) -> str:
@@ -341,5 +345,6 @@ def where(paths: tuple[str, ...], mount: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([report_json(r) for r in reports], indent=2))
     else:
-        click.echo("\n\n".join("\n".join(report_lines(r)) for r in reports))
+        colour = is_terminal()
+        click.echo("\n\n".join("\n".join(report_lines(r, colour=colour)) for r in reports))
     sys.exit(EXIT_SAME if all(r.same for r in reports) else EXIT_DIFFERENT)
