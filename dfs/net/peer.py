@@ -10,8 +10,10 @@ its late answer is dropped when it comes (and if frames are still waiting to
 be sent then, the peer is not reading: the connection is dropped). When the
 connection is lost, every call waiting on it fails at once with
 ``PeerUnavailable`` and the next call reconnects. Connect failures back off
-(0.1 s doubling to 2 s): while backing off a call fails immediately, so a dead
-peer costs one quick failure per call, never a hang.
+(0.1 s doubling to 2 s, each delay less up to half of it at random, so nodes
+do not retry a lost peer in step: dfs/backoff.py): while backing off a call
+fails immediately, so a dead peer costs one quick failure per call, never a
+hang.
 
 Sending: a frame is written to the socket straight from the calling task
 (a non-blocking write, no task switch) when nothing is queued before it;
@@ -45,6 +47,7 @@ from typing import Any
 
 import trio
 
+from dfs.backoff import DEFAULT_JITTER, Backoff
 from dfs.config import ClusterConfig, Timeouts
 from dfs.errors import BUG_MARKER
 from dfs.net.frames import (
@@ -71,6 +74,7 @@ log = logging.getLogger("dfs.net.peer")
 
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 2.0
+BACKOFF_JITTER = DEFAULT_JITTER  # peers that lost one node together do not retry in step
 MAX_ABANDONED = 100_000  # late answers we are prepared to drop on one connection
 MAX_BACKLOG = 4 * MAX_FRAME  # bytes queued for a peer that does not read: then drop it
 
@@ -169,6 +173,7 @@ class Peer:
         max_frame: int = MAX_FRAME,
         backoff_min: float = BACKOFF_MIN,
         backoff_max: float = BACKOFF_MAX,
+        backoff_jitter: float = BACKOFF_JITTER,
     ) -> None:
         self.name = name
         self.address = address
@@ -180,15 +185,13 @@ class Peer:
         self._nursery = nursery
         self._connector: Connector = connector or partial(trio.open_tcp_stream, address, port)
         self.max_frame = max_frame
-        self.backoff_min = backoff_min
-        self.backoff_max = backoff_max
+        self._backoff = Backoff(backoff_min, backoff_max, backoff_jitter)
         self._conn: _Connection | None = None
         self._receivers: set[_Connection] = set()  # connections whose receiver still runs
         self._writers: set[_Connection] = set()  # connections whose writer still runs
         self._connect_lock = trio.Lock()
         self._next_id = 1  # 0 is the handshake's
         self._closed = False
-        self._failures = 0  # consecutive connect failures
         self._retry_at = float("-inf")
         self._last_failure = ""
         # While backing off, calls fail with the kind of the last failure, so that a
@@ -410,21 +413,19 @@ class Peer:
             self._drop(conn, "closed")
             raise PeerUnavailable(f"node {self.name}: closed") from None
         self._writers.add(conn)
-        if self._failures:
+        if self._backoff.failures:
             log.info("rpc: node %s reachable again", self.name)
-        self._failures = 0
+        self._backoff.reset()
         self._retry_at = float("-inf")
         self._connects += 1
         return conn
 
     def _connect_failed(self, reason: str, kind: type[PeerUnavailable]) -> PeerUnavailable:
-        self._failures += 1
         self._connect_failures += 1
-        delay = min(self.backoff_min * 2 ** (self._failures - 1), self.backoff_max)
-        self._retry_at = trio.current_time() + delay
+        self._retry_at = trio.current_time() + self._backoff.failed()
         self._last_failure = reason
         self._last_failure_kind = kind
-        level = logging.WARNING if self._failures == 1 else logging.DEBUG
+        level = logging.WARNING if self._backoff.failures == 1 else logging.DEBUG
         log.log(level, "rpc: cannot connect to node %s at %s:%s: %s", *self._where(), reason)
         return kind(f"node {self.name}: {reason}")
 

@@ -437,7 +437,7 @@ async def test_closed_port_fails_fast_and_backs_off() -> None:
         with pytest.raises(PeerUnavailable):
             await peer.call("add", {"a": 1, "b": 1})
         st = peer.statistics()
-        assert st.connect_failures == 2 and 0.1 < st.retry_in <= 0.2
+        assert st.connect_failures == 2 and 0 < st.retry_in <= 0.2
         await peer.aclose()
 
 
@@ -456,7 +456,7 @@ async def test_backoff_doubles_to_its_cap_and_resets_on_success() -> None:
                 raise OSError(errno.ECONNREFUSED, "refused")
             return await real()
 
-        peer = memory_peer(n, connector)
+        peer = memory_peer(n, connector, backoff_jitter=0)
         start = trio.current_time()
         while trio.current_time() - start < 10:  # a caller retrying every 10 ms
             with pytest.raises(PeerUnavailable):
@@ -472,6 +472,39 @@ async def test_backoff_doubles_to_its_cap_and_resets_on_success() -> None:
         st = peer.statistics()
         assert (st.connects, st.retry_in) == (1, 0)
         await peer.aclose()
+        n.cancel_scope.cancel()
+
+
+@trio_test(mock_clock=True)
+async def test_peers_that_lose_a_node_together_retry_it_at_different_times() -> None:
+    attempts: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    async with trio.open_nursery() as n:
+
+        def refusing(i: int) -> Connector:
+            async def connector() -> trio.abc.Stream:
+                attempts[i].append(trio.current_time())
+                raise OSError(errno.ECONNREFUSED, "refused")
+
+            return connector
+
+        peers = [memory_peer(n, refusing(i)) for i in attempts]
+        start = trio.current_time()
+        while trio.current_time() - start < 10:  # callers on three nodes, every 10 ms
+            for peer in peers:
+                with pytest.raises(PeerUnavailable):
+                    await peer.call("add", {"a": 1, "b": 1})
+            await trio.sleep(0.01)
+        for tries in attempts.values():
+            gaps = [b - a for a, b in zip(tries, tries[1:], strict=False)]
+            ceilings = [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+            for gap, top in zip(gaps, ceilings, strict=False):  # half to all of each delay
+                assert top / 2 - 0.011 <= gap <= top + 0.011
+            assert len(tries) < 20
+        # All three started together; after that, each keeps its own times.
+        assert len({tuple(tries[:6]) for tries in attempts.values()}) == 3
+        for peer in peers:
+            await peer.aclose()
         n.cancel_scope.cancel()
 
 
