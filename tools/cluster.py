@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,42 @@ def _fail(exc: ClusterError) -> None:
     sys.exit(exc.exit_code)
 
 
+CALLER_DIR = "DFS_CALLER_DIR"  # set by ./dev: the directory its caller's shell is in
+
+
+def _caller_path(path: str | Path) -> str:
+    """``path`` as the caller's shell can use it: relative to the caller's directory when
+    inside it (``./dev`` says where that is; else our own), absolute otherwise; quoted."""
+    base = os.environ.get(CALLER_DIR) or os.getcwd()
+    rel = os.path.relpath(os.path.abspath(path), base)
+    if rel == ".." or rel.startswith("../"):
+        return shlex.quote(os.path.abspath(path))
+    return shlex.quote(rel if rel == "." or "/" in rel else f"./{rel}")
+
+
+def dfs_command(argv0: str | None = None, which: str | None = None) -> str:
+    """How to run this ``dfs`` again from the caller's shell, for commands we print.
+
+    ``dfs`` when the ``dfs`` on PATH is this program; else the path of the one
+    running (``.venv/bin/dfs`` from the repository: a fresh install is not on
+    PATH), else ``python -m dfs_tools`` with this interpreter.
+    """
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    program: str | None = None
+    if os.path.basename(argv0) == "dfs" and os.path.isfile(argv0):
+        program = os.path.abspath(argv0)
+    elif (Path(sys.executable).parent / "dfs").is_file():  # python -m dfs_tools, in a venv
+        program = str(Path(sys.executable).parent / "dfs")
+    if program is None:
+        return f"{shlex.quote(sys.executable)} -m dfs_tools"
+    found = shutil.which("dfs") if which is None else which
+    if found and os.path.realpath(found) == os.path.realpath(program):
+        return "dfs"
+    return _caller_path(program)
+
+
 def _dir_arg(c: LocalCluster, root: Path | None) -> str:
-    return "" if root is None else f" --dir {shlex.quote(str(c.root))}"
+    return "" if root is None else f" --dir {_caller_path(c.root)}"
 
 
 @click.group(name="cluster")
@@ -94,22 +130,23 @@ def up_cmd(root: Path | None, nodes: int | None, base_port: int | None, timeout:
     for line in _node_lines(c):
         click.echo(line)
     d = _dir_arg(c, root)
+    dfs = dfs_command()
     first, second = c.nodes()[0], c.nodes()[-1]
     top = next(v for v in c.config().volumes if v.path == "/")
     sites = [n for n in top.sites if n != top.primary]
     site = sites[-1] if sites else second.name
     tries = [
-        (f"dfs cluster status{d}", "nodes, PIDs, mounts, replication state"),
+        (f"{dfs} cluster status{d}", "nodes, PIDs, mounts, replication state"),
         (f"echo hello > {second.mountpoint}/hello.txt", "write on one node..."),
         (f"cat {first.mountpoint}/hello.txt", "...read on another: one tree"),
-        (f"dfs cluster stop {site} --kill{d}", "crash a storage site: updates go on"),
-        (f"dfs cluster start {site}{d}", "bring it back: it catches up"),
+        (f"{dfs} cluster stop {site} --kill{d}", "crash a storage site: updates go on"),
+        (f"{dfs} cluster start {site}{d}", "bring it back: it catches up"),
         (f"mkdir {first.mountpoint}/proj", "a volume of its own, ordered by another node:"),
         (
-            f"dfs volume create {first.mountpoint}/proj --primary {second.name}",
+            f"{dfs} volume create {first.mountpoint}/proj --primary {second.name}",
             "rename/link across volumes: EXDEV",
         ),
-        (f"dfs cluster down{d}", "unmount and stop every node"),
+        (f"{dfs} cluster down{d}", "unmount and stop every node"),
     ]
     width = max(len(cmd) for cmd, why in tries if why)
     click.echo(
@@ -173,7 +210,7 @@ def status_cmd(root: Path | None, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps({"dir": str(c.root), "nodes": [], "exit_code": 3}))
         else:
-            click.echo(f"no cluster in {c.root} (start one with `dfs cluster up`)")
+            click.echo(f"no cluster in {c.root} (start one with `{dfs_command()} cluster up`)")
         sys.exit(EXIT_NOT_RUNNING)
     try:
         nodes = c.status()
@@ -208,7 +245,10 @@ def status_cmd(root: Path | None, as_json: bool) -> None:
         ]
         echo(table(headers, rows, right=(2,)))
         if any(n.mount == "stale" for n in nodes):
-            click.echo("stale mount: its daemon died; `dfs cluster start NODE` recovers it")
+            click.echo(
+                f"stale mount: its daemon died; `{dfs_command()} cluster start NODE"
+                f"{_dir_arg(c, root)}` recovers it"
+            )
     sys.exit(code)
 
 
@@ -255,7 +295,10 @@ def stop_cmd(node: str, root: Path | None, kill: bool) -> None:
     if not stopped:
         click.echo(f"{node} is not running")
     elif kill:
-        click.echo(f"{node} killed; its mount is stale until `dfs cluster start {node}`")
+        click.echo(
+            f"{node} killed; its mount is stale until "
+            f"`{dfs_command()} cluster start {node}{_dir_arg(c, root)}`"
+        )
     else:
         click.echo(f"{node} stopped")
 
@@ -273,7 +316,7 @@ def start_cmd(node: str, root: Path | None, timeout: float) -> None:
     """
     c = _cluster(root)
     if not c.exists():
-        _fail(ClusterError(f"no cluster in {c.root}; use `dfs cluster up`"))
+        _fail(ClusterError(f"no cluster in {c.root}; use `{dfs_command()} cluster up`"))
     try:
         started = c.start(node, timeout=timeout)
     except ClusterError as exc:

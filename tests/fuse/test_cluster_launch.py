@@ -66,6 +66,11 @@ def test_up_status_kill_start_down(cluster: Launcher) -> None:
     r = cluster.up()
     assert r.returncode == 0, r.stderr
     assert "dfs cluster is up: 3 nodes" in r.stdout and "Try:" in r.stdout
+    # The hints are commands that work when pasted (`dfs` need not be on PATH).
+    (hint,) = [ln.split("#")[0] for ln in r.stdout.splitlines() if " cluster status " in ln]
+    pasted = subprocess.run(hint, shell=True, capture_output=True, text=True, timeout=60)
+    assert pasted.returncode == 0, f"{hint}: {pasted.stderr}"
+    assert pasted.stdout.split()[:2] == ["NODE", "ADDRESS"], pasted.stdout
     root = cluster.root
     for name in ("n1", "n2", "n3"):
         assert f"{root / name / 'mnt'}" in r.stdout
