@@ -165,12 +165,20 @@ class UpResult:
 
 
 def _process(pid: object, start_time: object) -> psutil.Process | None:
-    """The process ``pid`` if it exists and started at ``start_time`` (psutil's create_time)."""
-    if not isinstance(pid, int) or pid <= 0 or not isinstance(start_time, float):
+    """The process ``pid`` if it exists and started at ``start_time`` (psutil's create_time).
+
+    A state.json written before the launcher used psutil holds the start time in
+    clock ticks since boot (an int): psutil's create_time is boot time + ticks / HZ.
+    """
+    if not isinstance(pid, int) or pid <= 0 or not isinstance(start_time, (int, float)):
         return None
     try:
         proc = psutil.Process(pid)
-        return proc if proc.create_time() == start_time else None
+        started = proc.create_time()
+        if isinstance(start_time, float):
+            return proc if started == start_time else None
+        hz = os.sysconf("SC_CLK_TCK")
+        return proc if abs(started - psutil.boot_time() - start_time / hz) < 0.5 / hz else None
     except psutil.Error:
         return None
 

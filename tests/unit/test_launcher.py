@@ -1,0 +1,63 @@
+"""tools/launcher.py without FUSE: which recorded process is still the daemon we started."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from dfs_tools import launcher as L
+
+
+@pytest.fixture
+def child() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_process_is_ours_only_with_the_start_time_we_recorded(
+    child: subprocess.Popen[bytes],
+) -> None:
+    started = psutil.Process(child.pid).create_time()
+    got = L._process(child.pid, started)
+    assert got is not None and got.pid == child.pid
+    assert L._process(child.pid, started + 0.01) is None  # a reused PID
+    assert L._process(child.pid, None) is None
+    assert L._process(str(child.pid), started) is None
+    assert L._process(0, started) is None
+
+
+def test_start_times_recorded_in_clock_ticks_before_psutil_still_match(
+    child: subprocess.Popen[bytes],
+) -> None:
+    stat = Path(f"/proc/{child.pid}/stat").read_text()
+    ticks = int(stat[stat.rindex(")") + 2 :].split()[19])  # what state.json used to hold
+    assert L._process(child.pid, ticks) is not None
+    assert L._process(child.pid, ticks + 1) is None
+    assert L._process(child.pid, ticks - 1) is None
+
+
+def test_the_exit_status_of_our_child_is_collected_once(child: subprocess.Popen[bytes]) -> None:
+    assert L._wait_exit(child.pid) is None  # still running
+    child.kill()
+    assert L._wait_exit(child.pid, timeout=30) == -9
+    child.returncode = -9  # reaped by psutil: tell Popen, so the fixture does not wait again
+    assert L._wait_exit(child.pid) is None  # gone
+
+
+def test_the_daemon_command_line_is_recognised(tmp_path: Path) -> None:
+    c = L.LocalCluster(tmp_path)
+    node = L.LocalNode("n2", "127.0.0.1", 7802, tmp_path / "n2")
+    argv = c.daemon_argv(node)
+    assert c._is_daemon_of(argv, node)
+    assert not c._is_daemon_of(argv, L.LocalNode("n3", "127.0.0.1", 7803, tmp_path / "n3"))
+    assert not c._is_daemon_of(["sleep", *argv[3:]], node)  # not a dfs-mountd
+    other = L.LocalCluster(tmp_path / "other")
+    assert not other._is_daemon_of(argv, node)  # another cluster's configuration
