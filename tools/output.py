@@ -57,8 +57,9 @@ def table(
 
 def render(thing: Table | Text, *, colour: bool = False, indent: int = 0) -> list[str]:
     """``thing`` as lines of text: plain and unwrapped, or with ``colour`` for a terminal."""
+    buf = io.StringIO()
     console = Console(
-        file=io.StringIO(),
+        file=buf,
         force_terminal=colour,
         color_system="standard" if colour else None,
         width=UNBOUNDED,
@@ -67,8 +68,7 @@ def render(thing: Table | Text, *, colour: bool = False, indent: int = 0) -> lis
         markup=False,
     )
     console.print(thing)
-    text = console.file.getvalue()  # type: ignore[attr-defined]
-    return [" " * indent + line.rstrip() for line in text.splitlines()]
+    return [" " * indent + line.rstrip() for line in buf.getvalue().splitlines()]
 
 
 def echo(thing: Table | Text, *, indent: int = 0) -> None:
