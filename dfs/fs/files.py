@@ -186,16 +186,21 @@ class FileIO:
                 # A reader's close settles nothing while a writer keeps the file open.
                 await self.settle(st)
         finally:
-            st.opens -= 1
-            if st.opens == 0:
-                if st.fd is not None:
-                    self.data.close(st.fd)
-                    st.fd = None
-                if st.dfd is not None:
-                    self.data.close(st.dfd)
-                    st.dfd = None
-                del self._inodes[st.ino]
-                self._on_closed(st.ino)
+            self._unpin(st)
+
+    def _unpin(self, st: OpenInode) -> None:
+        """One user of ``st`` (a handle, or an operation by inode such as a truncate) is
+        done; the last one closes its descriptors."""
+        st.opens -= 1
+        if st.opens == 0:
+            if st.fd is not None:
+                self.data.close(st.fd)
+                st.fd = None
+            if st.dfd is not None:
+                self.data.close(st.dfd)
+                st.dfd = None
+            del self._inodes[st.ino]
+            self._on_closed(st.ino)
 
     # --- data -----------------------------------------------------------------------------
 
@@ -425,15 +430,22 @@ class FileIO:
                 return
         st = self._inodes.get(ino)
         if st is not None:
-            async with _locked(st.lock):
-                if st.fd is None and self._truncate_inline(ino, size):
-                    return
-                if st.fd is None and size > S.INLINE_MAX:
-                    st.fd = self._to_data_file(st)
-                if st.fd is None:  # open but not yet read or written: the data file still counts
-                    st.fd = self.data.open(ino, create=False)
-                self._settle_locked(st)
-                await self._truncate_fd(ino, st.fd, size)
+            # Pinned like a handle: the release of the file's last handle (which the kernel
+            # sends after close(2) returned, so it overlaps a truncate by name) must not close
+            # the descriptor while it is being cut in a worker thread.
+            st.opens += 1
+            try:
+                async with _locked(st.lock):
+                    if st.fd is None and self._truncate_inline(ino, size):
+                        return
+                    if st.fd is None and size > S.INLINE_MAX:
+                        st.fd = self._to_data_file(st)
+                    if st.fd is None:  # open, not yet read or written: the data file counts
+                        st.fd = self.data.open(ino, create=False)
+                    self._settle_locked(st)
+                    await self._truncate_fd(ino, st.fd, size)
+            finally:
+                self._unpin(st)
             return
         if self._truncate_inline(ino, size):
             return
