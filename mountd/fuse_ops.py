@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import pyfuse3
 
 from dfs.cluster.applier import Inval
-from dfs.cluster.clusterfs import NodeFs
+from dfs.cluster.nodefs import NodeFs
 from dfs.cluster.views import VIEW_DIR_NAME, HostViews, is_view
 from dfs.errors import FsError, NotFound
 from dfs.fs.ctx import SetAttrs

@@ -46,8 +46,10 @@ from typing import Any
 
 import trio
 
-from dfs.cluster.clusterfs import PURGE_BATCH, NodeFs
 from dfs.cluster.node import ClusterNode
+from dfs.cluster.nodefs import NodeFs
+from dfs.cluster.opserver import OpServer
+from dfs.cluster.purge import PURGE_BATCH, OrphanPurge
 from dfs.cluster.remote import (
     LocalReader,
     Reader,
@@ -63,6 +65,7 @@ from dfs.cluster.replication import (
     Replicator,
     register_site_methods,
 )
+from dfs.cluster.roles import Role, VolumeRoles
 from dfs.cluster.views import HostViews
 from dfs.cluster.volumes import Volume, VolumeTable, encode_mount, from_wire
 from dfs.config import ClusterConfig, NodeConfig
@@ -99,35 +102,40 @@ class ClusterService:
         cluster: ClusterNode,
         vfs: Vfs,
         notify: Notifier,
-        volumes: VolumeTable,
+        roles: VolumeRoles,
+        purge: OrphanPurge,
     ) -> None:
+        """``vfs`` was made with ``replica=roles.is_replica`` and ``defer_purge=purge.defer``."""
+        assert roles.volumes is not None, "a cluster node knows the volumes"
         self.config = config
         self.me = node.name
         self.cluster = cluster
         self.vfs = vfs
         self.notify = notify
-        self.volumes = volumes
+        self.roles = roles
+        self.volumes: VolumeTable = roles.volumes
+        self.purge = purge
         self.lease = LEASE_HEARTBEATS * config.timeouts.heartbeat
-        self.repls: dict[VolumeId, Replicator] = {}
-        self.keepers: dict[VolumeId, LeaseKeeper] = {}
         self._joined: dict[VolumeId, str] = {}  # volumes being created here: vol -> primary
         self._nursery: trio.Nursery | None = None
         self._creating = trio.Lock()
         self._readers: dict[tuple[str, bool], Reader] = {}
+        self.views = self._views()
         self.fs = NodeFs(
             vfs,
-            me=self.me,
-            volumes=volumes,
-            forward=self._forward,
+            roles,
+            send=self._forward,
             reader=lambda node: self._reader(node, raw=True),
-            current=self._lease_current,
             post=self._post,
             notify=notify,
+            view_volume=self.views.volume_of,
+            applied_timeout=config.timeouts.call,
         )
-        self.fs.repls = self.repls  # the same table: volumes added later are seen there
-        self.fs.applied_timeout = config.timeouts.call
+        self.ops = OpServer(
+            vfs, roles, self.fs.commits, self.fs.writes, lambda name: config.node(name).id
+        )
         methods = cluster.methods
-        self.fs.register(methods, lambda name: config.node(name).id)
+        self.ops.register(methods)
         # Only what this node's kernel holds needs dropping from its caches.
         applier = ReplicaApplier(
             vfs.meta,
@@ -135,7 +143,7 @@ class ClusterService:
             node.id,
             notify,
             known=lambda ino: ino == ROOT_INODE or ino in vfs.lookups,
-            applied=lambda: self.fs.applied(),
+            applied=self.fs.applied,
         )
         register_site_methods(methods, applier, self._primary_of)
         register_read_methods(methods, vfs)
@@ -169,8 +177,8 @@ class ClusterService:
         cm.add("volume.list", {}, self._control_list)
         methods.add("vol.list", {}, self._list)
         methods.add("vol.added", {"volume": Field(dict)}, self._added)
-        cluster.extra_status = self.status
-        for v in volumes.all():
+        cluster.add_status("replication", self.status)
+        for v in self.volumes.all():
             self._adopt(v)
 
     # --- the volumes this node takes part in ------------------------------------------------
@@ -179,7 +187,7 @@ class ClusterService:
         """Start this node's part in ``v`` (idempotent)."""
         meta = self.vfs.meta
         if v.primary == self.me:
-            if v.vol in self.repls:
+            if v.vol in self.roles.replicators:
                 return
             if not meta.has_volume(v.vol):
                 log.error("volume %d (%s): this node is its primary but has no copy", v.vol, v.path)
@@ -194,11 +202,11 @@ class ClusterService:
                 lease=self.lease,
                 peer=self._peer,
             )
-            self.repls[v.vol] = repl
+            self.roles.replicators[v.vol] = repl
             if self._nursery is not None:
                 self._nursery.start_soon(repl.run)
             return
-        if self.me not in v.sites or v.vol in self.keepers:
+        if self.me not in v.sites or v.vol in self.roles.leases:
             return
         meta.add_volume(v.vol, v.root, v.path)
         keeper = LeaseKeeper(
@@ -206,7 +214,7 @@ class ClusterService:
             interval=self.config.timeouts.heartbeat,
             lease=self.lease,
         )
-        self.keepers[v.vol] = keeper
+        self.roles.leases[v.vol] = keeper
         if self._nursery is not None:
             self._nursery.start_soon(keeper.run)
             self._nursery.start_soon(self._say_hello, v.primary)
@@ -251,31 +259,39 @@ class ClusterService:
             for v in self.volumes.all():
                 self._adopt(v)
 
-    async def start(self, nursery: trio.Nursery) -> None:
-        """Start replicating; a site waits (bounded) until it caught up with each primary."""
-        self._nursery = nursery
-        if not self.volumes.local:
-            with trio.move_on_after(CATCH_UP_WAIT):
-                for _ in range(int(CATCH_UP_WAIT / self.config.timeouts.heartbeat) + 1):
-                    if await self._fetch_volumes():
-                        break
-                    await trio.sleep(self.config.timeouts.heartbeat)
-            for v in self.volumes.all():
-                self._adopt(v)
-        for repl in self.repls.values():
-            nursery.start_soon(repl.run)
-        nursery.start_soon(self.fs.purge_orphans, self._ask_holds)
-        nursery.start_soon(self.fs.write_held_writes)
-        nursery.start_soon(self._watch)
-        for keeper in self.keepers.values():
-            nursery.start_soon(keeper.run)
-        # Every primary hears that this node (re)started: it catches the sites up at once
-        # and closes the handles it held open for this node's previous run.
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Take part in every volume: replicate, apply, lease, purge, write held writes.
+        Started (``nursery.start``) once this node caught up with each primary, or a bounded
+        time passed; runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if not self.volumes.local:
+                with trio.move_on_after(CATCH_UP_WAIT):
+                    for _ in range(int(CATCH_UP_WAIT / self.config.timeouts.heartbeat) + 1):
+                        if await self._fetch_volumes():
+                            break
+                        await trio.sleep(self.config.timeouts.heartbeat)
+                for v in self.volumes.all():
+                    self._adopt(v)
+            for repl in self.roles.replicators.values():
+                nursery.start_soon(repl.run)
+            nursery.start_soon(self.purge.run, self.vfs, self._ask_holds)
+            nursery.start_soon(self.fs.writes.run)
+            nursery.start_soon(self._watch)
+            for keeper in self.roles.leases.values():
+                nursery.start_soon(keeper.run)
+            await self._catch_up()
+            task_status.started()
+
+    async def _catch_up(self) -> None:
+        """Every primary hears that this node (re)started: it catches the sites up at once
+        and closes the handles it held open for this node's previous run. Then wait (bounded)
+        for a read lease on every volume stored here."""
         primaries = sorted({v.primary for v in self.volumes.all()} - {self.me})
         for p in primaries:
             await self._say_hello(p)
         deadline = trio.current_time() + CATCH_UP_WAIT
-        for vol, keeper in self.keepers.items():
+        for vol, keeper in list(self.roles.leases.items()):
             known = self.volumes.get(vol)
             who = known.primary if known is not None else "?"
             if await keeper.wait_current(max(0.0, deadline - trio.current_time())):
@@ -295,7 +311,7 @@ class ClusterService:
         except FsError as exc:
             log.warning("primary %s unreachable (%s)", primary, exc)
 
-    def views(self) -> HostViews:
+    def _views(self) -> HostViews:
         """``MOUNT/.../HOST``: this node's replica read locally, the others' over RPC."""
         hosts: dict[str, Reader] = {
             n.name: LocalReader(self.vfs) if n.name == self.me else self._reader(n.name)
@@ -312,23 +328,22 @@ class ClusterService:
                 if v.vol != ROOT_VOLUME and v.stored_on(host)
             ]
 
-        views = HostViews(hosts, root=lambda: self.vfs.getattr(ROOT_INODE), stored=stored)
-        self.fs.view_volume = views.volume_of
-        return views
+        return HostViews(hosts, root=lambda: self.vfs.getattr(ROOT_INODE), stored=stored)
 
     def status(self) -> dict[str, Any]:
         vols = []
         for v in self.volumes.all():
             d: dict[str, Any] = v.as_dict()
-            if v.primary == self.me:
-                d["role"] = "primary"
-                repl = self.repls.get(v.vol)
+            d["epoch"] = self.roles.epoch(v.vol)
+            if self.roles.orders(v.vol):
+                d["role"] = Role.PRIMARY.value
+                repl = self.roles.replicator(v.vol)
                 d["sites_state"] = repl.snapshot() if repl is not None else []
-            elif v.vol in self.keepers:
-                d["role"] = "site"
-                d["lease"] = self.keepers[v.vol].current()
+            elif v.vol in self.roles.leases:
+                d["role"] = Role.SITE.value
+                d["lease"] = self.roles.leases[v.vol].current()
             else:
-                d["role"] = "none"
+                d["role"] = Role.NONE.value
             d["applied"] = self.vfs.meta.seq(v.vol)
             vols.append(d)
         root = vols[0] if vols and vols[0]["vol"] == ROOT_VOLUME else None
@@ -376,10 +391,6 @@ class ClusterService:
             )
         return r
 
-    def _lease_current(self, vol: VolumeId) -> bool:
-        keeper = self.keepers.get(vol)
-        return keeper is not None and keeper.current()
-
     async def _ask_lease(self, v: Volume) -> Any:
         return await self._call(
             v.primary, "repl.lease", {"vol": int(v.vol)}, self.config.timeouts.heartbeat
@@ -388,12 +399,12 @@ class ClusterService:
     # --- served to the other nodes ---------------------------------------------------------
 
     async def _grant(self, peer: str, args: dict[str, Any]) -> bool:
-        repl = self.repls.get(VolumeId(args.get("vol", ROOT_VOLUME)))
+        repl = self.roles.replicators.get(VolumeId(args.get("vol", ROOT_VOLUME)))
         return repl is not None and repl.grant(peer)
 
     async def _hello(self, peer: str, args: dict[str, Any]) -> None:
-        await self.fs.release_node(peer)
-        for repl in self.repls.values():
+        await self.ops.release_node(peer)
+        for repl in self.roles.replicators.values():
             if peer in repl.links:
                 repl.kick(peer)
 
@@ -404,7 +415,7 @@ class ClusterService:
         """The inodes of ``inos`` that some in-sync site still uses (raises if one cannot say)."""
         held: set[int] = set()
         asked: set[str] = set()
-        for repl in list(self.repls.values()):
+        for repl in list(self.roles.replicators.values()):
             for link in list(repl.links.values()):
                 if link.in_sync and link.name not in asked:
                     asked.add(link.name)
@@ -481,7 +492,9 @@ class ClusterService:
                 self.vfs.cover(parent, name, encode_mount(v))
             finally:
                 ORIGIN.reset(token)
-            await self.fs._replicated(ROOT_VOLUME)
+            repl = self.roles.replicator(ROOT_VOLUME)
+            if repl is not None:
+                await repl.wait()
             await self.notify.flush(self.notify.put([("e", int(parent), name)]))
             self.volumes.refresh()
             self._adopt(v)
@@ -570,7 +583,7 @@ class ClusterService:
         self.vfs.meta.add_volume(vol, InodeId(0), path)
         self._adopt(Volume(vol, path, InodeId(0), self.me, sites, InodeId(0)))
         root = self.vfs.make_volume_root(vol, path, template)
-        repl = self.repls.get(vol)
+        repl = self.roles.replicators.get(vol)
         if repl is not None:
             await repl.wait()
         return pack_attr(root)

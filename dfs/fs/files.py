@@ -120,6 +120,8 @@ class FileIO:
         data: DataStore,
         clock: WallClock,
         on_closed: Callable[[InodeId], None],
+        *,
+        replica: Callable[[VolumeId], bool] | None = None,
     ) -> None:
         self.meta = meta
         self.data = data
@@ -133,7 +135,7 @@ class FileIO:
         # A storage site's replica: blocks of a file with a ``dirty`` record may be newer
         # than their digests (the primary's settle record follows), and recovery writes
         # only per-node records.
-        self.replica: Callable[[VolumeId], bool] = _never
+        self.replica: Callable[[VolumeId], bool] = replica or _never
         self._inodes: dict[InodeId, OpenInode] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1

@@ -84,27 +84,33 @@ def check_name(name: bytes) -> None:
 
 
 class Vfs:
-    def __init__(self, meta: MetaStore, data: DataStore, clock: WallClock = system_time_ns) -> None:
+    def __init__(
+        self,
+        meta: MetaStore,
+        data: DataStore,
+        clock: WallClock = system_time_ns,
+        *,
+        replica: Callable[[VolumeId], bool] | None = None,
+        defer_purge: Callable[[InodeId], None] | None = None,
+    ) -> None:
+        """``replica(vol)``: this node stores ``vol`` but does not order it (a storage site,
+        not the primary): its replicated records change only by applying the primary's
+        journal (no purges, atime or recovery writes here). ``defer_purge``: on a node that
+        orders volumes other nodes use, an orphan this node no longer uses is handed over
+        instead of purged (other nodes' kernels may still use it; dfs.cluster.purge)."""
         self.meta = meta
         self.data = data
         self.clock = clock
         self.lookups: dict[InodeId, int] = {}
-        self.files = FileIO(meta, data, clock, self._maybe_purge)
+        self.files = FileIO(meta, data, clock, self._maybe_purge, replica=replica or _never)
         self._dir_handles: dict[int, InodeId] = {}
         self._next_dir_fh = 1
-        # False for a volume this node stores but is not the primary of: its replicated
-        # records change only by applying the primary's journal (no purges, atime,
-        # recovery writes here).
-        self.authority: Callable[[VolumeId], bool] = _always
-        # Set on a primary with storage sites: an orphan this node no longer uses is
-        # handed over instead of purged, since other nodes' kernels may still use it.
-        self.defer_purge: Callable[[InodeId], None] | None = None
+        self._replica = replica or _never
+        self.defer_purge = defer_purge
 
-    def make_replica(self, is_replica: Callable[[VolumeId], bool] | None = None) -> None:
-        """Volumes for which this node is a storage site, not the primary (default: all)."""
-        check = is_replica or _always
-        self.authority = lambda vol: not check(vol)
-        self.files.replica = check
+    def authority(self, vol: VolumeId) -> bool:
+        """This node orders the updates of ``vol`` (it is no mere replica of it)."""
+        return not self._replica(vol)
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -932,8 +938,8 @@ class Vfs:
         return len(orphans), resettled
 
 
-def _always(vol: VolumeId) -> bool:
-    return True
+def _never(vol: VolumeId) -> bool:
+    return False
 
 
 def delete_inode_records(meta: MetaStore, txn: WriteTxn, ino: int) -> None:
