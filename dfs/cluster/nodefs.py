@@ -16,7 +16,8 @@
 Kernel references (lookup counts) stay on the node whose kernel holds them. A standalone
 node is its own primary with no sites: ``NodeFs`` then adds nothing but a call.
 
-Where the cluster's other jobs live: ``dfs.cluster.roles`` (who orders what, epochs, leases),
+Where the cluster's other jobs live: ``reads`` (the read side, NodeFs's base class),
+``roles`` (who orders what, epochs, leases),
 ``forward`` and ``opserver`` (the two ends of ``fs.op``), ``writebehind``, ``commits`` (what
 follows each commit), ``purge`` (orphans), ``service`` (wiring a node into every volume).
 """
@@ -24,11 +25,10 @@ follows each commit), ``purge`` (orphans), ``service`` (wiring a node into every
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import trio
 
@@ -36,41 +36,23 @@ from dfs.cluster import fsops as F
 from dfs.cluster.commits import CommitHook
 from dfs.cluster.forward import Forwarder, Send
 from dfs.cluster.handles import RemoteFile, RemoteHandles
-from dfs.cluster.remote import MAX_READ, Reader, unpack_attr
+from dfs.cluster.reads import ReadRouting, after_held_writes
+from dfs.cluster.remote import Reader, unpack_attr
 from dfs.cluster.replication import Notifier
 from dfs.cluster.roles import VolumeRoles
-from dfs.cluster.volumes import Volume
 from dfs.cluster.writebehind import Post, WriteBehind
-from dfs.errors import FsError, NotFound
+from dfs.errors import FsError
 from dfs.fs.ctx import Ctx, SetAttrs
-from dfs.fs.vfs import DirEntry, FsStats, Vfs
-from dfs.net.rpc import PeerTimeout, PeerUnavailable
+from dfs.fs.vfs import Vfs
 from dfs.types import ROOT_INODE, ROOT_VOLUME, Attr, FileHandle, InodeId, VolumeId
 
 log = logging.getLogger("dfs.cluster.fs")
 T = TypeVar("T")
-P = ParamSpec("P")
 
 WRITE_ACCESS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
-STALE_LOG_EVERY = 10.0
 
 
-def _after_held_writes(
-    fn: Callable[Concatenate[NodeFs, P], Awaitable[T]],
-) -> Callable[Concatenate[NodeFs, P], Coroutine[Any, Any, T]]:
-    """Run an operation only once every write this node holds (``WriteBehind``) is written:
-    whatever it reads or changes then sees them, as after a plain write."""
-
-    @functools.wraps(fn)
-    async def run(self: NodeFs, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        if self.writes.pending():
-            await self.writes.write_held()
-        return await fn(self, *args, **kwargs)
-
-    return run
-
-
-class NodeFs:
+class NodeFs(ReadRouting):
     """See the module docstring."""
 
     def __init__(
@@ -118,69 +100,6 @@ class NodeFs:
         """This node's replica applied records (``ReplicaApplier`` calls this)."""
         self.forwarder.applied()
 
-    # --- which volume, and where its reads go --------------------------------------------------
-
-    def volume_of(self, ino: InodeId) -> VolumeId:
-        if self.roles.volumes is None:
-            return ROOT_VOLUME
-        r = self.handles.counts.get(ino)
-        if r is not None:
-            return VolumeId(r[0])
-        try:
-            return self.vfs.getattr(ino).volume
-        except NotFound:
-            # Named through a host view (MOUNT/.../HOST/...), in a volume not stored here.
-            vol = self._view_volume(ino) if self._view_volume is not None else None
-            if vol is None:
-                raise
-            return vol
-
-    def stores(self, vol: VolumeId) -> bool:
-        return self.roles.stores(vol)
-
-    def _handle_volume(self, fh: int) -> VolumeId:
-        return self.volume_of(self.files.inode_of(fh))
-
-    def is_remote(self, ino: InodeId) -> bool:
-        """``ino`` belongs to a volume this node does not store: its attributes, names and
-        contents are fetched from the volume's primary and not invalidated here, so the
-        FUSE layer caches them briefly only."""
-        return ino in self.handles.counts
-
-    def _reads_here(self, vol: VolumeId) -> bool:
-        """Reads of ``vol`` are answered from this node's replica: it stores one, can prove it
-        current, and has applied every update this node made through the primary."""
-        if not self.roles.stores(vol) or self.forwarder.behind(vol):
-            return False
-        return self.roles.current(vol)
-
-    async def _current_read(
-        self, vol: VolumeId, remote: Callable[[Reader], Awaitable[T]], local: Callable[[], T]
-    ) -> T:
-        """A read of a stored volume: local when current, else from the primary; when the
-        primary cannot be reached, from this node's replica after all (it may be stale)."""
-        if self._reads_here(vol):
-            return local()
-        try:
-            return await remote(self._read(vol))
-        except (PeerUnavailable, PeerTimeout) as exc:
-            now = trio.current_time()
-            if now - self._last_stale >= STALE_LOG_EVERY:
-                self._last_stale = now
-                log.warning(
-                    "volume %d: no read lease and the primary does not answer (%s): "
-                    "reading the local replica, which may be stale",
-                    vol,
-                    exc,
-                )
-            return local()
-
-    def _read(self, vol: VolumeId) -> Reader:
-        """Where reads of ``vol`` go when not answered here: its primary."""
-        if self._reader is None:
-            raise FsError(errno.ESTALE, f"volume {vol} is not stored here")
-        return self._reader(self.roles.primary(vol))
-
     # --- updates: here on the primary, else forwarded -------------------------------------------
 
     async def _replicated(self, vol: VolumeId) -> None:
@@ -210,232 +129,9 @@ class NodeFs:
             return result
         return answer(await self._fwd(vol, there, ctx))
 
-    async def _fresh(self, a: Attr) -> Attr:
-        """``a`` from this node's replica, or the primary's when this node has posted writes
-        to that file that its replica may not show before they are flushed."""
-        if a.ino not in self.writes.unflushed:
-            return a
-        await self.writes.drain()
-        return await self._read(a.volume).getattr(a.ino)
-
-    def _counted(self, wire: Any) -> Attr:
-        a = unpack_attr(wire)
-        self._counted_attr(a)
-        return a
-
-    # --- reads: this node's replica, or the primary's for volumes not stored here ----------------
-
-    @_after_held_writes
-    async def lookup(self, parent: InodeId, name: bytes) -> Attr:
-        vol = self.volume_of(parent)
-        if self.roles.stores(vol):
-            if self._reads_here(vol):
-                a = self.vfs.lookup(parent, name)
-            else:
-                got = await self._current_read(
-                    vol, lambda r: r.lookup(parent, name), lambda: self.vfs.peek(parent, name)
-                )
-                if got is None:
-                    raise NotFound()
-                a = got
-                self.vfs.remember(a.ino)  # stored here: this node's kernel references
-            v = self._covering(vol, a)
-            if v is not None:
-                self.vfs.forget([(a.ino, 1)])  # the kernel gets the volume's root instead
-                a = await self._root_attr(v)
-                self._counted_attr(a)
-            return await self._fresh(a) if self.writes.unflushed else a
-        found = await self._read(vol).lookup(parent, name)
-        if found is None:
-            raise NotFound()
-        v = self._covering(vol, found)
-        if v is not None:
-            found = await self._root_attr(v)
-            self._counted_attr(found)
-            return found
-        self.handles.count(found.ino, found.volume)
-        return found
-
-    def _covering(self, vol: VolumeId, a: Attr) -> Volume | None:
-        """The volume mounted on ``a``, if it is a mount point."""
-        if vol != ROOT_VOLUME or not a.is_dir or self.roles.volumes is None:
-            return None
-        return self.roles.volumes.covering(a.ino)
-
-    async def _root_attr(self, v: Volume) -> Attr:
-        if self.roles.stores(v.vol):
-            return self.vfs.getattr(v.root)
-        return await self._read(v.vol).getattr(v.root)
-
-    def _counted_attr(self, a: Attr) -> None:
-        if self.roles.stores(a.volume):
-            self.vfs.remember(a.ino)
-        else:
-            self.handles.count(a.ino, a.volume)
-
-    @_after_held_writes
-    async def getattr(self, ino: InodeId) -> Attr:
-        vol = self.volume_of(ino)
-        if ino in self.writes.unflushed:
-            await self.writes.drain()
-            return await self._read(vol).getattr(ino)
-        if self.roles.stores(vol):
-            return await self._current_read(
-                vol, lambda r: r.getattr(ino), lambda: self.vfs.getattr(ino)
-            )
-        return await self._read(vol).getattr(ino)
-
-    async def readlink(self, ino: InodeId) -> bytes:
-        vol = self.volume_of(ino)
-        if self.roles.stores(vol):
-            return await self._current_read(
-                vol, lambda r: r.readlink(ino), lambda: self.vfs.readlink(ino)
-            )
-        return await self._read(vol).readlink(ino)
-
-    def opendir(self, ino: InodeId) -> int:
-        if self.roles.stores(self.volume_of(ino)):
-            return self.vfs.opendir(ino)
-        return self.handles.new(self.handles.dirs, ino)
-
-    def dir_of_handle(self, fh: int) -> InodeId:
-        ino = self.handles.dirs.get(fh)
-        return ino if ino is not None else self.vfs.dir_of_handle(fh)
-
-    @_after_held_writes
-    async def readdir(self, ino: InodeId, start: int = 0) -> Iterator[DirEntry]:
-        """Entries after cookie ``start`` (a lazy iterator for a stored directory: the
-        FUSE layer takes as many as fit). Mount points show their volume's root."""
-        vol = self.volume_of(ino)
-        entries: Iterator[DirEntry]
-        if not self.roles.stores(vol):
-            entries = iter(await self._read(vol).readdir(ino, start))
-        elif self._reads_here(vol):
-            entries = self.vfs.readdir(ino, start)
-        else:
-            got = await self._current_read(
-                vol,
-                lambda r: r.readdir(ino, start),
-                lambda: list(self.vfs.readdir(ino, start)),
-            )
-            entries = iter(got)
-        if self.writes.unflushed:
-            entries = await self._fresh_entries(entries)
-        covers = self._mounts_in(ino) if vol == ROOT_VOLUME else {}
-        if not covers:
-            return entries
-        roots: dict[int, Attr] = {}
-        for mdir, v in covers.items():
-            try:
-                roots[mdir] = await self._root_attr(v)
-            except FsError:
-                # Its primary does not answer: show the name, as a directory of root's
-                # (a lookup or stat reports the error).
-                roots[mdir] = Attr(v.root, 0o40755, 0, 0, 2, 0, 0, 0, 0, 0, volume=v.vol)
-        return (
-            DirEntry(e.name, roots[e.attr.ino], e.cookie) if e.attr.ino in roots else e
-            for e in entries
-        )
-
-    async def _fresh_entries(self, entries: Iterator[DirEntry]) -> Iterator[DirEntry]:
-        """``entries`` with the primary's attributes for files with writes of this node in
-        flight: readdirplus attributes are taken by the kernel like a getattr's, and a size
-        from before those writes would cut the file short in its cache (see ``_fresh``)."""
-        await self.writes.drain()
-        fresh: dict[InodeId, Attr] = {}
-        for ino in list(self.writes.unflushed):
-            try:
-                fresh[ino] = await self._read(self.volume_of(ino)).getattr(ino)
-            except FsError:
-                continue  # gone: its entry is stale anyway
-        return (
-            DirEntry(e.name, fresh[e.attr.ino], e.cookie)
-            if e.attr.ino in fresh and e.name not in (b".", b"..")
-            else e
-            for e in entries
-        )
-
-    def _mounts_in(self, ino: InodeId) -> dict[int, Volume]:
-        if self.roles.volumes is None:
-            return {}
-        out: dict[int, Volume] = {}
-        for v in self.roles.volumes.all():
-            if v.vol == ROOT_VOLUME:
-                continue
-            parent = v.mount_parent
-            if not parent:  # a record from before mount parents were kept
-                try:
-                    parent = self.vfs.getattr(v.mount_dir).parent
-                except FsError:
-                    continue
-            if parent == ino:
-                out[int(v.mount_dir)] = v
-        return out
-
-    def remember(self, a: Attr) -> None:
-        """The kernel accepted ``a`` from readdir: one reference."""
-        if self.roles.volumes is not None and not self.roles.stores(a.volume):
-            self.handles.count(a.ino, a.volume)
-        else:
-            self.vfs.remember(a.ino)
-
-    def releasedir(self, fh: int) -> None:
-        if self.handles.dirs.pop(fh, None) is None:
-            self.vfs.releasedir(fh)
-
-    def touch_atime(self, ino: InodeId) -> None:
-        if ino not in self.handles.counts:
-            self.vfs.touch_atime(ino)
-
-    async def getxattr(self, ino: InodeId, name: bytes) -> bytes:
-        vol = self.volume_of(ino)
-        if self.roles.stores(vol):
-            return await self._current_read(
-                vol, lambda r: r.getxattr(ino, name), lambda: self.vfs.getxattr(ino, name)
-            )
-        return await self._read(vol).getxattr(ino, name)
-
-    async def listxattr(self, ino: InodeId) -> list[bytes]:
-        vol = self.volume_of(ino)
-        if self.roles.stores(vol):
-            return await self._current_read(
-                vol, lambda r: r.listxattr(ino), lambda: self.vfs.listxattr(ino)
-            )
-        return await self._read(vol).listxattr(ino)
-
-    def statfs(self) -> FsStats:
-        return self.vfs.statfs()
-
-    def forget(self, items: list[tuple[InodeId, int]]) -> None:
-        local = self.handles.forget(items)
-        if local:
-            self.vfs.forget(local)
-
-    @_after_held_writes
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        rf = self.handles.files.get(fh)
-        if rf is None:
-            if not self.roles.clustered:
-                return await self.files.read(fh, off, size)
-            ino = self.files.inode_of(fh)
-            vol = self.volume_of(ino)
-            if ino in self.writes.unflushed:  # this node's posted writes: the primary has them
-                await self.writes.drain()
-                return await self._read(vol).read(ino, off, size)
-            if self._reads_here(vol):
-                return await self.files.read(fh, off, size)
-            try:
-                return await self._read(vol).read(ino, off, size)
-            except (PeerUnavailable, PeerTimeout):
-                return await self.files.read(fh, off, size)
-        data = await self._fwd(rf.vol, F.Read(rf.rfh, off, min(size, MAX_READ)), update=False)
-        if not isinstance(data, bytes) or len(data) > size:
-            raise FsError(errno.EIO, "malformed read answer from the primary")
-        return data
-
     # --- updates ----------------------------------------------------------------------------
 
-    @_after_held_writes
+    @after_held_writes
     async def setattr(self, ino: InodeId, ch: SetAttrs, ctx: Ctx) -> Attr:
         vol = self.volume_of(ino)
         if self.roles.orders(vol):
@@ -444,7 +140,7 @@ class NodeFs:
             return a
         return unpack_attr(await self._fwd(vol, F.Setattr(ino, F.setattrs_wire(ch)), ctx))
 
-    @_after_held_writes
+    @after_held_writes
     async def mknod(self, parent: InodeId, name: bytes, mode: int, rdev: int, ctx: Ctx) -> Attr:
         return await self._update(
             self.volume_of(parent),
@@ -454,7 +150,7 @@ class NodeFs:
             self._counted,
         )
 
-    @_after_held_writes
+    @after_held_writes
     async def mkdir(self, parent: InodeId, name: bytes, mode: int, ctx: Ctx) -> Attr:
         return await self._update(
             self.volume_of(parent),
@@ -464,7 +160,7 @@ class NodeFs:
             self._counted,
         )
 
-    @_after_held_writes
+    @after_held_writes
     async def symlink(self, parent: InodeId, name: bytes, target: bytes, ctx: Ctx) -> Attr:
         return await self._update(
             self.volume_of(parent),
@@ -474,7 +170,7 @@ class NodeFs:
             self._counted,
         )
 
-    @_after_held_writes
+    @after_held_writes
     async def link(self, ino: InodeId, new_parent: InodeId, new_name: bytes) -> Attr:
         vol = self.volume_of(new_parent)
         if self.volume_of(ino) != vol:
@@ -487,7 +183,7 @@ class NodeFs:
             self._counted,
         )
 
-    @_after_held_writes
+    @after_held_writes
     async def unlink(self, parent: InodeId, name: bytes) -> None:
         await self._update(
             self.volume_of(parent),
@@ -497,7 +193,7 @@ class NodeFs:
             _nothing,
         )
 
-    @_after_held_writes
+    @after_held_writes
     async def rmdir(self, parent: InodeId, name: bytes) -> None:
         await self._update(
             self.volume_of(parent),
@@ -507,7 +203,7 @@ class NodeFs:
             _nothing,
         )
 
-    @_after_held_writes
+    @after_held_writes
     async def rename(
         self, old_parent: InodeId, old_name: bytes, new_parent: InodeId, new_name: bytes, flags: int
     ) -> None:
@@ -522,7 +218,7 @@ class NodeFs:
             _nothing,
         )
 
-    @_after_held_writes
+    @after_held_writes
     async def setxattr(self, ino: InodeId, name: bytes, value: bytes, flags: int = 0) -> None:
         await self._update(
             self.volume_of(ino),
@@ -532,7 +228,7 @@ class NodeFs:
             _nothing,
         )
 
-    @_after_held_writes
+    @after_held_writes
     async def removexattr(self, ino: InodeId, name: bytes) -> None:
         await self._update(
             self.volume_of(ino),
@@ -544,7 +240,7 @@ class NodeFs:
 
     # --- files --------------------------------------------------------------------------------
 
-    @_after_held_writes
+    @after_held_writes
     async def create(
         self, parent: InodeId, name: bytes, mode: int, flags: int, ctx: Ctx
     ) -> tuple[FileHandle, Attr]:
@@ -564,7 +260,7 @@ class NodeFs:
         self.handles.on_primary[fh] = wire[0]
         return fh, a
 
-    @_after_held_writes
+    @after_held_writes
     async def open(self, ino: InodeId, flags: int, ctx: Ctx) -> FileHandle:
         vol = self.volume_of(ino)
         if self.roles.orders(vol):
@@ -632,7 +328,7 @@ class NodeFs:
         if rfh is not None:
             await self._fwd(vol, F.Fsync(rfh, datasync))
 
-    @_after_held_writes
+    @after_held_writes
     async def fsyncdir(self, ino: InodeId = ROOT_INODE) -> None:
         vol = self.volume_of(ino)
         if self.roles.orders(vol):

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 import trio
 
 from dfs.clock import WallClock
-from dfs.data.store import DataStore, data_blocks, digest_range, direct_eligible
+from dfs.data.store import DataStore, digest_range, direct_eligible
 from dfs.errors import Corrupted, FsError, IsADir
+from dfs.fs.recovery import rechecksum
 from dfs.hashing import BLOCK_SIZE, block_digest, blocks_spanning
 from dfs.meta import schema as S
-from dfs.meta.store import MetaStore, Txn, WriteTxn
+from dfs.meta.store import MetaStore, Txn
 from dfs.types import Attr, FileHandle, InodeId, VolumeId
 
 log = logging.getLogger(__name__)
@@ -553,48 +554,7 @@ class FileIO:
 
     def rechecksum(self, ino: InodeId) -> None:
         """Recompute every digest of ino from its contents (after an unclean stop)."""
-        with self.meta.read() as txn:
-            raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
-            inl = txn.get(S.inline_key(ino), db=self.meta.inline)
-        replica = raw is not None and self.replica(S.unpack_inode(ino, raw).volume)
-        if inl is not None:
-            # Interrupted move to a data file: the inline contents win.
-            self.data.remove(ino)
-            with self.meta.write(record=not replica) as txn:
-                _delete_digests(txn, self.meta, ino)
-                txn.put(S.block_key(ino, 0), S.pack_digest(block_digest(inl)), db=self.meta.blocks)
-                txn.delete(S.dirty_key(ino), db=self.meta.dirty)
-            return
-        fd = self.data.open(ino, create=False)
-        try:
-            if raw is None:
-                digests: dict[int, int] = {}
-                size = 0
-                blocks = 0
-            else:
-                size = S.unpack_inode(ino, raw).size
-                if fd is not None and os.fstat(fd).st_size > size:
-                    DataStore.truncate(fd, size)
-                # Holes have no digest: only blocks holding data are read.
-                held = sorted(data_blocks(fd, size)) if fd is not None else []
-                digests = digest_range(fd, held, size)
-                blocks = self.data.allocated_blocks(fd)
-            with self.meta.write(record=not replica) as txn:
-                _delete_digests(txn, self.meta, ino)
-                for blk, d in digests.items():
-                    if d != _EMPTY_DIGEST:
-                        txn.put(S.block_key(ino, blk), S.pack_digest(d), db=self.meta.blocks)
-                txn.delete(S.dirty_key(ino), db=self.meta.dirty)
-                if raw is not None:
-                    a = S.unpack_inode(ino, raw)
-                    a.blocks = blocks
-                    txn.put(S.inode_key(ino), S.pack_inode(a), db=self.meta.inodes)
-        finally:
-            if fd is not None:
-                self.data.close(fd)
-
-
-_EMPTY_DIGEST = block_digest(b"")
+        rechecksum(self.meta, self.data, ino, self.replica)
 
 
 def inline_blocks(contents: bytes | bytearray) -> int:
@@ -616,10 +576,6 @@ def _verify_inline(ino: int, contents: bytes, digest_raw: bytes | None) -> None:
             got,
         )
         raise Corrupted(message=f"inode {ino:#x}: inline checksum mismatch")
-
-
-def _delete_digests(txn: WriteTxn, meta: MetaStore, ino: int) -> None:
-    txn.delete_prefix(S.ino_prefix(ino), db=meta.blocks)
 
 
 def read_block(meta: MetaStore, data: DataStore, ino: int, blk: int, size: int) -> bytes:
