@@ -216,7 +216,7 @@ def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
     purge: OrphanPurge | None = None
     if opts.cluster is None:
         roles = VolumeRoles("", meta)
-        vfs = Vfs(meta, DataStore(opts.data_dir / "data"))
+        vfs = Vfs(meta, DataStore(opts.data_dir / "data"), writeback_cache=True)
     else:
         me = opts.cluster.node.name
         root = root_volume(opts.cluster.config)
@@ -312,7 +312,6 @@ class _Node:
             return EXIT_OK
         try:
             ops = DfsOperations(fs, views=views)
-            invalidator.in_flight = ops.in_flight
             pyfuse3.init(ops, str(opts.mountpoint), self.fuse_options)
         except RuntimeError as exc:
             log.error("%s: mount failed: %s", opts.mountpoint, exc)
@@ -326,7 +325,7 @@ class _Node:
         try:
             nursery.start_soon(self.vfs.sync_periodically, SYNC_INTERVAL)
             nursery.start_soon(_raise_readahead, opts.mountpoint)
-            invalidator.start()
+            invalidator.start(ops.in_flight)
             self._log_ready()
             if not self._stopping:
                 await pyfuse3.main()
@@ -437,8 +436,8 @@ class _Invalidator:
         self._changed = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         # Whether the kernel may be making what an invalidation found missing (see
-        # ``invalidate_one``); set once the FUSE operations exist. Called in this thread.
-        self.in_flight: Callable[[Inval], bool] = lambda item: False
+        # ``invalidate_one``); given by ``start``. Called in this thread.
+        self._in_flight: Callable[[Inval], bool] = lambda item: False
 
     def put(self, batch: list[Inval]) -> int:
         if not self._live:
@@ -457,7 +456,9 @@ class _Invalidator:
         self._changed.set()
         self._changed = trio.Event()
 
-    def start(self) -> None:
+    def start(self, in_flight: Callable[[Inval], bool]) -> None:
+        """Start invalidating (the mount is live); ``in_flight``: ``DfsOperations.in_flight``."""
+        self._in_flight = in_flight
         self._token = trio.lowlevel.current_trio_token()
         self._live = True
         threading.Thread(target=self._run, name="dfs-invalidate", daemon=True).start()
@@ -472,7 +473,7 @@ class _Invalidator:
                 except queue.Empty:
                     break
                 batch = batch + more
-            _invalidate_batch(batch, self.in_flight)
+            _invalidate_batch(batch, self._in_flight)
             try:
                 self._token.run_sync_soon(self._progress, ticket)
             except trio.RunFinishedError:

@@ -73,17 +73,28 @@ class VfsBase:
         *,
         replica: Callable[[VolumeId], bool] | None = None,
         defer_purge: Callable[[InodeId], None] | None = None,
+        writeback_cache: bool = False,
     ) -> None:
         """``replica(vol)``: this node stores ``vol`` but does not order it (a storage site,
         not the primary): its replicated records change only by applying the primary's
         journal (no purges, atime or recovery writes here). ``defer_purge``: on a node that
         orders volumes other nodes use, an orphan this node no longer uses is handed over
-        instead of purged (other nodes' kernels may still use it; dfs.cluster.purge)."""
+        instead of purged (other nodes' kernels may still use it; dfs.cluster.purge).
+        ``writeback_cache``: the kernel caches writes and keeps the times of regular files
+        (a standalone node's mount; ``FileIO.stamp_writes``)."""
         self.meta = meta
         self.data = data
         self.clock = clock
         self.lookups: dict[InodeId, int] = {}
-        self.files = FileIO(meta, data, clock, self._maybe_purge, replica=replica or _never)
+        self.files = FileIO(
+            meta,
+            data,
+            clock,
+            self._maybe_purge,
+            replica=replica or _never,
+            writeback_cache=writeback_cache,
+        )
+        self.writeback_cache = writeback_cache
         self._dir_handles: dict[int, InodeId] = {}
         self._next_dir_fh = 1
         self._replica = replica or _never

@@ -123,6 +123,7 @@ class FileIO:
         on_closed: Callable[[InodeId], None],
         *,
         replica: Callable[[VolumeId], bool] | None = None,
+        writeback_cache: bool = False,
     ) -> None:
         self.meta = meta
         self.data = data
@@ -132,7 +133,7 @@ class FileIO:
         # keeps those times of regular files itself and sends them with setattr when it
         # changes them; stamping here too would store times nobody saw (the kernel skips
         # an update within one clock tick), which show up after a restart.
-        self.stamp_writes = True
+        self.stamp_writes = not writeback_cache
         # A storage site's replica: blocks of a file with a ``dirty`` record may be newer
         # than their digests (the primary's settle record follows), and recovery writes
         # only per-node records.
