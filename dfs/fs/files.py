@@ -192,6 +192,15 @@ class FileIO:
         finally:
             self._unpin(st)
 
+    def _pin(self, fh: int) -> OpenInode:
+        """The open inode of ``fh``, kept open (with its descriptors) until ``_unpin``, even if
+        the handle is released meanwhile: a release that overlaps an operation of the same
+        handle (a peer's handles closed when it restarts, ``OpServer.release_node``) must not
+        close a descriptor a worker thread is using."""
+        st = self.handle(fh).inode
+        st.opens += 1
+        return st
+
     def _unpin(self, st: OpenInode) -> None:
         """One user of ``st`` (a handle, or an operation by inode such as a truncate) is
         done; the last one closes its descriptors."""
@@ -215,7 +224,13 @@ class FileIO:
         return S.unpack_inode(ino, raw)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        st = self.handle(fh).inode
+        st = self._pin(fh)
+        try:
+            return await self._read(st, off, size)
+        finally:
+            self._unpin(st)
+
+    async def _read(self, st: OpenInode, off: int, size: int) -> bytes:
         with self.meta.read() as txn:
             a = self._attr(txn, st.ino)
             end = min(off + size, a.size)
@@ -276,15 +291,17 @@ class FileIO:
     async def write(self, fh: int, off: int, data: bytes, when: int | None = None) -> int:
         """Write ``data`` at ``off``; ``when``: the time to stamp (default: now), for a
         write that was made earlier and held (see NodeFs.write)."""
-        st = self.handle(fh).inode
         n = len(data)
         if n == 0:
+            self.handle(fh)  # EBADF all the same
             return 0
+        st = self._pin(fh)
         self.data.admit(n)
         try:
             return await self._write(st, off, data, when)
         finally:
             self.data.done(n)
+            self._unpin(st)
 
     async def _write(self, st: OpenInode, off: int, data: bytes, when: int | None) -> int:
         n = len(data)
@@ -383,14 +400,17 @@ class FileIO:
         return fd
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        st = self.handle(fh).inode
-        await self.settle(st)
-        if st.fd is not None:
-            await trio.to_thread.run_sync(DataStore.fsync, st.fd, limiter=io_limiter())
-        if st.new_file:
-            # The data file's name must be durable too, not only its contents.
-            await trio.to_thread.run_sync(self.data.sync_dirs, st.ino, limiter=io_limiter())
-            st.new_file = False
+        st = self._pin(fh)
+        try:
+            await self.settle(st)
+            if st.fd is not None:
+                await trio.to_thread.run_sync(DataStore.fsync, st.fd, limiter=io_limiter())
+            if st.new_file:
+                # The data file's name must be durable too, not only its contents.
+                await trio.to_thread.run_sync(self.data.sync_dirs, st.ino, limiter=io_limiter())
+                st.new_file = False
+        finally:
+            self._unpin(st)
         await trio.to_thread.run_sync(self.meta.sync, limiter=io_limiter())
 
     async def settle(self, st: OpenInode) -> None:

@@ -13,6 +13,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from dfs.data.store import DataStore
 from dfs.fs.ctx import SetAttrs
@@ -56,3 +57,60 @@ def test_release_during_truncate_keeps_the_descriptor(
     trio.run(race)
     assert core.vfs.getattr(a.ino).size == 15166
     assert core.read_file("/c") == data[:15166]
+
+
+@pytest.mark.parametrize("op", ["fsync", "write", "read"])
+def test_release_during_an_operation_of_the_same_handle(
+    core: Core, monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    """The primary closes the handles of a peer that restarted (OpServer.release_node) while
+    an operation of that handle may still run in a worker thread: the descriptor stays open
+    until the operation is done."""
+    big = pattern(1 << 20)  # large enough to go through a worker thread
+    fh, a = core.create("/f")
+    core.write(fh, 0, big)
+    core.fsync(fh)
+
+    in_thread = threading.Event()
+    go_on = threading.Event()
+    name = {"fsync": "fsync", "write": "pwrite", "read": "pread"}[op]
+    real = getattr(DataStore, name)
+
+    def gated(*args: object) -> object:
+        in_thread.set()
+        assert go_on.wait(10), "the test never let the operation go on"
+        return real(*args)
+
+    monkeypatch.setattr(DataStore, name, staticmethod(gated))
+    got: list[object] = []
+
+    async def race() -> None:
+        async with trio.open_nursery() as nursery:
+            done = trio.Event()
+
+            async def operate() -> None:
+                files = core.vfs.files
+                if op == "fsync":
+                    got.append(await files.fsync(fh, False))
+                elif op == "write":
+                    got.append(await files.write(fh, 0, b"w" * len(big)))
+                else:
+                    got.append(await files.read(fh, 0, len(big)))
+                done.set()
+
+            nursery.start_soon(operate)
+            await trio.to_thread.run_sync(in_thread.wait)
+            # The release runs while the operation is in its thread (a write holds the
+            # file's lock, so its release waits for it; the others do not wait).
+            nursery.start_soon(core.vfs.files.release, fh)
+            await trio.testing.wait_all_tasks_blocked()
+            go_on.set()
+            await done.wait()
+
+    trio.run(race)
+    monkeypatch.undo()
+    if op == "read":
+        assert got == [big]
+    want = b"w" * len(big) if op == "write" else big
+    assert core.read_file("/f") == want
+    assert core.vfs.getattr(a.ino).size == len(big)
