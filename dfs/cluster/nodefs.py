@@ -90,6 +90,8 @@ class NodeFs(ReadRouting):
         self._reader = reader
         self._view_volume = view_volume
         self._last_stale = -1e9
+        self.checksum_failures = 0
+        self.read_repairs = 0
         self._unsubscribe = vfs.meta.subscribe(self.commits)
 
     def detach(self) -> None:

@@ -29,9 +29,10 @@ from dfs.cluster.remote import MAX_READ, Reader, unpack_attr
 from dfs.cluster.roles import VolumeRoles
 from dfs.cluster.volumes import Volume
 from dfs.cluster.writebehind import WriteBehind
-from dfs.errors import FsError, NotFound
+from dfs.errors import BlockCorrupted, FsError, NotFound
 from dfs.fs.files import FileIO
 from dfs.fs.vfs import DirEntry, FsStats, Vfs
+from dfs.hashing import BLOCK_SIZE
 from dfs.net.rpc import PeerTimeout, PeerUnavailable
 from dfs.types import ROOT_VOLUME, Attr, InodeId, VolumeId
 
@@ -70,7 +71,8 @@ class ReadRouting:
     _reader: Callable[[str], Reader] | None
     _view_volume: Callable[[InodeId], VolumeId | None] | None
     _last_stale: float
-
+    checksum_failures: int  # blocks of this node's replica that failed their checksum
+    read_repairs: int  # of those, rewritten from another replica
     # --- which volume, and where its reads go --------------------------------------------------
 
     def volume_of(self, ino: InodeId) -> VolumeId:
@@ -347,14 +349,62 @@ class ReadRouting:
                 await self.writes.drain()
                 return await self._read(vol).read(ino, off, size)
             if self._reads_here(vol):
-                return await self.files.read(fh, off, size)
+                return await self._read_repairing(fh, ino, vol, off, size)
             try:
                 return await self._read(vol).read(ino, off, size)
             except (PeerUnavailable, PeerTimeout):
-                return await self.files.read(fh, off, size)
+                return await self._read_repairing(fh, ino, vol, off, size)
         data = await self.writes.forward(
             rf.vol, F.Read(rf.rfh, off, min(size, MAX_READ)), update=False
         )
         if not isinstance(data, bytes) or len(data) > size:
             raise FsError(errno.EIO, "malformed read answer from the primary")
         return data
+
+    async def _read_repairing(
+        self, fh: int, ino: InodeId, vol: VolumeId, off: int, size: int
+    ) -> bytes:
+        """A read of this node's replica; a block whose checksum fails is fetched from
+        another replica whose copy hashes to the stored digest, rewritten here, and the read
+        answered with the right bytes (read repair). EIO when no replica has a good copy."""
+        tried: set[int] = set()
+        while True:
+            try:
+                return await self.files.read(fh, off, size)
+            except BlockCorrupted as exc:
+                self.checksum_failures += 1
+                if exc.blk in tried or not await self._repair(ino, vol, exc):
+                    raise
+                tried.add(exc.blk)
+
+    async def _repair(self, ino: InodeId, vol: VolumeId, bad: BlockCorrupted) -> bool:
+        if self._reader is None or self.roles.volumes is None:
+            return False  # a node alone has no other copy
+        v = self.roles.volume(vol)
+        primary = self.roles.primary(vol)
+        others = [n for n in dict.fromkeys((primary, *v.sites)) if n != self.roles.me]
+        for node in others:
+            try:
+                data = await self._reader(node).read(ino, bad.blk * BLOCK_SIZE, BLOCK_SIZE)
+            except FsError as exc:
+                log.info("read repair of inode %#x block %d: %s: %s", ino, bad.blk, node, exc)
+                continue
+            if await self.files.repair_block(ino, bad.blk, data, bad.want):
+                self.read_repairs += 1
+                log.warning(
+                    "read repair: inode %#x block %d failed its checksum here; rewritten from "
+                    "%s's copy",
+                    ino,
+                    bad.blk,
+                    node,
+                )
+                return True
+            log.info("read repair of inode %#x block %d: %s's copy differs too", ino, bad.blk, node)
+        log.error(
+            "inode %#x block %d fails its checksum here and no other replica has a good copy "
+            "(asked %s); answering EIO",
+            ino,
+            bad.blk,
+            ", ".join(others) or "none",
+        )
+        return False

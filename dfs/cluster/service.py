@@ -311,7 +311,11 @@ class ClusterService:
             d["applied"] = self.vfs.meta.seq(v.vol)
             vols.append(d)
         root = vols[0] if vols and vols[0]["vol"] == ROOT_VOLUME else None
-        out: dict[str, Any] = {"volumes": vols}
+        out: dict[str, Any] = {
+            "volumes": vols,
+            "checksum_failures": self.fs.checksum_failures,
+            "read_repairs": self.fs.read_repairs,
+        }
         if root is not None:  # the root volume's part, as before volumes existed
             out["role"] = root["role"]
             out["primary"] = root["primary"]

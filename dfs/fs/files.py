@@ -29,7 +29,7 @@ import trio
 
 from dfs.clock import WallClock
 from dfs.data.store import DataStore, digest_range, direct_eligible
-from dfs.errors import Corrupted, FsError, IsADir
+from dfs.errors import BlockCorrupted, Corrupted, FsError, IsADir
 from dfs.fs.recovery import rechecksum
 from dfs.hashing import BLOCK_SIZE, block_digest, blocks_spanning
 from dfs.meta import schema as S
@@ -285,7 +285,7 @@ class FileIO:
                     want,
                     got,
                 )
-                raise Corrupted(message=f"inode {st.ino:#x} block {blk}: checksum mismatch")
+                raise BlockCorrupted(st.ino, blk, want)
         return raw_data[off - first : end - first]
 
     async def write(self, fh: int, off: int, data: bytes, when: int | None = None) -> int:
@@ -571,6 +571,40 @@ class FileIO:
             if fd is not None:
                 self.data.close(fd)
 
+    # --- read repair ----------------------------------------------------------------------
+
+    async def repair_block(self, ino: InodeId, blk: int, data: bytes, want: int) -> bool:
+        """Rewrite block ``blk`` of ``ino`` with ``data`` (the block as another replica holds
+        it, up to the end of the file) if it hashes to ``want`` and the stored digest is still
+        ``want``; True if it was rewritten (and is on disk)."""
+        if block_digest(data) != want or len(data) > BLOCK_SIZE:
+            return False
+        st = self._inodes.get(ino)
+        if st is not None:
+            st.opens += 1  # pinned like a handle (see ``truncate``)
+            try:
+                async with _locked(st.lock):
+                    return await self._rewrite_block(ino, blk, data, want)
+            finally:
+                self._unpin(st)
+        return await self._rewrite_block(ino, blk, data, want)
+
+    async def _rewrite_block(self, ino: InodeId, blk: int, data: bytes, want: int) -> bool:
+        with self.meta.read() as txn:
+            raw = txn.get(S.block_key(ino, blk), db=self.meta.blocks)
+        if raw is None or S.unpack_digest(raw) != want:
+            return False  # changed meanwhile: the next read looks again
+        fd = self.data.open(ino, create=False)
+        if fd is None:
+            return False
+        try:
+            await trio.to_thread.run_sync(
+                _pwrite_fsync, fd, blk * BLOCK_SIZE, data, limiter=io_limiter()
+            )
+        finally:
+            self.data.close(fd)
+        return True
+
     # --- recovery -------------------------------------------------------------------------
 
     def rechecksum(self, ino: InodeId) -> None:
@@ -621,3 +655,8 @@ def _write_and_digest(
     else:
         DataStore.pwrite(fd, off, data)
     return _digest_slices(data, off)
+
+
+def _pwrite_fsync(fd: int, off: int, data: bytes) -> None:
+    DataStore.pwrite(fd, off, data)
+    DataStore.fsync(fd)
