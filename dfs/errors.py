@@ -73,6 +73,17 @@ class Corrupted(FsError):
     errno = _errno.EIO
 
 
+class BlockCorrupted(Corrupted):
+    """Block ``blk`` of inode ``ino`` in the data store does not hash to ``want``, its stored
+    digest (a cluster node may fetch the block from another replica: read repair)."""
+
+    def __init__(self, ino: int, blk: int, want: int) -> None:
+        super().__init__(message=f"inode {ino:#x} block {blk}: checksum mismatch")
+        self.ino = ino
+        self.blk = blk
+        self.want = want
+
+
 class StoreError(Exception):
     """A data directory that cannot be used (wrong format, other cluster, locked...).
 

@@ -15,6 +15,7 @@ unlock.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -23,18 +24,18 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from dfs.cluster.clusterfs import NodeFs
 from dfs.cluster.node import ClusterNode, StartError
-from dfs.cluster.replication import (
-    Inval,
-)
+from dfs.cluster.nodefs import NodeFs
+from dfs.cluster.purge import OrphanPurge
+from dfs.cluster.replication import Inval
+from dfs.cluster.roles import VolumeRoles
 from dfs.cluster.service import ClusterService, root_volume
 from dfs.cluster.views import HostViews
 from dfs.cluster.volumes import VolumeTable
@@ -212,13 +213,21 @@ def _open_meta(opts: DaemonOptions) -> MetaStore:
 def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
     raise_fd_limit()
     was_clean = meta.set_clean(False)
-    vfs = Vfs(meta, DataStore(opts.data_dir / "data"))
-    volumes: VolumeTable | None = None
-    if opts.cluster is not None:
+    purge: OrphanPurge | None = None
+    if opts.cluster is None:
+        roles = VolumeRoles("", meta)
+        vfs = Vfs(meta, DataStore(opts.data_dir / "data"), writeback_cache=True)
+    else:
         me = opts.cluster.node.name
         root = root_volume(opts.cluster.config)
-        volumes = VolumeTable(meta, root, local=root.stored_on(me))
-        vfs.make_replica(lambda vol: (v := volumes.get(vol)) is None or v.primary != me)
+        roles = VolumeRoles(me, meta, VolumeTable(meta, root, local=root.stored_on(me)))
+        purge = OrphanPurge()
+        vfs = Vfs(
+            meta,
+            DataStore(opts.data_dir / "data"),
+            replica=roles.is_replica,
+            defer_purge=purge.defer,
+        )
     orphans, resettled = vfs.recover()
     if not was_clean:
         log.warning(
@@ -232,29 +241,31 @@ def _serve(opts: DaemonOptions, meta: MetaStore) -> int:
     allow_other = os.geteuid() == 0 if opts.allow_other is None else opts.allow_other
     if allow_other:
         options.add("allow_other")
-    node = _Node(opts, meta, vfs, options, volumes)
+    node = _Node(opts, meta, vfs, options, roles, purge)
     try:
         return trio.run(node.main)
     finally:
         if node.was_mounted:
-            vfs.files.settle_all()
-            vfs.lookups.clear()
-            vfs.recover()
-            meta.set_clean(True)
             log.info(
                 "unmounted %s%s",
                 opts.mountpoint,
                 f" ({Counters.bugs} unexpected errors)" if Counters.bugs else "",
             )
-        else:
-            meta.set_clean(True)  # nothing was served since recover()
+        meta.set_clean(True)
 
 
 SYNC_INTERVAL = 5.0
 
 
 class _Node:
-    """One run of the daemon inside trio: what is up, so that it comes down in order."""
+    """One run of the daemon inside trio.
+
+    Everything that is started is pushed on one ``AsyncExitStack``, so that it comes down in
+    the reverse order, however the run ends (signal, unmount, failure): stop serving RPC and
+    control requests, unmount, settle open files and purge what no kernel references (still
+    replicated to the sites, which are connected), stop following commits (later ones are
+    journaled only), close the connections to peers.
+    """
 
     def __init__(
         self,
@@ -262,10 +273,12 @@ class _Node:
         meta: MetaStore,
         vfs: Vfs,
         options: set[str],
-        volumes: VolumeTable | None,
+        roles: VolumeRoles,
+        purge: OrphanPurge | None,
     ) -> None:
         self.opts = opts
-        self.volumes = volumes
+        self.roles = roles
+        self.purge = purge
         self.meta = meta
         self.vfs = vfs
         self.fuse_options = options
@@ -278,75 +291,84 @@ class _Node:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stop_on_signal)
             try:
-                return await self._run(nursery)
+                async with contextlib.AsyncExitStack() as stack:
+                    return await self._run(nursery, stack)
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def _run(self, nursery: trio.Nursery) -> int:
+    async def _run(self, nursery: trio.Nursery, stack: contextlib.AsyncExitStack) -> int:
         opts = self.opts
-        cluster: ClusterNode | None = None
         invalidator = _Invalidator()
-        fs = NodeFs(self.vfs)
         views: HostViews | None = None
-        if opts.cluster is not None:
-            setup = opts.cluster
-            cluster = ClusterNode(
-                setup.config,
-                setup.node.name,
-                setup.secret,
-                data_dir=opts.data_dir,
-                mountpoint=opts.mountpoint,
-            )
-            assert self.volumes is not None
-            replication = ClusterService(
-                setup.config, setup.node, cluster, self.vfs, invalidator, self.volumes
-            )
-            fs = replication.fs
-            views = replication.views()
-            with self._startup:
-                try:
-                    await cluster.start(nursery)
-                    await replication.start(nursery)
-                except StartError as exc:
-                    log.error("%s", exc)
-                    return EXIT_FAILURE
-            if self._startup.cancelled_caught:  # a signal during the start
-                cluster.stop_serving()
-                await cluster.aclose()
-                return EXIT_OK
-        if self._stopping:
-            if cluster is not None:
-                cluster.stop_serving()
-                await cluster.aclose()
+        if opts.cluster is None:
+            fs = NodeFs(self.vfs, self.roles)
+            stack.callback(fs.detach)
+        else:
+            fs_views = await self._join_cluster(nursery, stack, invalidator)
+            if fs_views is None:
+                return EXIT_FAILURE
+            fs, views = fs_views
+        if self._stopping or self._startup.cancelled_caught:  # a signal during the start
             return EXIT_OK
         try:
             ops = DfsOperations(fs, views=views)
-            invalidator.in_flight = ops.in_flight
             pyfuse3.init(ops, str(opts.mountpoint), self.fuse_options)
         except RuntimeError as exc:
             log.error("%s: mount failed: %s", opts.mountpoint, exc)
-            if cluster is not None:
-                cluster.stop_serving()
-                await cluster.aclose()
             return EXIT_MOUNTPOINT
         self.was_mounted = True
+        stack.callback(self._after_unmount)
+        stack.callback(pyfuse3.close, unmount=True)
+        if self._cluster is not None:
+            stack.callback(self._cluster.stop_serving)
         self._fuse_running = True
         try:
             nursery.start_soon(self.vfs.sync_periodically, SYNC_INTERVAL)
             nursery.start_soon(_raise_readahead, opts.mountpoint)
-            invalidator.start()
+            invalidator.start(ops.in_flight)
             self._log_ready()
             if not self._stopping:
                 await pyfuse3.main()
         finally:
             self._fuse_running = False
-            if cluster is not None:
-                cluster.stop_serving()
-            pyfuse3.close(unmount=True)
-            if cluster is not None:
-                with trio.CancelScope(shield=True):
-                    await cluster.aclose()
         return EXIT_OK
+
+    _cluster: ClusterNode | None = None
+
+    async def _join_cluster(
+        self, nursery: trio.Nursery, stack: contextlib.AsyncExitStack, invalidator: _Invalidator
+    ) -> tuple[NodeFs, HostViews] | None:
+        """Start the node's network side and its part in every volume (None: it could not)."""
+        setup = self.opts.cluster
+        assert setup is not None and self.purge is not None
+        cluster = self._cluster = ClusterNode(
+            setup.config,
+            setup.node.name,
+            setup.secret,
+            data_dir=self.opts.data_dir,
+            mountpoint=self.opts.mountpoint,
+        )
+        service = ClusterService(
+            setup.config, setup.node, cluster, self.vfs, invalidator, self.roles, self.purge
+        )
+        stack.push_async_callback(_shielded, cluster.aclose)
+        stack.callback(service.fs.detach)
+        with self._startup:
+            try:
+                await cluster.start(nursery)
+            except StartError as exc:
+                log.error("%s", exc)
+                return None
+            stack.callback(cluster.stop_serving)
+            await nursery.start(service.run)
+        return service.fs, service.views
+
+    def _after_unmount(self) -> None:
+        """Settle what the kernel left open and purge what it no longer references, while the
+        sites are still connected (the records reach them now)."""
+        self.vfs.files.settle_all()
+        self.vfs.lookups.clear()
+        self.vfs.recover()
 
     def _log_ready(self) -> None:
         opts, identity = self.opts, self.meta.identity
@@ -387,6 +409,11 @@ class _Node:
 INVALIDATE_WAIT = 0.2
 
 
+async def _shielded(fn: Callable[[], Awaitable[None]]) -> None:
+    with trio.CancelScope(shield=True):
+        await fn()
+
+
 class _Invalidator:
     """Drops what the kernel caches about changes made on other nodes (a ``Notifier``).
 
@@ -409,8 +436,8 @@ class _Invalidator:
         self._changed = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         # Whether the kernel may be making what an invalidation found missing (see
-        # ``invalidate_one``); set once the FUSE operations exist. Called in this thread.
-        self.in_flight: Callable[[Inval], bool] = lambda item: False
+        # ``invalidate_one``); given by ``start``. Called in this thread.
+        self._in_flight: Callable[[Inval], bool] = lambda item: False
 
     def put(self, batch: list[Inval]) -> int:
         if not self._live:
@@ -429,7 +456,9 @@ class _Invalidator:
         self._changed.set()
         self._changed = trio.Event()
 
-    def start(self) -> None:
+    def start(self, in_flight: Callable[[Inval], bool]) -> None:
+        """Start invalidating (the mount is live); ``in_flight``: ``DfsOperations.in_flight``."""
+        self._in_flight = in_flight
         self._token = trio.lowlevel.current_trio_token()
         self._live = True
         threading.Thread(target=self._run, name="dfs-invalidate", daemon=True).start()
@@ -444,7 +473,7 @@ class _Invalidator:
                 except queue.Empty:
                     break
                 batch = batch + more
-            _invalidate_batch(batch, self.in_flight)
+            _invalidate_batch(batch, self._in_flight)
             try:
                 self._token.run_sync_soon(self._progress, ticket)
             except trio.RunFinishedError:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import pyfuse3
 
 from dfs.cluster.applier import Inval
-from dfs.cluster.clusterfs import NodeFs
+from dfs.cluster.nodefs import NodeFs
 from dfs.cluster.views import VIEW_DIR_NAME, HostViews, is_view
 from dfs.errors import FsError, NotFound
 from dfs.fs.ctx import SetAttrs
@@ -50,8 +50,9 @@ class DfsOperations(pyfuse3.Operations):
         # Under the writeback cache the kernel owns the size and times of regular files
         # it has cached and ignores the values we send, even after an invalidation: a
         # node whose files change elsewhere must do without it (docs/ARCHITECTURE.md).
-        self.enable_writeback_cache = fs.standalone
-        fs.files.stamp_writes = not self.enable_writeback_cache
+        # The daemon builds a standalone node's Vfs for it (``Vfs(writeback_cache=True)``).
+        self.enable_writeback_cache = fs.vfs.writeback_cache
+        assert not (self.enable_writeback_cache and not fs.standalone), "cluster without it"
         # (parent, name) -> when this node last answered that the name does not exist.
         self._negatives: dict[tuple[int, bytes], float] = {}
 

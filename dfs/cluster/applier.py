@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
 import trio
 
 from dfs.data.store import DataStore, direct_eligible
@@ -48,6 +49,10 @@ _BLOCKS = S.DB_NAMES.index("blocks")
 # What changed, for the kernel's caches: ("i", ino) attributes, ("d", ino) attributes and
 # contents, ("e", parent, name) a directory entry.
 Inval = tuple[str, int] | tuple[str, int, bytes]
+
+
+_Item = tuple[int, bytes, list[bytes | None]]
+"""One record of ``repl.apply``: its sequence, the packed record, each data operation's bytes."""
 
 
 class Notifier(Protocol):
@@ -170,18 +175,17 @@ class ReplicaApplier:
         ``dirty`` intent), then every write-set in one transaction."""
         have = self.meta.seq(vol)
         todo: list[_Incoming] = []
-        for item in records:
-            if not (isinstance(item, list) and len(item) == 3):
-                raise ReplicaError("malformed replication record")
-            seq, record, blobs = item
-            if not isinstance(seq, int) or not isinstance(record, bytes):
-                raise ReplicaError("malformed replication record")
+        try:
+            items = msgspec.convert(records, list[_Item], strict=True)
+        except msgspec.ValidationError as exc:
+            raise ReplicaError(f"malformed replication record: {exc}") from None
+        for seq, record, blobs in items:
             if seq <= have + len(todo):
                 continue
             if seq != have + len(todo) + 1:
                 break
             rec = decode_record(record)
-            if not isinstance(blobs, list) or len(blobs) != len(rec.data):
+            if len(blobs) != len(rec.data):
                 raise ReplicaError(
                     f"record {seq}: {len(rec.data)} data operations, bytes for {blobs!r:.40}"
                 )

@@ -102,8 +102,15 @@ class ClusterNode:
         self.pool: PeerPool | None = None
         self._serving: list[trio.CancelScope] = []
         self._heartbeat: trio.CancelScope | None = None
-        # What the replication layer adds to ``status`` (role, sites, lease).
-        self.extra_status: Callable[[], dict[str, Any]] | None = None
+        # Sections other services add to ``status`` (``add_status``), like their methods.
+        self._sections: dict[str, Callable[[], dict[str, Any]]] = {}
+
+    def add_status(self, name: str, section: Callable[[], dict[str, Any]]) -> None:
+        """Add ``name: section()`` to what ``status`` answers (as ``methods.add`` adds a
+        method): the cluster service reports volumes, roles, sites and leases."""
+        if name in self._sections:
+            raise ValueError(f"status section {name!r} is already registered")
+        self._sections[name] = section
 
     # --- what the node says about itself ------------------------------------------------------
 
@@ -132,7 +139,7 @@ class ClusterNode:
             "heartbeat": self.config.timeouts.heartbeat,
             "peers": self.health.snapshot(),
             "rpc": dataclasses.asdict(self.server.statistics()),
-            **({"replication": self.extra_status()} if self.extra_status is not None else {}),
+            **{name: section() for name, section in self._sections.items()},
         }
 
     async def _ping(self, peer: str, args: dict[str, Any]) -> dict[str, Any]:

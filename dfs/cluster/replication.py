@@ -94,7 +94,7 @@ class _Request:
     first: int
     last: int
     deadline: float
-    epoch: int
+    gen: int  # the link's ``stream_gen`` when it was sent
     pending: Pending | None = None
     peer: Poster | None = None
 
@@ -110,12 +110,12 @@ class SiteLink:
     last_error: str = ""
     wake: trio.Event = field(default_factory=trio.Event)
     # Streaming: records up to ``sent`` were sent in the requests ``inflight`` (oldest
-    # first) or answered; ``epoch`` changes whenever the stream stops, so that answers to
-    # requests given up on are ignored.
+    # first) or answered; ``stream_gen`` changes whenever the stream stops, so that answers
+    # to requests given up on are ignored. (Not the volume's epoch: VolumeRoles.epoch.)
     streaming: bool = False
     sent: int = -1
     inflight: deque[_Request] = field(default_factory=deque)
-    epoch: int = 0
+    stream_gen: int = 0
     poster: Poster | None = None  # how this stream sends; None: a task per call
     failure: BaseException | None = None  # the stream failed: back off, then catch up
 
@@ -169,9 +169,12 @@ class Replicator:
         self._packed: tuple[int, int, Packed] | None = None  # the last request's args
         self._nursery: trio.Nursery | None = None
 
-    # hooked to MetaStore.on_commit
     def committed(self, txn: WriteTxn) -> None:
-        if txn.vol != self.vol:
+        """A transaction committed on this node (``CommitHook``): stream its record. While
+        ``run`` is not running (before it starts, or at shutdown, when recovery may commit
+        outside trio), the record is only journaled: each site's sender catches up from the
+        journal when it runs."""
+        if txn.vol != self.vol or self._nursery is None:
             return
         seq = txn.seq
         if not txn.record or not any(lk.in_sync or lk.streaming for lk in self.links.values()):
@@ -239,10 +242,15 @@ class Replicator:
         return [lk.snapshot() for lk in self.links.values()]
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for link in self.links.values():
+                    nursery.start_soon(self._sender, link)
+        finally:
+            self._nursery = None
             for link in self.links.values():
-                nursery.start_soon(self._sender, link)
+                self._stop(link, "replication stopped")
 
     def kick(self, site: str) -> None:
         """A site announced itself (restart): try it now instead of after the backoff."""
@@ -265,7 +273,7 @@ class Replicator:
 
     def _request(self, link: SiteLink, items: list[Item]) -> None:
         first, last = items[0][0], items[-1][0]
-        req = _Request(first, last, trio.current_time() + self.call_timeout, link.epoch)
+        req = _Request(first, last, trio.current_time() + self.call_timeout, link.stream_gen)
         args: dict[str, Any] = {"vol": int(self.vol), "records": items}
         link.inflight.append(req)
         link.sent = last
@@ -303,7 +311,7 @@ class Replicator:
     def _answered(
         self, link: SiteLink, req: _Request, reply: Any, exc: BaseException | None
     ) -> None:
-        if req.epoch != link.epoch or req not in link.inflight:
+        if req.gen != link.stream_gen or req not in link.inflight:
             return  # given up on already
         link.inflight.remove(req)
         have = reply.get("have") if isinstance(reply, dict) else None
@@ -330,7 +338,7 @@ class Replicator:
         if link.streaming:
             log.debug("site %s: streaming stopped: %s", link.name, why)
         link.streaming = False
-        link.epoch += 1
+        link.stream_gen += 1
         for req in link.inflight:
             if req.pending is not None and req.peer is not None:
                 req.peer.abandon(req.pending)
@@ -367,7 +375,7 @@ class Replicator:
     def _stream(self, link: SiteLink) -> None:
         link.poster = self._peer(link.name) if self._peer is not None else None
         link.streaming = True
-        link.epoch += 1
+        link.stream_gen += 1
         link.sent = link.acked
         link.inflight.clear()
         self._pump(link)

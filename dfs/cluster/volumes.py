@@ -18,9 +18,9 @@ that failed half-way, and the next is tried).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-import msgpack
+import msgspec
 
 from dfs.meta import schema as S
 from dfs.meta.store import MetaStore
@@ -56,58 +56,60 @@ class Volume:
         return {**self.as_dict(), "dir": int(self.mount_dir), "parent": int(self.mount_parent)}
 
 
+class MountRecord(msgspec.Struct, omit_defaults=True):
+    """A ``mounts`` record (schema.py), and with ``dir`` a volume on the wire (``vol.list``).
+    Unknown fields are kept for later versions: a record is never refused for having more."""
+
+    vol: Annotated[int, msgspec.Meta(ge=1, le=MAX_VOLUME_ID)]
+    root: Annotated[int, msgspec.Meta(ge=0)]
+    path: str
+    primary: str
+    sites: list[str]
+    parent: Annotated[int, msgspec.Meta(ge=0)] = 0
+    dir: int | None = None
+
+
 def from_wire(d: Any) -> Volume:
     """A ``Volume.wire()`` map from another node; ValueError if malformed."""
-    if not isinstance(d, dict) or not isinstance(d.get("dir"), int):
-        raise ValueError("malformed volume")
-    return _decode(int(d["dir"]), d)
+    try:
+        r = msgspec.convert(d, MountRecord, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"malformed volume: {exc}") from None
+    if r.dir is None:
+        raise ValueError("malformed volume: no mount directory")
+    return _volume(r.dir, r)
 
 
 def encode_mount(v: Volume) -> bytes:
     """The ``mounts`` record of ``v`` (schema.py)."""
-    raw: bytes = msgpack.packb(
-        {
-            "vol": int(v.vol),
-            "root": int(v.root),
-            "path": v.path,
-            "primary": v.primary,
-            "sites": list(v.sites),
-            "parent": int(v.mount_parent),
-        }
+    return _encoder.encode(
+        MountRecord(int(v.vol), int(v.root), v.path, v.primary, list(v.sites), int(v.mount_parent))
     )
-    return raw
 
 
 def decode_mount(mount_dir: int, raw: bytes) -> Volume:
     """A ``mounts`` record; ValueError if it is malformed."""
     try:
-        d = msgpack.unpackb(raw)
-    except Exception as exc:
+        r = _decoder.decode(raw)
+    except msgspec.DecodeError as exc:
         raise ValueError(f"mount record of {mount_dir:#x}: {exc}") from None
-    return _decode(mount_dir, d)
+    return _volume(mount_dir, r)
 
 
-def _decode(mount_dir: int, d: Any) -> Volume:
-    if not (
-        isinstance(d, dict)
-        and isinstance(d.get("vol"), int)
-        and isinstance(d.get("root"), int)
-        and isinstance(d.get("path"), str)
-        and isinstance(d.get("primary"), str)
-        and isinstance(d.get("sites"), list)
-        and all(isinstance(x, str) for x in d["sites"])
-        and isinstance(d.get("parent", 0), int)
-    ):
-        raise ValueError(f"mount record of {mount_dir:#x} is malformed")
+def _volume(mount_dir: int, r: MountRecord) -> Volume:
     return Volume(
-        VolumeId(d["vol"]),
-        d["path"],
-        InodeId(d["root"]),
-        d["primary"],
-        tuple(d["sites"]),
+        VolumeId(r.vol),
+        r.path,
+        InodeId(r.root),
+        r.primary,
+        tuple(r.sites),
         InodeId(mount_dir),
-        InodeId(d.get("parent", 0)),
+        InodeId(r.parent),
     )
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(MountRecord)
 
 
 class VolumeTable:

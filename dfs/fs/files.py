@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 import trio
 
 from dfs.clock import WallClock
-from dfs.data.store import DataStore, data_blocks, digest_range, direct_eligible
-from dfs.errors import Corrupted, FsError, IsADir
+from dfs.data.store import DataStore, digest_range, direct_eligible
+from dfs.errors import BlockCorrupted, Corrupted, FsError, IsADir
+from dfs.fs.recovery import rechecksum
 from dfs.hashing import BLOCK_SIZE, block_digest, blocks_spanning
 from dfs.meta import schema as S
-from dfs.meta.store import MetaStore, Txn, WriteTxn
+from dfs.meta.store import MetaStore, Txn
 from dfs.types import Attr, FileHandle, InodeId, VolumeId
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,9 @@ class FileIO:
         data: DataStore,
         clock: WallClock,
         on_closed: Callable[[InodeId], None],
+        *,
+        replica: Callable[[VolumeId], bool] | None = None,
+        writeback_cache: bool = False,
     ) -> None:
         self.meta = meta
         self.data = data
@@ -129,11 +133,11 @@ class FileIO:
         # keeps those times of regular files itself and sends them with setattr when it
         # changes them; stamping here too would store times nobody saw (the kernel skips
         # an update within one clock tick), which show up after a restart.
-        self.stamp_writes = True
+        self.stamp_writes = not writeback_cache
         # A storage site's replica: blocks of a file with a ``dirty`` record may be newer
         # than their digests (the primary's settle record follows), and recovery writes
         # only per-node records.
-        self.replica: Callable[[VolumeId], bool] = _never
+        self.replica: Callable[[VolumeId], bool] = replica or _never
         self._inodes: dict[InodeId, OpenInode] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -186,16 +190,30 @@ class FileIO:
                 # A reader's close settles nothing while a writer keeps the file open.
                 await self.settle(st)
         finally:
-            st.opens -= 1
-            if st.opens == 0:
-                if st.fd is not None:
-                    self.data.close(st.fd)
-                    st.fd = None
-                if st.dfd is not None:
-                    self.data.close(st.dfd)
-                    st.dfd = None
-                del self._inodes[st.ino]
-                self._on_closed(st.ino)
+            self._unpin(st)
+
+    def _pin(self, fh: int) -> OpenInode:
+        """The open inode of ``fh``, kept open (with its descriptors) until ``_unpin``, even if
+        the handle is released meanwhile: a release that overlaps an operation of the same
+        handle (a peer's handles closed when it restarts, ``OpServer.release_node``) must not
+        close a descriptor a worker thread is using."""
+        st = self.handle(fh).inode
+        st.opens += 1
+        return st
+
+    def _unpin(self, st: OpenInode) -> None:
+        """One user of ``st`` (a handle, or an operation by inode such as a truncate) is
+        done; the last one closes its descriptors."""
+        st.opens -= 1
+        if st.opens == 0:
+            if st.fd is not None:
+                self.data.close(st.fd)
+                st.fd = None
+            if st.dfd is not None:
+                self.data.close(st.dfd)
+                st.dfd = None
+            del self._inodes[st.ino]
+            self._on_closed(st.ino)
 
     # --- data -----------------------------------------------------------------------------
 
@@ -206,7 +224,13 @@ class FileIO:
         return S.unpack_inode(ino, raw)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        st = self.handle(fh).inode
+        st = self._pin(fh)
+        try:
+            return await self._read(st, off, size)
+        finally:
+            self._unpin(st)
+
+    async def _read(self, st: OpenInode, off: int, size: int) -> bytes:
         with self.meta.read() as txn:
             a = self._attr(txn, st.ino)
             end = min(off + size, a.size)
@@ -261,21 +285,23 @@ class FileIO:
                     want,
                     got,
                 )
-                raise Corrupted(message=f"inode {st.ino:#x} block {blk}: checksum mismatch")
+                raise BlockCorrupted(st.ino, blk, want)
         return raw_data[off - first : end - first]
 
     async def write(self, fh: int, off: int, data: bytes, when: int | None = None) -> int:
         """Write ``data`` at ``off``; ``when``: the time to stamp (default: now), for a
         write that was made earlier and held (see NodeFs.write)."""
-        st = self.handle(fh).inode
         n = len(data)
         if n == 0:
+            self.handle(fh)  # EBADF all the same
             return 0
+        st = self._pin(fh)
         self.data.admit(n)
         try:
             return await self._write(st, off, data, when)
         finally:
             self.data.done(n)
+            self._unpin(st)
 
     async def _write(self, st: OpenInode, off: int, data: bytes, when: int | None) -> int:
         n = len(data)
@@ -374,14 +400,17 @@ class FileIO:
         return fd
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        st = self.handle(fh).inode
-        await self.settle(st)
-        if st.fd is not None:
-            await trio.to_thread.run_sync(DataStore.fsync, st.fd, limiter=io_limiter())
-        if st.new_file:
-            # The data file's name must be durable too, not only its contents.
-            await trio.to_thread.run_sync(self.data.sync_dirs, st.ino, limiter=io_limiter())
-            st.new_file = False
+        st = self._pin(fh)
+        try:
+            await self.settle(st)
+            if st.fd is not None:
+                await trio.to_thread.run_sync(DataStore.fsync, st.fd, limiter=io_limiter())
+            if st.new_file:
+                # The data file's name must be durable too, not only its contents.
+                await trio.to_thread.run_sync(self.data.sync_dirs, st.ino, limiter=io_limiter())
+                st.new_file = False
+        finally:
+            self._unpin(st)
         await trio.to_thread.run_sync(self.meta.sync, limiter=io_limiter())
 
     async def settle(self, st: OpenInode) -> None:
@@ -425,15 +454,22 @@ class FileIO:
                 return
         st = self._inodes.get(ino)
         if st is not None:
-            async with _locked(st.lock):
-                if st.fd is None and self._truncate_inline(ino, size):
-                    return
-                if st.fd is None and size > S.INLINE_MAX:
-                    st.fd = self._to_data_file(st)
-                if st.fd is None:  # open but not yet read or written: the data file still counts
-                    st.fd = self.data.open(ino, create=False)
-                self._settle_locked(st)
-                await self._truncate_fd(ino, st.fd, size)
+            # Pinned like a handle: the release of the file's last handle (which the kernel
+            # sends after close(2) returned, so it overlaps a truncate by name) must not close
+            # the descriptor while it is being cut in a worker thread.
+            st.opens += 1
+            try:
+                async with _locked(st.lock):
+                    if st.fd is None and self._truncate_inline(ino, size):
+                        return
+                    if st.fd is None and size > S.INLINE_MAX:
+                        st.fd = self._to_data_file(st)
+                    if st.fd is None:  # open, not yet read or written: the data file counts
+                        st.fd = self.data.open(ino, create=False)
+                    self._settle_locked(st)
+                    await self._truncate_fd(ino, st.fd, size)
+            finally:
+                self._unpin(st)
             return
         if self._truncate_inline(ino, size):
             return
@@ -535,52 +571,45 @@ class FileIO:
             if fd is not None:
                 self.data.close(fd)
 
+    # --- read repair ----------------------------------------------------------------------
+
+    async def repair_block(self, ino: InodeId, blk: int, data: bytes, want: int) -> bool:
+        """Rewrite block ``blk`` of ``ino`` with ``data`` (the block as another replica holds
+        it, up to the end of the file) if it hashes to ``want`` and the stored digest is still
+        ``want``; True if it was rewritten (and is on disk)."""
+        if block_digest(data) != want or len(data) > BLOCK_SIZE:
+            return False
+        st = self._inodes.get(ino)
+        if st is not None:
+            st.opens += 1  # pinned like a handle (see ``truncate``)
+            try:
+                async with _locked(st.lock):
+                    return await self._rewrite_block(ino, blk, data, want)
+            finally:
+                self._unpin(st)
+        return await self._rewrite_block(ino, blk, data, want)
+
+    async def _rewrite_block(self, ino: InodeId, blk: int, data: bytes, want: int) -> bool:
+        with self.meta.read() as txn:
+            raw = txn.get(S.block_key(ino, blk), db=self.meta.blocks)
+        if raw is None or S.unpack_digest(raw) != want:
+            return False  # changed meanwhile: the next read looks again
+        fd = self.data.open(ino, create=False)
+        if fd is None:
+            return False
+        try:
+            await trio.to_thread.run_sync(
+                _pwrite_fsync, fd, blk * BLOCK_SIZE, data, limiter=io_limiter()
+            )
+        finally:
+            self.data.close(fd)
+        return True
+
     # --- recovery -------------------------------------------------------------------------
 
     def rechecksum(self, ino: InodeId) -> None:
         """Recompute every digest of ino from its contents (after an unclean stop)."""
-        with self.meta.read() as txn:
-            raw = txn.get(S.inode_key(ino), db=self.meta.inodes)
-            inl = txn.get(S.inline_key(ino), db=self.meta.inline)
-        replica = raw is not None and self.replica(S.unpack_inode(ino, raw).volume)
-        if inl is not None:
-            # Interrupted move to a data file: the inline contents win.
-            self.data.remove(ino)
-            with self.meta.write(record=not replica) as txn:
-                _delete_digests(txn, self.meta, ino)
-                txn.put(S.block_key(ino, 0), S.pack_digest(block_digest(inl)), db=self.meta.blocks)
-                txn.delete(S.dirty_key(ino), db=self.meta.dirty)
-            return
-        fd = self.data.open(ino, create=False)
-        try:
-            if raw is None:
-                digests: dict[int, int] = {}
-                size = 0
-                blocks = 0
-            else:
-                size = S.unpack_inode(ino, raw).size
-                if fd is not None and os.fstat(fd).st_size > size:
-                    DataStore.truncate(fd, size)
-                # Holes have no digest: only blocks holding data are read.
-                held = sorted(data_blocks(fd, size)) if fd is not None else []
-                digests = digest_range(fd, held, size)
-                blocks = self.data.allocated_blocks(fd)
-            with self.meta.write(record=not replica) as txn:
-                _delete_digests(txn, self.meta, ino)
-                for blk, d in digests.items():
-                    if d != _EMPTY_DIGEST:
-                        txn.put(S.block_key(ino, blk), S.pack_digest(d), db=self.meta.blocks)
-                txn.delete(S.dirty_key(ino), db=self.meta.dirty)
-                if raw is not None:
-                    a = S.unpack_inode(ino, raw)
-                    a.blocks = blocks
-                    txn.put(S.inode_key(ino), S.pack_inode(a), db=self.meta.inodes)
-        finally:
-            if fd is not None:
-                self.data.close(fd)
-
-
-_EMPTY_DIGEST = block_digest(b"")
+        rechecksum(self.meta, self.data, ino, self.replica)
 
 
 def inline_blocks(contents: bytes | bytearray) -> int:
@@ -602,10 +631,6 @@ def _verify_inline(ino: int, contents: bytes, digest_raw: bytes | None) -> None:
             got,
         )
         raise Corrupted(message=f"inode {ino:#x}: inline checksum mismatch")
-
-
-def _delete_digests(txn: WriteTxn, meta: MetaStore, ino: int) -> None:
-    txn.delete_prefix(S.ino_prefix(ino), db=meta.blocks)
 
 
 def read_block(meta: MetaStore, data: DataStore, ino: int, blk: int, size: int) -> bytes:
@@ -630,3 +655,8 @@ def _write_and_digest(
     else:
         DataStore.pwrite(fd, off, data)
     return _digest_slices(data, off)
+
+
+def _pwrite_fsync(fd: int, off: int, data: bytes) -> None:
+    DataStore.pwrite(fd, off, data)
+    DataStore.fsync(fd)

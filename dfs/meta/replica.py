@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import msgpack
+import msgspec
 
 from dfs.errors import StoreError
 from dfs.meta import schema as S
@@ -54,42 +54,32 @@ class Record:
     origin: int  # the node the update came from; 0: the node that executed it
 
 
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _WireRecord(msgspec.Struct, forbid_unknown_fields=True):
+    """A journal record as packed (``MetaStore._journal_writeset``; schema.py)."""
+
+    op: str
+    ws: list[tuple[int, bytes, bytes | None]]
+    d: list[tuple[Literal["w", "t", "rm"], NonNegative, NonNegative, NonNegative]] = []
+    o: int = 0
+
+
+_decoder = msgspec.msgpack.Decoder(_WireRecord)
+
+
 def decode_record(record: bytes) -> Record:
-    """A journal record, validated; ReplicaError if malformed."""
+    """A journal record, validated (types by msgspec, then which records may be replicated);
+    ReplicaError if malformed."""
     try:
-        rec: Any = msgpack.unpackb(record)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure means a bad record
-        raise ReplicaError(f"journal record does not decode: {exc}") from exc
-    if not isinstance(rec, dict) or not isinstance(rec.get("op"), str):
-        raise ReplicaError("journal record is not a write-set")
-    ws = rec.get("ws")
-    if not isinstance(ws, list):
-        raise ReplicaError("journal record has no write-set")
-    out: WriteSet = []
-    for item in ws:
-        if not (isinstance(item, list) and len(item) == 3):
-            raise ReplicaError(f"malformed write-set entry {item!r:.80}")
-        idx, key, value = item
-        if idx not in _REPLICATED or not isinstance(key, bytes) or len(key) < 8:
-            raise ReplicaError(f"write-set entry for a non-replicated record: {item!r:.80}")
-        if value is not None and not isinstance(value, bytes):
-            raise ReplicaError(f"malformed write-set value: {item!r:.80}")
-        out.append((idx, key, value))
-    data = rec.get("d", [])
-    if not isinstance(data, list):
-        raise ReplicaError("journal record: malformed data operations")
-    for op in data:
-        if not (
-            isinstance(op, list)
-            and len(op) == 4
-            and op[0] in ("w", "t", "rm")
-            and all(isinstance(x, int) and x >= 0 for x in op[1:])
-        ):
-            raise ReplicaError(f"journal record: malformed data operation {op!r:.80}")
-    origin = rec.get("o", 0)
-    if not isinstance(origin, int):
-        raise ReplicaError("journal record: malformed origin")
-    return Record(rec["op"], out, data, origin)
+        rec = _decoder.decode(record)
+    except msgspec.DecodeError as exc:
+        raise ReplicaError(f"malformed journal record: {exc}") from None
+    for idx, key, _value in rec.ws:
+        if idx not in _REPLICATED or len(key) < 8:
+            raise ReplicaError(f"write-set entry for a non-replicated record: {idx}, {key!r:.40}")
+    return Record(rec.op, rec.ws, [list(op) for op in rec.d], rec.o)
 
 
 def decode_writeset(record: bytes) -> tuple[str, WriteSet]:

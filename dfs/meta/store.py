@@ -159,8 +159,8 @@ class WriteTxn:
             self._txn.abort()
             meta._unreserve(self)
             raise
-        if self.seq and meta.on_commit is not None:
-            meta.on_commit(self)
+        if self.seq and meta._on_commit is not None:
+            meta._on_commit(self)
 
     def data_op(
         self, kind: str, ino: int, a: int = 0, live: bytes | memoryview | None = None
@@ -261,10 +261,23 @@ class MetaStore:
                 raw = txn.get(S.seq_key(vol), db=self.meta)
                 self._seq[vol] = S.read_u64(raw) if raw is not None else 0
         self._appends = 0
-        # Replication hook (dfs.cluster): called with each committed transaction that
-        # logged an update (its ``vol``, ``seq``, ``ws``, ``data``, ``live`` bytes and packed
-        # journal ``record``, so replication need not read the journal back).
-        self.on_commit: Callable[[WriteTxn], None] | None = None
+        self._on_commit: Callable[[WriteTxn], None] | None = None
+
+    def subscribe(self, on_commit: Callable[[WriteTxn], None]) -> Callable[[], None]:
+        """Call ``on_commit`` with each committed transaction that logged an update (its
+        ``vol``, ``seq``, ``ws``, ``data``, ``live`` bytes and packed journal ``record``, so
+        replication need not read the journal back). One subscriber (the cluster layer's
+        ``CommitHook``); returns the call that ends the subscription, after which commits
+        are only journaled (sites catch up from the journal)."""
+        if self._on_commit is not None:
+            raise RuntimeError("the store's commits already have a subscriber")
+        self._on_commit = on_commit
+
+        def end() -> None:
+            if self._on_commit is on_commit:
+                self._on_commit = None
+
+        return end
 
     # --- opening -------------------------------------------------------------------
 

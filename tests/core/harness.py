@@ -32,12 +32,14 @@ def run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
 
 
 class Core:
-    def __init__(self, root: Path, ctx: Ctx = ROOT_CTX) -> None:
+    def __init__(self, root: Path, ctx: Ctx = ROOT_CTX, *, replica: bool = False) -> None:
+        """``replica``: the node is a storage site of every volume, not their primary."""
         self.dir = root
         self.ctx = ctx
         self.meta = MetaStore.open(root / "meta")
         self.data = DataStore(root / "data")
-        self.vfs = Vfs(self.meta, self.data)
+        self._replica = (lambda vol: True) if replica else None
+        self.vfs = Vfs(self.meta, self.data, replica=self._replica)
 
     # --- namespace by path -------------------------------------------------------------
 
@@ -138,7 +140,7 @@ class Core:
         self.meta.close()
         self.meta = MetaStore.open(self.dir / "meta")
         self.data = DataStore(self.dir / "data")
-        self.vfs = Vfs(self.meta, self.data)
+        self.vfs = Vfs(self.meta, self.data, replica=self._replica)
 
     def findings(self, *, verify_data: bool = True) -> list[Finding]:
         return check(self.meta, self.data, verify_data=verify_data)

@@ -17,20 +17,21 @@ import pytest
 import trio
 import trio.testing
 
-from dfs.cluster.clusterfs import NodeFs
+from dfs.cluster.nodefs import NodeFs
 from dfs.cluster.remote import LocalReader, Reader
 from dfs.cluster.replication import ReplicaApplier, Replicator
+from dfs.cluster.roles import VolumeRoles
 from dfs.cluster.volumes import Volume, VolumeTable
 from dfs.errors import FsError
 from dfs.fs.ctx import ROOT_CTX
 from dfs.net.rpc import Methods
 from dfs.types import ROOT_INODE, ROOT_VOLUME, NodeId
-from tests.core.test_replication import Node, until
+from tests.core.test_replication import Node, serve_ops, until
 
 
 def test_a_forwarding_site_applies_the_update_before_it_returns(tmp_path: Path) -> None:
     primary = Node(tmp_path / "n1", 1)
-    sites = {"n2": Node(tmp_path / "n2", 2), "n3": Node(tmp_path / "n3", 3)}
+    sites = {name: Node(tmp_path / name, i, replica=True) for i, name in ((2, "n2"), (3, "n3"))}
     gate = {"n2": trio.Event(), "n3": trio.Event()}
     acks: list[str] = []
     root = Volume(ROOT_VOLUME, "/", ROOT_INODE, "n1", ("n1", "n2", "n3"), ROOT_INODE)
@@ -46,13 +47,13 @@ def test_a_forwarding_site_applies_the_update_before_it_returns(tmp_path: Path) 
 
     n2 = NodeFs(
         sites["n2"].vfs,
-        me="n2",
-        volumes=VolumeTable(sites["n2"].meta, root),
-        forward=forward,
+        VolumeRoles(
+            "n2", sites["n2"].meta, VolumeTable(sites["n2"].meta, root), always_current=True
+        ),
+        send=forward,
         reader=reader,
-        current=lambda vol: True,
+        applied_timeout=5.0,
     )
-    n2.applied_timeout = 5.0
     appliers = {
         name: ReplicaApplier(
             n.meta, n.data, NodeId(i), applied=n2.applied if name == "n2" else None
@@ -70,8 +71,8 @@ def test_a_forwarding_site_applies_the_update_before_it_returns(tmp_path: Path) 
     repl = Replicator(
         primary.meta, primary.data, ROOT_VOLUME, list(sites), call, call_timeout=60.0, lease=3.0
     )
-    fs1 = NodeFs(primary.vfs, replicator=repl)
-    fs1.register(methods, lambda name: NodeId(int(name[1:])))
+    fs1 = NodeFs(primary.vfs, VolumeRoles.alone(primary.meta, repl))
+    serve_ops(fs1, methods)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -21,9 +21,11 @@ import pytest
 import trio
 import trio.testing
 
-from dfs.cluster.clusterfs import GATHER_MAX, HOLD_FOR, NodeFs
+from dfs.cluster.nodefs import NodeFs
 from dfs.cluster.remote import LocalReader
 from dfs.cluster.replication import ReplicaApplier, Replicator
+from dfs.cluster.roles import VolumeRoles
+from dfs.cluster.writebehind import GATHER_MAX, HOLD_FOR
 from dfs.errors import FsError
 from dfs.fs.ctx import ROOT_CTX
 from dfs.types import ROOT_INODE, ROOT_VOLUME, NodeId
@@ -34,12 +36,11 @@ T0 = 1_800_000_000_000_000_000
 
 def _pair(tmp_path: Path) -> tuple[Node, Node, NodeFs, Replicator]:
     primary = Node(tmp_path / "n1", 1)
-    site = Node(tmp_path / "n2", 2)
-    site.vfs.make_replica()
+    site = Node(tmp_path / "n2", 2, replica=True)
     repl, _gate = replicating_to(primary, ReplicaApplier(site.meta, site.data, NodeId(2)))
     now = [T0]
     primary.vfs.clock = primary.vfs.files.clock = lambda: now[0]
-    fs = NodeFs(primary.vfs, replicator=repl)
+    fs = NodeFs(primary.vfs, VolumeRoles.alone(primary.meta, repl))
     fs.test_clock = now  # type: ignore[attr-defined]
     return primary, site, fs, repl
 
@@ -58,7 +59,7 @@ def _run(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(repl.run)
             if quiet_writers:
-                nursery.start_soon(fs.write_held_writes)
+                nursery.start_soon(fs.writes.run)
             await until(lambda: repl.links["n2"].in_sync)
             await body()
             nursery.cancel_scope.cancel()

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dfs.cluster.clusterfs import NodeFs
+from dfs.cluster.nodefs import NodeFs
 from dfs.cluster.remote import LocalReader, Reader
+from dfs.cluster.roles import VolumeRoles
 from dfs.cluster.volumes import Volume, VolumeTable, encode_mount
 from dfs.errors import FsError, NotFound
 from dfs.fs.ctx import ROOT_CTX
@@ -36,7 +37,7 @@ class _Down:
 def _site(
     tmp: Path, primary: Core, lease: dict[str, bool], up: dict[str, bool]
 ) -> tuple[Core, NodeFs]:
-    site = Core(tmp / "s")
+    site = Core(tmp / "s", replica=True)
     root = Volume(ROOT_VOLUME, "/", ROOT_INODE, "p", ("p", "s"), ROOT_INODE)
 
     def reader(node: str) -> Reader:
@@ -46,15 +47,20 @@ def _site(
     async def forward(node: str, op: str, args: list[object], ctx: list[object]) -> object:
         raise AssertionError("no update is made in these tests")
 
-    fs = NodeFs(
-        site.vfs,
-        me="s",
-        volumes=VolumeTable(site.meta, root),
-        forward=forward,
-        reader=reader,
-        current=lambda vol: lease["s"],
-    )
+    roles = VolumeRoles("s", site.meta, VolumeTable(site.meta, root))
+    roles.leases[ROOT_VOLUME] = _Lease(lease)  # type: ignore[assignment]
+    fs = NodeFs(site.vfs, roles, send=forward, reader=reader)
     return site, fs
+
+
+class _Lease:
+    """A site's read lease on the root volume, held while ``held["s"]``."""
+
+    def __init__(self, held: dict[str, bool]) -> None:
+        self.held = held
+
+    def current(self) -> bool:
+        return self.held["s"]
 
 
 def test_a_site_without_a_lease_reads_the_primary(tmp_path: Path) -> None:
@@ -91,7 +97,7 @@ def test_mount_points_show_the_volume_root_and_stop_renames(tmp_path: Path) -> N
     core.vfs.cover(ROOT_INODE, b"proj", encode_mount(v))
     core.vfs.mkdir(ROOT_INODE, b"other", 0o755, ROOT_CTX)
     root = Volume(ROOT_VOLUME, "/", ROOT_INODE, "n", ("n",), ROOT_INODE)
-    fs = NodeFs(core.vfs, me="n", volumes=VolumeTable(core.meta, root))
+    fs = NodeFs(core.vfs, VolumeRoles("n", core.meta, VolumeTable(core.meta, root)))
 
     a = run(fs.lookup, ROOT_INODE, b"proj")
     assert a.ino == vroot.ino and a.volume == vol and a.mode & 0o777 == 0o750

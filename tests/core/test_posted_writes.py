@@ -21,22 +21,24 @@ import pytest
 import trio
 import trio.testing
 
-from dfs.cluster.clusterfs import WRITES_IN_FLIGHT, NodeFs
+from dfs.cluster.nodefs import NodeFs
 from dfs.cluster.remote import LocalReader, Reader
 from dfs.cluster.replication import ReplicaApplier
+from dfs.cluster.roles import VolumeRoles
 from dfs.cluster.volumes import Volume, VolumeTable
+from dfs.cluster.writebehind import WRITES_IN_FLIGHT
 from dfs.errors import FsError
 from dfs.fs.ctx import ROOT_CTX
 from dfs.net.frames import Message, MessageType
 from dfs.net.peer import Pending
 from dfs.net.rpc import Methods
 from dfs.types import ROOT_INODE, ROOT_VOLUME, NodeId
-from tests.core.test_replication import Node, replicating_to, until
+from tests.core.test_replication import Node, replicating_to, serve_ops, until
 
 
 def test_posted_writes_are_ordered_read_back_and_flushed(tmp_path: Path) -> None:
     primary = Node(tmp_path / "n1", 1)
-    site = Node(tmp_path / "n2", 2)
+    site = Node(tmp_path / "n2", 2, replica=True)
     methods = Methods()
     queue: deque[tuple[dict[str, Any], Pending]] = deque()
     served: list[int] = []
@@ -77,17 +79,15 @@ def test_posted_writes_are_ordered_read_back_and_flushed(tmp_path: Path) -> None
 
     n2 = NodeFs(
         site.vfs,
-        me="n2",
-        volumes=VolumeTable(site.meta, root),
-        forward=forward,
+        VolumeRoles("n2", site.meta, VolumeTable(site.meta, root), always_current=True),
+        send=forward,
         reader=reader,
-        current=lambda vol: True,
         post=post,
     )
     applier = ReplicaApplier(site.meta, site.data, NodeId(2), applied=n2.applied)
     repl, gate = replicating_to(primary, applier)
-    fs1 = NodeFs(primary.vfs, replicator=repl)
-    fs1.register(methods, lambda name: NodeId(int(name[1:])))
+    fs1 = NodeFs(primary.vfs, VolumeRoles.alone(primary.meta, repl))
+    serve_ops(fs1, methods)
     chunks = [bytes([65 + i % 26]) * 1000 for i in range(WRITES_IN_FLIGHT + 8)]
 
     async def main() -> None:

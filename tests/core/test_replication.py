@@ -36,8 +36,10 @@ import pytest
 import trio
 import trio.testing
 
-from dfs.cluster.clusterfs import NodeFs
+from dfs.cluster.nodefs import NodeFs
+from dfs.cluster.opserver import OpServer
 from dfs.cluster.replication import WINDOW, ReplicaApplier, Replicator
+from dfs.cluster.roles import VolumeRoles
 from dfs.config import Timeouts
 from dfs.data.store import DataStore
 from dfs.errors import FsError
@@ -71,12 +73,22 @@ def fixed_clock() -> int:
 
 
 class Node:
-    def __init__(self, root: Path, node_id: int) -> None:
+    """One node's stores in-process; ``replica``: a storage site of every volume."""
+
+    def __init__(self, root: Path, node_id: int, *, replica: bool = False) -> None:
         self.meta = MetaStore.open(
             root / "meta", cluster_id="c", node_id=NodeId(node_id), clock=fixed_clock
         )
         self.data = DataStore(root / "data")
-        self.vfs = Vfs(self.meta, self.data)
+        self.vfs = Vfs(self.meta, self.data, replica=(lambda vol: True) if replica else None)
+
+
+def serve_ops(fs: NodeFs, methods: Methods) -> OpServer:
+    """The primary ``fs``'s side of forwarded updates, registered on ``methods`` (node "nK"
+    has id K)."""
+    ops = OpServer(fs.vfs, fs.roles, fs.commits, fs.writes, lambda name: NodeId(int(name[1:])))
+    ops.register(methods)
+    return ops
 
 
 def replicating_to(
@@ -171,13 +183,11 @@ class FakePeer:
 
 def three_nodes(tmp_path: Path) -> tuple[Node, dict[str, Node], dict[str, ReplicaApplier]]:
     primary = Node(tmp_path / "n1", 1)
-    sites = {name: Node(tmp_path / name, i) for i, name in ((2, "n2"), (3, "n3"))}
+    sites = {name: Node(tmp_path / name, i, replica=True) for i, name in ((2, "n2"), (3, "n3"))}
     appliers = {
         name: ReplicaApplier(n.meta, n.data, NodeId(i))
         for i, (name, n) in enumerate(sites.items(), start=2)
     }
-    for n in sites.values():
-        n.vfs.make_replica()
     return primary, sites, appliers
 
 
@@ -229,7 +239,7 @@ def test_updates_wait_for_sites_and_a_dropped_site_catches_up(tmp_path: Path) ->
         primary.meta, primary.data, ROOT_VOLUME, sites, call, call_timeout=60.0, lease=LEASE
     )
     waited = checked_waits(repl, sites)
-    fs = NodeFs(primary.vfs, replicator=repl)
+    fs = NodeFs(primary.vfs, VolumeRoles.alone(primary.meta, repl))
     big = os.urandom(300_000)
     files: list[InodeId] = []
 
@@ -315,7 +325,7 @@ def test_streaming_pipelines_concurrent_updates_and_survives_a_lost_site(
         peer=peers.get,
     )
     waited = checked_waits(repl, sites)
-    fs = NodeFs(primary.vfs, replicator=repl)
+    fs = NodeFs(primary.vfs, VolumeRoles.alone(primary.meta, repl))
     files: list[InodeId] = []
     batches: list[int] = []
     apply = appliers["n2"].apply

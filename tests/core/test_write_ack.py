@@ -16,8 +16,10 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from dfs.cluster.clusterfs import WRITE_WINDOW, NodeFs
+from dfs.cluster.nodefs import NodeFs
 from dfs.cluster.replication import ReplicaApplier
+from dfs.cluster.roles import VolumeRoles
+from dfs.cluster.writebehind import WRITE_WINDOW
 from dfs.fs.ctx import ROOT_CTX
 from dfs.types import ROOT_INODE, ROOT_VOLUME, NodeId
 from tests.core.test_replication import Node, replicating_to, until
@@ -25,10 +27,9 @@ from tests.core.test_replication import Node, replicating_to, until
 
 def test_writes_overlap_replication_and_close_waits_for_it(tmp_path: Path) -> None:
     primary = Node(tmp_path / "n1", 1)
-    site = Node(tmp_path / "n2", 2)
-    site.vfs.make_replica()
+    site = Node(tmp_path / "n2", 2, replica=True)
     repl, gate = replicating_to(primary, ReplicaApplier(site.meta, site.data, NodeId(2)))
-    fs = NodeFs(primary.vfs, replicator=repl)
+    fs = NodeFs(primary.vfs, VolumeRoles.alone(primary.meta, repl))
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

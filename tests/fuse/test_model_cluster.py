@@ -41,7 +41,11 @@ def cluster(tmp_path: Path) -> Iterator[Launcher]:
         yield launcher
 
 
-@pytest.mark.parametrize("node", ["n2", "n4"])
+# n1 (the primary) too with DFS_MODEL_NODES=n1,n2,n4 (every kind of node).
+NODES = os.environ.get("DFS_MODEL_NODES", "n2,n4").split(",")
+
+
+@pytest.mark.parametrize("node", NODES)
 def test_model_on_a_cluster_node(cluster: Launcher, tmp_path: Path, node: str) -> None:
     mnt = {n: cluster.root / n / "mnt" / "model" for n in ("n1", "n2", "n3", "n4")}
     mnt[node].mkdir()

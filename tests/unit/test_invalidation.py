@@ -67,8 +67,7 @@ def test_retries_are_bounded_and_other_errors_not_retried() -> None:
 def fake_ops(lookups: dict[int, int]) -> DfsOperations:
     fs = SimpleNamespace(
         standalone=False,
-        files=SimpleNamespace(stamp_writes=True),
-        vfs=SimpleNamespace(lookups=lookups),
+        vfs=SimpleNamespace(lookups=lookups, writeback_cache=False),
     )
     return DfsOperations(fs)  # type: ignore[arg-type]
 

@@ -1,0 +1,111 @@
+"""Updates this node sends to a volume's primary (``fs.op``), and waiting to see them here.
+
+``Forwarder.call`` sends one operation to the primary that ``VolumeRoles`` names and returns
+its result. The primary answers once every storage site in sync applied the update — except
+this node, when it is a site in sync itself: then the answer carries the update's sequence and
+this node waits for its own replica to apply it (``applied_here``), one hop less than the
+primary waiting for it. Should that take longer than the call deadline, the volume is marked
+*behind*: reads of it go to the primary until this node's replica caught up (``behind``).
+
+A primary that cannot be reached refuses updates with EROFS (logged at most every
+``REFUSAL_LOG_EVERY`` seconds); a deadline that passes is ETIMEDOUT (the primary may or may
+not have carried the update out).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from dfs.cluster import fsops
+from dfs.cluster.roles import VolumeRoles
+from dfs.errors import FsError
+from dfs.fs.ctx import Ctx
+from dfs.meta.store import MetaStore
+from dfs.net.rpc import PeerTimeout, PeerUnavailable
+from dfs.types import VolumeId
+
+log = logging.getLogger("dfs.cluster.fs")
+
+Send = Callable[[str, str, list[Any], list[Any]], Awaitable[Any]]
+"""``await send(node, op, args, ctx)``: run an operation on ``node`` (a volume's primary);
+its answer ``[result, seq]``."""
+
+REFUSAL_LOG_EVERY = 10.0
+
+
+class Forwarder:
+    def __init__(
+        self, roles: VolumeRoles, meta: MetaStore, send: Send | None, *, applied_timeout: float
+    ) -> None:
+        self.roles = roles
+        self.meta = meta
+        self._send = send
+        self.applied_timeout = applied_timeout
+        self._applied = trio.Event()
+        self._behind: dict[VolumeId, int] = {}
+        self._last_refusal = -1e9
+
+    async def call(
+        self, vol: VolumeId, args: fsops._Args, ctx: Ctx | None = None, *, update: bool = True
+    ) -> Any:
+        """Run ``args`` on ``vol``'s primary; ``update=False`` for reads and handle operations
+        that change nothing (then an unreachable primary is PeerUnavailable, not EROFS)."""
+        op = fsops.name_of(args)
+        if self._send is None:
+            raise FsError(errno.EROFS, f"no primary for volume {vol} is known here")
+        primary = self.roles.primary(vol)
+        try:
+            answer = await self._send(primary, op, fsops.wire(args), fsops.pack_ctx(ctx))
+        except PeerUnavailable as exc:
+            if not update:
+                raise
+            self.refused(op, exc)
+            raise FsError(errno.EROFS, f"primary unreachable: {exc}") from None
+        except PeerTimeout as exc:
+            self.refused(op, exc)
+            raise
+        if not (isinstance(answer, list) and len(answer) == 2 and isinstance(answer[1], int)):
+            raise FsError(errno.EIO, f"malformed {op} answer from the primary")
+        result, seq = answer
+        if seq:
+            await self.applied_here(vol, seq)
+        return result
+
+    async def applied_here(self, vol: VolumeId, seq: int) -> None:
+        """Wait until this node's replica applied update ``seq`` of ``vol`` (see the module
+        docstring)."""
+        meta = self.meta
+        if meta.seq(vol) >= seq:
+            return
+        with trio.move_on_after(self.applied_timeout):
+            while meta.seq(vol) < seq:
+                await self._applied.wait()
+        if meta.seq(vol) < seq:
+            self._behind[vol] = max(self._behind.get(vol, 0), seq)
+            raise FsError(errno.ETIMEDOUT, f"update {seq} of volume {vol} is not applied here yet")
+
+    def applied(self) -> None:
+        """This node's replica applied records (``ReplicaApplier`` calls this)."""
+        self._applied.set()
+        self._applied = trio.Event()
+
+    def behind(self, vol: VolumeId) -> bool:
+        """An update this node made through ``vol``'s primary is not applied here yet."""
+        seq = self._behind.get(vol)
+        if seq is None:
+            return False
+        if self.meta.seq(vol) < seq:
+            return True
+        del self._behind[vol]
+        return False
+
+    def refused(self, op: str, exc: Exception) -> None:
+        now = trio.current_time()
+        if now - self._last_refusal >= REFUSAL_LOG_EVERY:
+            self._last_refusal = now
+            log.warning("%s refused: the volume's primary is unreachable (%s)", op, exc)

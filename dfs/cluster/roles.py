@@ -1,0 +1,129 @@
+"""Who orders each volume, in which epoch, and whether this node may read its replica as current.
+
+``VolumeRoles`` is the one owner of these answers on a node: every routing decision (does this
+node apply an update itself or forward it, are reads of a volume answered locally, where do
+remote reads go, which ``Replicator`` waits for the sites) asks it, and nothing re-derives them
+from a ``Volume`` record at the call site. Failover (a new primary in a new epoch) changes what
+it answers, in one place.
+
+A node's role in a volume (``Role``):
+
+- ``PRIMARY``: it orders the volume's updates; its ``Replicator`` ships them to the sites.
+- ``SITE``: it stores a replica and applies the primary's records; it reads its replica as
+  current while it holds a read lease (its ``LeaseKeeper``).
+- ``NONE``: it stores no replica; reads and updates go to the primary.
+
+The epoch of a volume is the term of its current primary: at most one primary accepts updates
+per epoch. Today every volume keeps the epoch it was created in (1), since primaries change
+only by reconfiguration; failover will move it forward (docs/ARCHITECTURE.md, "Failover").
+
+A node alone (no ``VolumeTable``) orders every volume it has, in epoch 1.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+
+from dfs.cluster.replication import LeaseKeeper, Replicator
+from dfs.cluster.volumes import Volume, VolumeTable
+from dfs.errors import FsError
+from dfs.meta.store import MetaStore
+from dfs.types import VolumeId
+
+FIRST_EPOCH = 1
+
+
+class Role(enum.Enum):
+    PRIMARY = "primary"
+    SITE = "site"
+    NONE = "none"
+
+
+class VolumeRoles:
+    """See the module docstring.
+
+    ``replicators`` and ``leases`` are this node's parts in the volumes it orders or stores;
+    the cluster service adds to them as it takes part in volumes (``ClusterService._adopt``).
+    """
+
+    def __init__(
+        self,
+        me: str,
+        meta: MetaStore,
+        volumes: VolumeTable | None = None,
+        *,
+        always_current: bool = False,
+    ) -> None:
+        """``always_current``: a site reads its replica as current without a lease (core
+        tests that drive replication by hand)."""
+        self.me = me
+        self.meta = meta
+        self.volumes = volumes
+        self.replicators: dict[VolumeId, Replicator] = {}
+        self.leases: dict[VolumeId, LeaseKeeper] = {}
+        self._always_current = always_current
+
+    @classmethod
+    def alone(cls, meta: MetaStore, *replicators: Replicator) -> VolumeRoles:
+        """A node that orders every volume it has, replicating those of ``replicators``."""
+        roles = cls("", meta)
+        for r in replicators:
+            roles.replicators[r.vol] = r
+        return roles
+
+    @property
+    def clustered(self) -> bool:
+        """Other nodes may change this node's files (it is part of a cluster)."""
+        return self.volumes is not None or bool(self.replicators)
+
+    def volume(self, vol: VolumeId) -> Volume:
+        v = self.volumes.get(vol) if self.volumes is not None else None
+        if v is None:
+            raise FsError(errno.ESTALE, f"volume {vol} is not known here")
+        return v
+
+    def role(self, vol: VolumeId) -> Role:
+        if self.orders(vol):
+            return Role.PRIMARY
+        return Role.SITE if self.stores(vol) else Role.NONE
+
+    def primary(self, vol: VolumeId) -> str:
+        """The node that orders ``vol`` now (ESTALE when the volume is not known here)."""
+        if self.volumes is None:
+            return self.me
+        return self.volume(vol).primary
+
+    def epoch(self, vol: VolumeId) -> int:
+        """The epoch of ``vol``'s current primary."""
+        return FIRST_EPOCH
+
+    def orders(self, vol: VolumeId) -> bool:
+        """This node is the primary of ``vol``: it applies updates itself."""
+        if self.volumes is None:
+            return True
+        v = self.volumes.get(vol)
+        return v is not None and v.primary == self.me
+
+    def is_replica(self, vol: VolumeId) -> bool:
+        """This node stores ``vol`` (or will) without ordering it (``Vfs(replica=...)``)."""
+        return not self.orders(vol)
+
+    def stores(self, vol: VolumeId) -> bool:
+        """This node holds a replica of ``vol``."""
+        if self.volumes is None:
+            return True
+        v = self.volumes.get(vol)
+        return v is not None and v.stored_on(self.me) and self.meta.has_volume(vol)
+
+    def current(self, vol: VolumeId) -> bool:
+        """This node's replica of ``vol`` (which it stores) answers reads as current: it orders
+        the volume, or holds a read lease from its primary."""
+        if self._always_current or self.orders(vol):
+            return True
+        keeper = self.leases.get(vol)
+        return keeper is not None and keeper.current()
+
+    def replicator(self, vol: VolumeId) -> Replicator | None:
+        """The replication of ``vol`` if this node orders it and it has other sites."""
+        return self.replicators.get(vol)

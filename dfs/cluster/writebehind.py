@@ -1,0 +1,357 @@
+"""Write-behind on a cluster node: writes acknowledged at close/fsync, not one by one.
+
+Every write is acknowledged to its writer at flush (close) or fsync (docs/CONSISTENCY.md §4),
+so a node need not wait for each one to be replicated:
+
+- **Held writes.** A write of less than ``GATHER_MAX`` is held while the next ones continue it,
+  and the run is written as one update (``tar``'s 10 KiB writes of a file cost one replicated
+  record, not one each). Held writes are written when the handle is flushed, fsynced or
+  released, when a write does not continue them, when another handle of the file writes (one
+  holder per file keeps the order of its writes), before any other operation of this node
+  (``NodeFs`` asks ``pending``/``write_held``), and at the latest after ``HOLD_FOR`` seconds
+  (``run``). An error writing them is reported by the handle's next write, flush or fsync.
+- **Posted writes.** On a node that is not the primary, a write is sent to the primary without
+  waiting (``fs.write``, served in arrival order) while fewer than ``WRITES_IN_FLIGHT`` are
+  unanswered; its outcome is checked at flush/fsync/close and by the handle's next write. Until
+  they are flushed, this node reads those files from the primary (``unflushed``), and nothing
+  this node forwards overtakes them (``drain``).
+- **The primary's window.** On the primary, a write returns once applied locally; at most
+  ``WRITE_WINDOW`` of them run ahead of the slowest site in sync, and flush/fsync wait for the
+  rest (``written``/``wait_acked``).
+
+A standalone node has the kernel's writeback cache doing all this already: it writes at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from dfs.cluster import fsops
+from dfs.cluster.forward import Forwarder
+from dfs.cluster.handles import RemoteHandles
+from dfs.cluster.roles import VolumeRoles
+from dfs.errors import FsError
+from dfs.fs.files import FileIO
+from dfs.net.peer import Pending
+from dfs.net.rpc import PeerUnavailable
+from dfs.types import InodeId, VolumeId
+
+log = logging.getLogger("dfs.cluster.fs")
+
+Post = Callable[[str, str, dict[str, Any], Callable[[Pending], None]], Any]
+"""``post(node, method, args, on_done)``: send a request without waiting (``Peer.post``)."""
+
+WRITE_WINDOW = 16  # writes on a primary ahead of its slowest site in sync
+WRITES_IN_FLIGHT = 32  # writes a node posts to primaries without waiting for their answers
+GATHER_MAX = 256 * 1024  # bytes held per handle
+GATHER_TOTAL = 16 * 1024 * 1024  # bytes held in all
+HOLD_FOR = 0.05  # seconds a held write waits at most
+
+
+@dataclass(slots=True)
+class Held:
+    """Writes of one handle held to be written as one."""
+
+    ino: InodeId
+    off: int
+    buf: bytearray
+    when: int  # the time of the last one: the file's mtime once written
+
+
+@dataclass(slots=True)
+class Stream:
+    """The writes of one handle posted to the primary."""
+
+    vol: VolumeId
+    rfh: int
+    ino: InodeId
+    dirty: bool = False  # posted writes not flushed yet
+    error: FsError | None = None  # the first that failed, reported at the next chance
+
+
+class WriteBehind:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        files: FileIO,
+        roles: VolumeRoles,
+        forwarder: Forwarder,
+        handles: RemoteHandles,
+        clock: Callable[[], int],
+        volume_of: Callable[[InodeId], VolumeId],
+        *,
+        post: Post | None = None,
+    ) -> None:
+        self.files = files
+        self.roles = roles
+        self.fwd = forwarder
+        self.handles = handles
+        self.clock = clock
+        self.volume_of = volume_of
+        self.standalone = not roles.clustered
+        self._post = post
+        # Held writes: per handle, the one handle holding writes of each file, how many bytes,
+        # the errors of held writes written on behalf of another operation, how many are
+        # being written now.
+        self._held: dict[int, Held] = {}
+        self._holder: dict[InodeId, int] = {}
+        self._held_bytes = 0
+        self._errors: dict[int, FsError] = {}
+        self._writing = 0
+        self._written_out = trio.Event()
+        self._held_new = trio.Event()
+        # Posted writes: how many are unanswered, each handle's stream, the inodes with
+        # writes not yet flushed.
+        self._inflight = 0
+        self._answered = trio.Event()
+        self.streams: dict[int, Stream] = {}
+        self.unflushed: dict[InodeId, int] = {}
+        # The primary: handle -> (volume, sequence of its last write).
+        self._unacked: dict[int, tuple[VolumeId, int]] = {}
+
+    # --- what other operations wait for -------------------------------------------------------
+
+    def pending(self) -> bool:
+        """Writes are held or being written (other operations write them first)."""
+        return bool(self._held or self._writing)
+
+    async def drain(self) -> None:
+        """Wait until every write this node posted has been answered."""
+        while self._inflight:
+            await self._answered.wait()
+
+    async def forward(
+        self, vol: VolumeId, args: fsops._Args, ctx: Any = None, *, update: bool = True
+    ) -> Any:
+        """``Forwarder.call`` once every posted write was answered (nothing overtakes them)."""
+        if self._inflight:
+            await self.drain()
+        return await self.fwd.call(vol, args, ctx, update=update)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        """Write, or hold a small write to write it with the ones that follow."""
+        if self.standalone:
+            return await self.write_now(fh, off, data)
+        err = self._errors.pop(fh, None)
+        if err is not None:
+            raise err
+        n = len(data)
+        ino = self._inode_of(fh)  # EBADF now, not later
+        while True:  # until nothing held is in the way (each await lets other writes in)
+            other = self._holder.get(ino)
+            if other is not None and other != fh:
+                # Another handle of the file holds writes: they were made first.
+                await self._write_for(other)
+                continue
+            g = self._held.get(fh)
+            if g is None:
+                break
+            if off == g.off + len(g.buf) and len(g.buf) + n <= GATHER_MAX:
+                g.buf += data
+                g.when = self.clock()
+                self._held_bytes += n
+                return n
+            await self._write_held_of(fh)
+        if 0 < n < GATHER_MAX and self._held_bytes + n <= GATHER_TOTAL:
+            self._held[fh] = Held(ino, off, bytearray(data), self.clock())
+            self._holder[ino] = fh
+            self._held_bytes += n
+            self._held_new.set()
+            return n
+        return await self.write_now(fh, off, data)
+
+    def _inode_of(self, fh: int) -> InodeId:
+        rf = self.handles.files.get(fh)
+        return rf.ino if rf is not None else self.files.inode_of(fh)
+
+    async def _write_for(self, fh: int) -> None:
+        """Write what ``fh`` holds on behalf of something else: its error is kept for it."""
+        try:
+            await self._write_held_of(fh)
+        except FsError as exc:
+            self._errors.setdefault(fh, exc)
+
+    async def run(self) -> None:
+        """Background task: write what has been held for HOLD_FOR seconds, so that a writer
+        that goes quiet without closing (a log being appended) shows on the other nodes soon
+        after each write."""
+        while True:
+            await self._held_new.wait()
+            self._held_new = trio.Event()
+            await trio.sleep(HOLD_FOR)
+            await self.write_held()
+
+    async def _write_held_of(self, fh: int) -> None:
+        """Write what ``fh`` holds; its error is raised."""
+        g = self._held.pop(fh, None)
+        if g is None:
+            return
+        if self._holder.get(g.ino) == fh:
+            del self._holder[g.ino]
+        self._held_bytes -= len(g.buf)
+        self._writing += 1
+        try:
+            # Already acknowledged to the writer: not given up if this request is cancelled.
+            with trio.CancelScope(shield=True):
+                n = await self.write_now(fh, g.off, bytes(g.buf), g.when)
+            if n != len(g.buf):
+                raise FsError(errno.EIO, f"short write ({n} of {len(g.buf)} bytes)")
+        finally:
+            self._writing -= 1
+            if not self._writing:
+                self._written_out.set()
+                self._written_out = trio.Event()
+
+    async def write_held(self) -> None:
+        """Write every held write and wait for those being written; their errors are kept
+        for their handles."""
+        while self._held:
+            await self._write_for(next(iter(self._held)))
+        while self._writing:
+            await self._written_out.wait()
+
+    async def held_of(self, fh: int) -> None:
+        """Write what ``fh`` holds and raise the first error of its held writes."""
+        if fh in self._held:
+            await self._write_for(fh)
+        while self._writing:
+            await self._written_out.wait()
+        err = self._errors.pop(fh, None)
+        if err is not None:
+            raise err
+
+    async def write_now(self, fh: int, off: int, data: bytes, when: int | None = None) -> int:
+        rf = self.handles.files.get(fh)
+        if rf is not None:
+            vol, rfh, ino = rf.vol, rf.rfh, rf.ino
+        else:
+            ino = self.files.inode_of(fh)
+            vol = self.volume_of(ino)
+            if self.roles.orders(vol):
+                n = await self.files.write(fh, off, data, when)
+                await self.written(fh, vol)
+                return n
+            got = self.handles.on_primary.get(fh)
+            if got is None:
+                raise FsError(errno.EBADF, "file not open for writing")
+            rfh = got
+        if self._post is not None and self._posted(fh, vol, rfh, ino, off, data):
+            return len(data)
+        n = await self.forward(vol, fsops.Write(rfh, off, data))
+        if not isinstance(n, int):
+            raise FsError(errno.EIO, "malformed write answer from the primary")
+        return n
+
+    def _posted(
+        self, fh: int, vol: VolumeId, rfh: int, ino: InodeId, off: int, data: bytes
+    ) -> bool:
+        """Send a write to the primary without waiting (in order: ``fs.write``); False when
+        it cannot be posted now (no connection yet, or too many in flight): then it is sent
+        and waited for like any update."""
+        stream = self.streams.get(fh)
+        if stream is None:
+            stream = self.streams[fh] = Stream(vol, rfh, ino)
+        if stream.error is not None:
+            err, stream.error = stream.error, None
+            raise err
+        if self._inflight >= WRITES_IN_FLIGHT:
+            return False
+        assert self._post is not None
+        want = len(data)
+
+        def done(p: Pending) -> None:
+            self._inflight -= 1
+            self._answered.set()
+            self._answered = trio.Event()
+            try:
+                n = p.result()
+                if n != want:
+                    raise FsError(errno.EIO, f"short write on the primary ({n!r:.20} of {want})")
+            except FsError as exc:  # RemoteError, PeerUnavailable
+                if stream.error is None:
+                    stream.error = FsError(exc.errno or errno.EIO, f"write failed: {exc}")
+
+        try:
+            self._post(self.roles.primary(vol), "fs.write", {"w": [rfh, off, data]}, done)
+        except PeerUnavailable:
+            return False
+        self._inflight += 1
+        if not stream.dirty:
+            stream.dirty = True
+            self.unflushed[ino] = self.unflushed.get(ino, 0) + 1
+        return True
+
+    # --- flush, fsync, release ------------------------------------------------------------------
+
+    async def flush_stream(self, fh: int, args: fsops.Flush | fsops.Fsync) -> bool:
+        """flush/fsync of a handle with posted writes: forwarded once every posted write was
+        answered; True if it was done here."""
+        stream = self.streams.get(fh)
+        if stream is None:
+            return False
+        try:
+            await self.forward(stream.vol, args)
+        finally:
+            self._clean(stream)
+        if stream.error is not None:
+            err, stream.error = stream.error, None
+            raise err
+        return True
+
+    def stream_needs_flush(self, fh: int) -> Stream | None:
+        stream = self.streams.get(fh)
+        if stream is not None and (stream.dirty or stream.error is not None):
+            return stream
+        return None
+
+    async def close_stream(self, fh: int) -> None:
+        """release: flush what was posted (errors are logged: nobody can be told any more)."""
+        stream = self.streams.get(fh)
+        if stream is None:
+            return
+        try:
+            if stream.dirty or stream.error is not None:
+                await self.flush_stream(fh, fsops.Flush(stream.rfh))
+        except FsError as exc:
+            log.warning("writes of handle %d failed at release: %s", fh, exc)
+        finally:
+            self._clean(stream)
+            del self.streams[fh]
+
+    def _clean(self, stream: Stream) -> None:
+        if stream.dirty:
+            stream.dirty = False
+            left = self.unflushed.get(stream.ino, 0) - 1
+            if left > 0:
+                self.unflushed[stream.ino] = left
+            else:
+                self.unflushed.pop(stream.ino, None)
+
+    async def written(self, fh: int, vol: VolumeId) -> None:
+        """A write made here, on the primary: acknowledged to the writer at flush or fsync,
+        not now, so that writes and their replication overlap; at most WRITE_WINDOW of them
+        are ahead of the slowest site in sync."""
+        repl = self.roles.replicator(vol)
+        if repl is None:
+            return
+        seq = self.files.meta.seq(vol)
+        self._unacked[fh] = (vol, seq)
+        if seq > WRITE_WINDOW:
+            await repl.wait(seq - WRITE_WINDOW)
+
+    async def wait_acked(self, fh: int) -> None:
+        """The primary's flush: every write of ``fh`` is on every site in sync."""
+        pending = self._unacked.pop(fh, None)
+        if pending is not None:
+            repl = self.roles.replicator(pending[0])
+            if repl is not None:
+                await repl.wait(pending[1])
