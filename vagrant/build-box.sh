@@ -43,7 +43,10 @@ R="$WORK/root"
 echo dfs-box > "$R/etc/hostname"
 printf '127.0.0.1 localhost\n' > "$R/etc/hosts"
 mkdir -p "$R/etc/systemd/network"
-printf '[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n' > "$R/etc/systemd/network/10-eth0.network"
+# DHCP by MAC: every VM starts from the same image, so a machine-id based DUID would hand them
+# all one address.
+printf '[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n\n[DHCPv4]\nClientIdentifier=mac\n' \
+  > "$R/etc/systemd/network/10-eth0.network"
 chroot "$R" systemctl enable systemd-networkd.service ssh.service >/dev/null 2>&1
 chroot "$R" systemctl mask systemd-networkd-wait-online.service apt-daily.timer apt-daily-upgrade.timer \
   e2scrub_all.timer fstrim.timer >/dev/null 2>&1 || true
@@ -58,6 +61,9 @@ rm -f "$R"/etc/ssh/ssh_host_*
 mkdir -p "$R/etc/systemd/system/ssh.service.d"
 printf '[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n' \
   > "$R/etc/systemd/system/ssh.service.d/host-keys.conf"
+# Each VM makes its own machine-id on first boot.
+: > "$R/etc/machine-id"
+rm -f "$R/var/lib/dbus/machine-id"
 rm -rf "$R"/var/cache/apt/archives/*.deb "$R"/var/lib/apt/lists/*
 
 say "making a ${DISK_MB} MiB bootable disk"
@@ -99,7 +105,7 @@ Vagrant.configure("2") do |config|
   end
 end
 VF
-tar -C "$WORK/box" -czf "$BOX.tmp" metadata.json box.img Vagrantfile
+tar -C "$WORK/box" -cf "$BOX.tmp" metadata.json box.img Vagrantfile
 mv "$BOX.tmp" "$BOX"
 rm -rf "$WORK"
 say "done: $BOX ($(du -h "$BOX" | cut -f1))"

@@ -140,11 +140,15 @@ build_payload() {
 
 up() {
   install_packages
-  [ -f "$VDIR/dfs-bookworm.box" ] || { say "building the box (once)"; vagrant/build-box.sh; }
+  if [ ! -f "$VDIR/dfs-bookworm.box" ] || [ vagrant/build-box.sh -nt "$VDIR/dfs-bookworm.box" ]; then
+    say "building the box (once; again when vagrant/build-box.sh changes)"
+    vagrant/build-box.sh
+  fi
   start_libvirt
-  if ! vagrant box list 2>/dev/null | grep -q '^dfs-bookworm '; then
+  if [ ! -f "$VDIR/box-added" ] || [ "$VDIR/dfs-bookworm.box" -nt "$VDIR/box-added" ]; then
     say "adding the box"
-    vagrant box add --name dfs-bookworm "$VDIR/dfs-bookworm.box" >/dev/null
+    vagrant box add --force --name dfs-bookworm "$VDIR/dfs-bookworm.box" >/dev/null
+    touch "$VDIR/box-added"
   fi
   build_payload
   say "bringing up $N VMs (accel ${DFS_VAGRANT_ACCEL:-tcg}); output in $VDIR/up.log"
