@@ -21,10 +21,14 @@ DEPLOY = ROOT / "deploy"
 pytestmark = pytest.mark.slow
 
 
-def _run(cmd: list[str | Path], **kw: object) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, **kw)  # type: ignore[call-overload]
+def _run(
+    cmd: list[str | Path], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=600, env=env, cwd=cwd
+    )
     assert r.returncode == 0, f"{cmd}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
-    return r  # type: ignore[no-any-return]
+    return r
 
 
 @pytest.fixture(scope="module")
