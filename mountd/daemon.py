@@ -45,6 +45,7 @@ from dfs.errors import StoreError
 from dfs.fs.vfs import Vfs
 from dfs.lockfile import DataDirLock
 from dfs.meta.store import STANDALONE_NODE, MetaStore
+from mountd import sdnotify
 from mountd.fuse_convert import Counters
 from mountd.fuse_ops import DfsOperations
 from mountd.mountpoint import MountPointError, fuse_device, prepare
@@ -327,6 +328,7 @@ class _Node:
             nursery.start_soon(_raise_readahead, opts.mountpoint)
             invalidator.start(ops.in_flight)
             self._log_ready()
+            sdnotify.ready(f"mounted at {opts.mountpoint}")  # systemd Type=notify
             if not self._stopping:
                 await pyfuse3.main()
         finally:
