@@ -760,14 +760,22 @@ def check_fsck(node: Mount) -> None:
     assert res.returncode == 0, f"fsck failed:\n{res.stdout}{res.stderr}"
 
 
-def run_model(base: Path, local: Path, model_settings: settings) -> dict[str, list[str]]:
-    """Run the state machine on ``base/exN`` and ``local/exN``; each example's operations."""
+def run_model(
+    base: Path,
+    local: Path,
+    model_settings: settings,
+    on_example: Callable[[int], None] = lambda n: None,
+) -> dict[str, list[str]]:
+    """Run the state machine on ``base/exN`` and ``local/exN``; each example's operations.
+    ``on_example(n)`` is called as example n starts (tests that disturb the run hook it)."""
     counter = itertools.count()
     histories: dict[str, list[str]] = {}
 
     class Machine(ModelMachine):
         def __init__(self) -> None:
-            super().__init__(base, local, next(counter), histories)
+            n = next(counter)
+            on_example(n)
+            super().__init__(base, local, n, histories)
 
     run_state_machine_as_test(Machine, settings=model_settings)
     return histories
