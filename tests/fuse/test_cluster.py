@@ -7,14 +7,18 @@ names, type, mode, owner, size, times, link counts, inode numbers, xattrs,
 symlink targets and contents. Then the parts where nodes interact:
 concurrent creates of one name, renames seen atomically, the kernel caches
 of other nodes invalidated, a storage site killed with SIGKILL mid-workload
-and restarted, and an unreachable primary refusing updates fast.
+and restarted, an unreachable primary refusing updates, and locks: flock/fcntl hold
+only on the node that took them, lock files (O_EXCL, mkdir) on every node.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -429,3 +433,76 @@ def test_host_views_show_each_nodes_copy(cluster: Launcher, mnts: dict[str, Path
     finally:
         r = cluster.dfs("start", "n3")
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --- locks (CONSISTENCY.md §4, "Locks") ---------------------------------------------------
+
+# Run in a process of its own: tries a lock without waiting and prints "ok" or the errno's name.
+TRY_LOCK = """
+import errno, fcntl, os, sys
+path, kind = sys.argv[1], sys.argv[2]
+try:
+    if kind == "flock":
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    elif kind == "fcntl":
+        fd = os.open(path, os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    elif kind == "excl":
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    else:
+        os.mkdir(path)
+    print("ok")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+
+
+def try_lock(path: Path, kind: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", TRY_LOCK, str(path), kind],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def outcome(proc: subprocess.Popen[str]) -> str:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return out.strip()
+
+
+@pytest.mark.parametrize("kind", ["flock", "fcntl"])
+def test_locks_hold_only_on_the_node_that_took_them(mnts: dict[str, Path], kind: str) -> None:
+    """pyfuse3 has no lock operations: each node's kernel keeps flock/fcntl locks of its own
+    mount. A lock taken through n1 excludes other processes on n1, but not a process on n2."""
+    f = mnts["n1"] / "locked"
+    f.write_text("x")
+    fd = os.open(f, os.O_RDWR)
+    try:
+        if kind == "flock":
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert outcome(try_lock(f, kind)) in ("EWOULDBLOCK", "EAGAIN", "EACCES")
+        assert outcome(try_lock(mnts["n2"] / "locked", kind)) == "ok"  # not excluded there
+    finally:
+        os.close(fd)
+    assert outcome(try_lock(f, kind)) == "ok"  # and on n1 once released
+
+
+@pytest.mark.parametrize("kind", ["excl", "mkdir"])
+def test_lock_files_exclude_across_nodes(mnts: dict[str, Path], kind: str) -> None:
+    """What to use instead: creating a lock file with O_CREAT|O_EXCL, or a lock directory with
+    mkdir, is decided by the primary, so of processes on n1 and n2 racing for one name exactly
+    one gets it; once it is removed, the next one can."""
+    for i in range(20):
+        lock = f"lock{i}"
+        procs = {n: try_lock(mnts[n] / lock, kind) for n in ("n1", "n2")}
+        got = {n: outcome(p) for n, p in procs.items()}
+        assert sorted(got.values()) == ["EEXIST", "ok"], (lock, got)
+        loser = "n1" if got["n2"] == "ok" else "n2"
+        assert outcome(try_lock(mnts[loser] / lock, kind)) == "EEXIST"  # still held
+        (os.rmdir if kind == "mkdir" else os.unlink)(mnts["n3"] / lock)  # released anywhere
+        assert outcome(try_lock(mnts[loser] / lock, kind)) == "ok"
