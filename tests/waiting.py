@@ -51,7 +51,7 @@ def wait_until(
     ``what`` says what is awaited (it opens the failure message). Exceptions of
     the types in ``retry_on`` count as "not yet" (e.g. ``FileNotFoundError``
     while a file is still on its way); the last one is named on timeout.
-    Polls back off from ``every`` to at most 0.25 s.
+    Polls back off from ``every`` to 0.05 s (or ``every`` if longer).
     """
     deadline = time.monotonic() + limit
     delay = every
@@ -69,7 +69,7 @@ def wait_until(
         if time.monotonic() > deadline:
             raise _failure(what, limit, last, exc) from exc
         time.sleep(delay)  # polling interval, not synchronisation
-        delay = min(delay * 1.5, 0.25)
+        delay = min(delay * 1.5, max(every, 0.05))
 
 
 async def await_until(
@@ -78,7 +78,7 @@ async def await_until(
     *,
     ok: Callable[[T], object] = bool,
     limit: float = DEADLINE,
-    every: float = 0.001,
+    every: float = 0.01,
 ) -> T:
     """The trio flavour of ``wait_until``: polls on trio's clock (so a MockClock
     jumps ahead instead of waiting), with ``probe`` sync or async."""
@@ -88,8 +88,31 @@ async def await_until(
             value = probe()
             if isinstance(value, Awaitable):
                 value = await value
-            if ok(value):  # type: ignore[arg-type]
-                return value  # type: ignore[return-value]
+            if ok(value):
+                return value
             last = value
             await trio.sleep(every)
     raise _failure(what, limit, last, None)
+
+
+# Linux's CLOCK_REALTIME_COARSE (time does not export it): the clock the kernel stamps file
+# times with (one jiffy, up to 10 ms, per tick).
+CLOCK_REALTIME_COARSE = 5
+
+
+def next_file_time() -> None:
+    """Wait until a file time stamped from now on is later than any stamped before the call.
+
+    For tests that check a change moves mtime or ctime forward: a change made
+    within the same tick of the kernel's coarse clock as the one before it gets
+    an equal time. Every time stamped before this call, by the kernel's coarse
+    clock or a finer one (the daemon's, on cluster nodes), is at most the fine
+    clock's reading now; once the coarse clock is past it, so are both.
+    """
+    before = time.time_ns()
+    wait_until(
+        f"the kernel's coarse clock past {before}",
+        lambda: time.clock_gettime_ns(CLOCK_REALTIME_COARSE),
+        ok=lambda now: now > before,
+        every=0.001,
+    )

@@ -38,7 +38,6 @@ import random
 import re
 import shutil
 import stat
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from hypothesis.stateful import (
 )
 
 from tests.mounting import Mount
+from tests.waiting import next_file_time
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
@@ -76,9 +76,6 @@ EXPLICIT_NS = (
     1_234_567_890_123_456_789,
     8_589_934_592 * 10**9 + 999_999_999,
 )
-# A checkpoint sleeps this long after its snapshot, so that a change made after
-# it never gets the same coarse (jiffy) kernel timestamp as one made before it.
-TICK = 0.012
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
@@ -410,7 +407,9 @@ class ModelMachine(RuleBasedStateMachine):
         self.prev = (d, loc)
         self.journal.clear()
         self.time_exempt.clear()
-        time.sleep(TICK)
+        # A change made after the checkpoint must never get the same coarse (jiffy)
+        # kernel timestamp as one made before it.
+        next_file_time()
 
     def exempt(self, local_path: str, follow: bool, *, mtime: bool, ctime: bool) -> None:
         """Until the next checkpoint, do not compare these times of this local inode."""
