@@ -516,6 +516,7 @@ def invalidate_one(
     *,
     wait: float = INFLIGHT_WAIT,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Tell the kernel to drop ``item``; when it has nothing to drop yet but is about to
     (``in_flight``), try again until it has, for at most ``wait`` seconds.
@@ -528,13 +529,13 @@ def invalidate_one(
     that can be the case: the kernel holds references to the inode (it has it, or is
     making it), or this node recently answered that name negatively.
     """
-    deadline = time.monotonic() + wait
+    deadline = clock() + wait
     while True:
         try:
             notify(item)
             return
         except OSError as exc:
-            if exc.errno == errno.ENOENT and in_flight(item) and time.monotonic() < deadline:
+            if exc.errno == errno.ENOENT and in_flight(item) and clock() < deadline:
                 sleep(INFLIGHT_RETRY)
                 continue
             if exc.errno not in (errno.ENOENT, errno.EBADF):

@@ -12,14 +12,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from dfs.errors import BUG_MARKER
 from dfs.mounts import force_unmount, mount_points
+from tests.waiting import DEADLINE, WaitTimeout, wait_until
 
 MOUNTD = [sys.executable, "-m", "mountd"]
-START_TIMEOUT = 20.0
+START_TIMEOUT = DEADLINE
 
 
 class MountError(Exception):
@@ -53,23 +53,24 @@ class Mount:
         self.wait_live()
 
     def wait_live(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
         parent_dev = os.stat(self.path.parent).st_dev
-        while time.monotonic() < deadline:
+
+        def serving() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise MountError(f"dfs-mountd exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                # A stale mount left by a killed daemon still answers stat() from the
-                # kernel's attribute cache; only readdir proves a daemon is serving
-                # (a stale connection says ENOTCONN).
-                if os.stat(self.path).st_dev != parent_dev:
-                    os.listdir(self.path)
-                    return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise MountError(f"mount did not become live in {START_TIMEOUT}s:\n{self.log()}")
+            # A stale mount left by a killed daemon still answers stat() from the
+            # kernel's attribute cache; only readdir proves a daemon is serving
+            # (a stale connection says ENOTCONN).
+            if os.stat(self.path).st_dev == parent_dev:
+                return False
+            os.listdir(self.path)
+            return True
+
+        try:
+            wait_until("the mount to be served", serving, retry_on=(OSError,), limit=START_TIMEOUT)
+        except WaitTimeout as exc:
+            raise MountError(f"{exc}\n{self.log()}") from None
 
     def is_mounted(self) -> bool:
         return str(self.path) in mount_points()

@@ -26,7 +26,8 @@ from dfs.errors import FsError
 from dfs.fs.ctx import ROOT_CTX
 from dfs.net.rpc import Methods
 from dfs.types import ROOT_INODE, ROOT_VOLUME, NodeId
-from tests.core.test_replication import Node, serve_ops, until
+from tests.core.test_replication import Node, serve_ops
+from tests.waiting import await_until
 
 
 def test_a_forwarding_site_applies_the_update_before_it_returns(tmp_path: Path) -> None:
@@ -79,7 +80,9 @@ def test_a_forwarding_site_applies_the_update_before_it_returns(tmp_path: Path) 
             nursery.start_soon(repl.run)
             gate["n2"].set()
             gate["n3"].set()
-            await until(lambda: all(lk.in_sync for lk in repl.links.values()))
+            await await_until(
+                "every site in sync", lambda: all(lk.in_sync for lk in repl.links.values())
+            )
             a = await n2.mkdir(ROOT_INODE, b"d", 0o755, ROOT_CTX)
             for n in sites.values():  # on every site when it returns, n2 included
                 assert n.vfs.peek(ROOT_INODE, b"d") is not None
@@ -95,7 +98,7 @@ def test_a_forwarding_site_applies_the_update_before_it_returns(tmp_path: Path) 
                 done.set()
 
             nursery.start_soon(make)
-            await until(lambda: sites["n3"].vfs.peek(ROOT_INODE, b"e") is not None)
+            await await_until("e on n3", lambda: sites["n3"].vfs.peek(ROOT_INODE, b"e") is not None)
             await trio.sleep(1)
             assert not done.is_set()  # n2 has not applied it: not returned
             gate["n2"].set()
@@ -111,7 +114,7 @@ def test_a_forwarding_site_applies_the_update_before_it_returns(tmp_path: Path) 
             got = await n2.lookup(ROOT_INODE, b"f")  # read-your-writes: from the primary
             assert got.is_dir
             gate["n2"].set()
-            await until(lambda: sites["n2"].vfs.peek(ROOT_INODE, b"f") is not None)
+            await await_until("f on n2", lambda: sites["n2"].vfs.peek(ROOT_INODE, b"f") is not None)
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))

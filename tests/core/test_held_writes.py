@@ -29,7 +29,8 @@ from dfs.cluster.writebehind import GATHER_MAX, HOLD_FOR
 from dfs.errors import FsError
 from dfs.fs.ctx import ROOT_CTX
 from dfs.types import ROOT_INODE, ROOT_VOLUME, NodeId
-from tests.core.test_replication import Node, replicating_to, until
+from tests.core.test_replication import Node, replicating_to
+from tests.waiting import await_until
 
 T0 = 1_800_000_000_000_000_000
 
@@ -60,7 +61,7 @@ def _run(
             nursery.start_soon(repl.run)
             if quiet_writers:
                 nursery.start_soon(fs.writes.run)
-            await until(lambda: repl.links["n2"].in_sync)
+            await await_until("n2 in sync", lambda: repl.links["n2"].in_sync)
             await body()
             nursery.cancel_scope.cancel()
 
@@ -110,7 +111,11 @@ def test_writes_that_continue_each_other_become_one_update(tmp_path: Path) -> No
         await fs.write(fh, 10, b"r" * 3)
         await fs.release(fh)
         assert (await LocalReader(primary.vfs).read(f.ino, 10, 3)) == b"rrr"
-        await until(lambda: site.meta.seq(ROOT_VOLUME) == primary.meta.seq(ROOT_VOLUME))
+        await await_until(
+            "the site at the primary's seq (site, primary)",
+            lambda: (site.meta.seq(ROOT_VOLUME), primary.meta.seq(ROOT_VOLUME)),
+            ok=lambda s: s[0] == s[1],
+        )
         assert (await LocalReader(site.vfs).read(f.ino, 10, 3)) == b"rrr"
 
     _run(fs, repl, body)
@@ -172,7 +177,11 @@ def test_a_site_reads_a_file_whose_digests_have_not_followed_yet(tmp_path: Path)
         want = b"a" * 10 + b"b" * 10 + b"a" * (GATHER_MAX - 20)
         assert await LocalReader(site.vfs).read(f.ino, 0, GATHER_MAX) == want
         await fs.release(fh)
-        await until(lambda: site.meta.seq(ROOT_VOLUME) == primary.meta.seq(ROOT_VOLUME))
+        await await_until(
+            "the site at the primary's seq (site, primary)",
+            lambda: (site.meta.seq(ROOT_VOLUME), primary.meta.seq(ROOT_VOLUME)),
+            ok=lambda s: s[0] == s[1],
+        )
         assert await LocalReader(site.vfs).read(f.ino, 0, GATHER_MAX) == want
 
     _run(fs, repl, body)
@@ -191,7 +200,11 @@ def test_a_writer_that_goes_quiet_is_written_soon(tmp_path: Path) -> None:
             assert primary.meta.seq(ROOT_VOLUME) == seq  # still held
             await trio.sleep(HOLD_FOR)
             assert primary.meta.seq(ROOT_VOLUME) == seq + 1
-            await until(lambda: site.meta.seq(ROOT_VOLUME) == primary.meta.seq(ROOT_VOLUME))
+            await await_until(
+                "the site at the primary's seq (site, primary)",
+                lambda: (site.meta.seq(ROOT_VOLUME), primary.meta.seq(ROOT_VOLUME)),
+                ok=lambda s: s[0] == s[1],
+            )
             got = await LocalReader(site.vfs).read(f.ino, 0, 100)
             assert got == b"".join(b"line%d\n" % j for j in range(i + 1))
         await fs.release(fh)

@@ -61,6 +61,7 @@ from dfs.net.peer import Peer, Pending
 from dfs.net.rpc import Methods, PeerUnavailable, RemoteError
 from dfs.net.server import RpcServer
 from dfs.types import ROOT_INODE, ROOT_VOLUME, InodeId, NodeId, VolumeId
+from tests.waiting import await_until
 
 LEASE = 3.0
 WRITERS = 2 * WINDOW
@@ -118,14 +119,6 @@ def replicated(meta: MetaStore) -> list[tuple[str, list[tuple[bytes, bytes]]]]:
             name = S.DB_NAMES[i]
             out.append((name, [(bytes(k), bytes(v)) for k, v in txn.cursor(db=meta.dbs[name])]))
     return out
-
-
-async def until(cond: Callable[[], bool], limit: float = 30.0) -> None:
-    for _ in range(int(limit / 0.05)):
-        if cond():
-            return
-        await trio.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 def mock_clock() -> trio.testing.MockClock:
@@ -252,7 +245,9 @@ def test_updates_wait_for_sites_and_a_dropped_site_catches_up(tmp_path: Path) ->
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(repl.run)
-            await until(lambda: all(link.in_sync for link in repl.links.values()))
+            await await_until(
+                "every site in sync", lambda: all(link.in_sync for link in repl.links.values())
+            )
             d = await fs.mkdir(ROOT_INODE, b"d", 0o755, ROOT_CTX)
             in_sync_everywhere()
             fh, f = await fs.create(d.ino, b"f", 0o644, os.O_RDWR, ROOT_CTX)
@@ -283,7 +278,7 @@ def test_updates_wait_for_sites_and_a_dropped_site_catches_up(tmp_path: Path) ->
             # n3 comes back: it catches up from the journal and is in sync again.
             down.clear()
             repl.kick("n3")
-            await until(lambda: repl.links["n3"].in_sync)
+            await await_until("n3 in sync", lambda: repl.links["n3"].in_sync)
             in_sync_everywhere()
             nursery.cancel_scope.cancel()
 
@@ -356,17 +351,21 @@ def test_streaming_pipelines_concurrent_updates_and_survives_a_lost_site(
             for p in peers.values():
                 nursery.start_soon(p.serve)
             nursery.start_soon(repl.run)
-            await until(lambda: all(link.streaming for link in repl.links.values()))
+            await await_until(
+                "every link streaming", lambda: all(link.streaming for link in repl.links.values())
+            )
             async with trio.open_nursery() as writers:
                 for k in range(WRITERS):  # more than WINDOW: some records wait, in batches
                     writers.start_soon(writer, k)
                 await trio.sleep(0.02)
                 peers["n3"].lose_connection()
-                await until(lambda: not repl.links["n3"].in_sync)
+                await await_until("n3 out of sync", lambda: not repl.links["n3"].in_sync)
                 await trio.sleep(LEASE + 0.5)
                 peers["n3"].down = False
                 repl.kick("n3")
-            await until(lambda: all(link.streaming for link in repl.links.values()))
+            await await_until(
+                "every link streaming", lambda: all(link.streaming for link in repl.links.values())
+            )
             await repl.wait()
             nursery.cancel_scope.cancel()
 
@@ -558,7 +557,7 @@ def test_post_pipelines_in_order_and_abandon_and_loss_are_handled() -> None:
                 peer.post("step", {"i": i}, functools.partial(on_done, i)) for i in range(1, 40)
             ]
             peer.abandon(posted[20])  # i = 21: its answer is dropped
-            await until(lambda: len(done) == 38, limit=10.0)
+            await await_until("38 calls done", lambda: len(done), ok=(38).__eq__)
             assert seen == list(range(40))
             assert [i for i, _r in done] == [i for i in range(1, 40) if i != 21]
             for i, r in done:
@@ -570,7 +569,7 @@ def test_post_pipelines_in_order_and_abandon_and_loss_are_handled() -> None:
             lost: list[Pending] = []
             slow = peer.post("step", {"i": 101}, lost.append)
             peer.close_nowait()
-            await until(lambda: bool(lost), limit=5.0)
+            await await_until("a call lost", lambda: lost)
             assert lost == [slow] and slow.failure is not None
             with pytest.raises(PeerUnavailable):
                 slow.result()

@@ -18,7 +18,8 @@ from dfs.cluster.replication import ReplicaApplier
 from dfs.cluster.roles import VolumeRoles
 from dfs.fs.ctx import ROOT_CTX
 from dfs.types import ROOT_INODE, ROOT_VOLUME, NodeId
-from tests.core.test_replication import Node, replicating_to, until
+from tests.core.test_replication import Node, replicating_to
+from tests.waiting import await_until
 
 
 def test_a_commit_after_replication_stopped_is_journaled_and_caught_up(tmp_path: Path) -> None:
@@ -31,7 +32,9 @@ def test_a_commit_after_replication_stopped_is_journaled_and_caught_up(tmp_path:
     async def streaming() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(repl.run)
-            await until(lambda: repl.links["n2"].in_sync and repl.links["n2"].streaming)
+            await await_until(
+                "n2 streaming", lambda: repl.links["n2"].in_sync and repl.links["n2"].streaming
+            )
             await fs.mkdir(ROOT_INODE, b"before", 0o755, ROOT_CTX)
             nursery.cancel_scope.cancel()
 
@@ -44,7 +47,9 @@ def test_a_commit_after_replication_stopped_is_journaled_and_caught_up(tmp_path:
     async def restarted() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(repl.run)
-            await until(lambda: repl.links["n2"].acked >= primary.meta.seq(ROOT_VOLUME))
+            await await_until(
+                "n2 caught up", lambda: repl.links["n2"].acked >= primary.meta.seq(ROOT_VOLUME)
+            )
             nursery.cancel_scope.cancel()
 
     trio.run(restarted, clock=trio.testing.MockClock(autojump_threshold=0.02))

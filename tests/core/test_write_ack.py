@@ -22,7 +22,8 @@ from dfs.cluster.roles import VolumeRoles
 from dfs.cluster.writebehind import WRITE_WINDOW
 from dfs.fs.ctx import ROOT_CTX
 from dfs.types import ROOT_INODE, ROOT_VOLUME, NodeId
-from tests.core.test_replication import Node, replicating_to, until
+from tests.core.test_replication import Node, replicating_to
+from tests.waiting import await_until
 
 
 def test_writes_overlap_replication_and_close_waits_for_it(tmp_path: Path) -> None:
@@ -35,7 +36,7 @@ def test_writes_overlap_replication_and_close_waits_for_it(tmp_path: Path) -> No
         async with trio.open_nursery() as nursery:
             nursery.start_soon(repl.run)
             gate["open"].set()
-            await until(lambda: repl.links["n2"].in_sync)
+            await await_until("n2 in sync", lambda: repl.links["n2"].in_sync)
             fh, f = await fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
             applied = site.meta.seq(ROOT_VOLUME)
             assert applied == primary.meta.seq(ROOT_VOLUME)  # metadata: at once

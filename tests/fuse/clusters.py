@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import pytest
 from dfs.errors import BUG_MARKER
 from dfs.mounts import force_unmount
 from tests.mounting import mounts_under
+from tests.waiting import wait_until
 
 DFS = [sys.executable, "-m", "dfs_tools"]
 HEARTBEAT = 1.0  # what dfs init writes
@@ -104,15 +104,11 @@ class Launcher:
     def nodes(self) -> dict[str, dict[str, Any]]:
         return {n["name"]: n for n in self.status()[1]["nodes"]}
 
-    def wait(self, what: str, cond: Callable[[dict[str, dict[str, Any]]], bool], limit: float):
-        deadline = time.monotonic() + limit
-        while True:
-            nodes = self.nodes()
-            if cond(nodes):
-                return nodes
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not within {limit}s: {what}\n{json.dumps(nodes, indent=1)}")
-            time.sleep(0.2)
+    def wait(
+        self, what: str, cond: Callable[[dict[str, dict[str, Any]]], bool]
+    ) -> dict[str, dict[str, Any]]:
+        """Wait until ``dfs cluster status`` shows ``cond``; the nodes as it last showed them."""
+        return wait_until(what, self.nodes, ok=cond, every=0.1)
 
     def logs(self) -> str:
         out = []
@@ -245,21 +241,24 @@ def writes_while_a_site_is_killed(
                 return
             i += 1
 
+    def acked_past(n: int) -> Callable[[], bool]:
+        def probe() -> bool:
+            assert not errors, errors
+            return len(acked) >= n
+
+        return probe
+
     t = threading.Thread(target=workload)
     t.start()
     try:
-        time.sleep(1.0)
+        wait_until("the workload under way", acked_past(20))
         r = cluster.dfs("stop", site, "--kill")
         assert r.returncode == 0, r.stderr
-        n_at_kill = len(acked)
         # The primary waits for the dead site's read lease (3 heartbeats) to run out, once.
-        deadline = time.monotonic() + 10
-        while len(acked) < n_at_kill + 20 and time.monotonic() < deadline and not errors:
-            time.sleep(0.1)
-        assert len(acked) >= n_at_kill + 20, "updates stopped while a storage site was down"
+        wait_until("updates while a storage site is down", acked_past(len(acked) + 20))
         r = cluster.dfs("start", site)
         assert r.returncode == 0, r.stdout + r.stderr
-        time.sleep(1.0)
+        wait_until("updates while the site catches up", acked_past(len(acked) + 20))
     finally:
         done.set()
         t.join(60)

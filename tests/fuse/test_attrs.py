@@ -13,10 +13,9 @@ import pytest
 
 from tests.fuse.support import UTIME_NOW, UTIME_OMIT, sh, utimensat
 from tests.mounting import Mount
+from tests.waiting import next_file_time
 
 pytestmark = pytest.mark.fuse
-
-TICK = 0.02  # longer than any clock granularity on either side (ext4: one jiffy)
 
 
 def in_both(mnt: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -114,7 +113,7 @@ def test_utimensat_now_and_omit(mnt: Path, tmp_path: Path) -> None:
         out: list[object] = []
         for atime, mtime in forms:
             before = os.stat(p)
-            time.sleep(TICK)
+            next_file_time()
             t0 = time.time_ns()
             utimensat(p, atime, mtime)
             st = os.stat(p)
@@ -144,13 +143,13 @@ def test_touch(mnt: Path, tmp_path: Path) -> None:
         sh(["touch", "-d", "2001-02-03 04:05:06.123456789 UTC", str(p)])  # creates it
         st = os.stat(p)
         out.append((st.st_atime_ns, st.st_mtime_ns, st.st_size))
-        time.sleep(TICK)
+        next_file_time()
         sh(["touch", "-m", "-d", "@1000000000.5", str(p)])
         st2 = os.stat(p)
         out.append(
             (st2.st_atime_ns == st.st_atime_ns, st2.st_mtime_ns, st2.st_ctime_ns > st.st_ctime_ns)
         )
-        time.sleep(TICK)
+        next_file_time()
         sh(["touch", "-a", str(p)])
         st3 = os.stat(p)
         out.append(
@@ -160,7 +159,7 @@ def test_touch(mnt: Path, tmp_path: Path) -> None:
                 st3.st_ctime_ns > st2.st_ctime_ns,
             )
         )
-        time.sleep(TICK)
+        next_file_time()
         sh(["touch", "-m", str(p)])
         st4 = os.stat(p)
         out.append((st4.st_atime_ns == st3.st_atime_ns, st4.st_mtime_ns > st3.st_mtime_ns))
@@ -229,7 +228,7 @@ def _trace(root: Path) -> list[tuple[str, list[str]]]:
     try:
         for name, step in STEPS:
             before = {k: os.fstat(fd) for k, fd in fds.items()}
-            time.sleep(TICK)
+            next_file_time()
             step(root)
             changed = []
             for k, fd in fds.items():

@@ -14,7 +14,6 @@ import contextlib
 import errno
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 
 from tests.fsckrun import assert_fsck_clean
 from tests.mounting import Mount
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -124,10 +124,11 @@ def fill(m: Mount) -> None:
 
 def delete_big_and_reuse(m: Mount) -> None:
     os.unlink(m.path / "big")
-    deadline = time.monotonic() + 10
-    while disk_free(m) < (DISK_MB // 2) << 20:
-        assert time.monotonic() < deadline, f"space not freed: {disk_free(m)} bytes free"
-        time.sleep(0.05)
+    wait_until(
+        "the space of a deleted file freed (bytes free)",
+        lambda: disk_free(m),
+        ok=lambda free: free >= (DISK_MB // 2) << 20,
+    )
     fresh = os.urandom(8 << 20)
     write_file(m.path / "fresh", fresh)
     assert (m.path / "fresh").read_bytes() == fresh

@@ -12,13 +12,13 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.fuse.support import check_offline, sh
 from tests.mounting import Mount
+from tests.waiting import next_file_time
 
 pytestmark = pytest.mark.fuse
 
@@ -67,7 +67,7 @@ def test_o_trunc(node: Mount) -> None:
     fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
     os.close(fd)
     st = os.stat(p)
-    time.sleep(0.02)
+    next_file_time()
     fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
     os.close(fd)
     assert os.stat(p).st_mtime_ns > st.st_mtime_ns

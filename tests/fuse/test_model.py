@@ -38,7 +38,6 @@ import random
 import re
 import shutil
 import stat
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from hypothesis.stateful import (
 )
 
 from tests.mounting import Mount
+from tests.waiting import next_file_time
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
@@ -76,9 +76,6 @@ EXPLICIT_NS = (
     1_234_567_890_123_456_789,
     8_589_934_592 * 10**9 + 999_999_999,
 )
-# A checkpoint sleeps this long after its snapshot, so that a change made after
-# it never gets the same coarse (jiffy) kernel timestamp as one made before it.
-TICK = 0.012
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
@@ -410,7 +407,9 @@ class ModelMachine(RuleBasedStateMachine):
         self.prev = (d, loc)
         self.journal.clear()
         self.time_exempt.clear()
-        time.sleep(TICK)
+        # A change made after the checkpoint must never get the same coarse (jiffy)
+        # kernel timestamp as one made before it.
+        next_file_time()
 
     def exempt(self, local_path: str, follow: bool, *, mtime: bool, ctime: bool) -> None:
         """Until the next checkpoint, do not compare these times of this local inode."""
@@ -760,14 +759,22 @@ def check_fsck(node: Mount) -> None:
     assert res.returncode == 0, f"fsck failed:\n{res.stdout}{res.stderr}"
 
 
-def run_model(base: Path, local: Path, model_settings: settings) -> dict[str, list[str]]:
-    """Run the state machine on ``base/exN`` and ``local/exN``; each example's operations."""
+def run_model(
+    base: Path,
+    local: Path,
+    model_settings: settings,
+    on_example: Callable[[int], None] = lambda n: None,
+) -> dict[str, list[str]]:
+    """Run the state machine on ``base/exN`` and ``local/exN``; each example's operations.
+    ``on_example(n)`` is called as example n starts (tests that disturb the run hook it)."""
     counter = itertools.count()
     histories: dict[str, list[str]] = {}
 
     class Machine(ModelMachine):
         def __init__(self) -> None:
-            super().__init__(base, local, next(counter), histories)
+            n = next(counter)
+            on_example(n)
+            super().__init__(base, local, n, histories)
 
     run_state_machine_as_test(Machine, settings=model_settings)
     return histories

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 from tests.mounting import Mount
+from tests.waiting import wait_until
 
 
 def test_write_read_list(mnt: Path) -> None:
@@ -28,11 +29,7 @@ def test_sigterm_unmounts(node: Mount) -> None:
 def test_readahead_raised(node: Mount) -> None:
     """Sequential reads arrive as 1 MiB requests: the daemon raises the mount's readahead."""
     import os
-    import time
 
     dev = os.stat(node.path).st_dev
     knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
-    deadline = time.monotonic() + 5
-    while knob.read_text().strip() != "1024":
-        assert time.monotonic() < deadline, f"read_ahead_kb stays {knob.read_text().strip()}"
-        time.sleep(0.05)
+    wait_until("read_ahead_kb raised to 1024", lambda: knob.read_text().strip(), ok="1024".__eq__)

@@ -17,10 +17,8 @@ import json
 import os
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -33,6 +31,7 @@ from tests.fuse.clusters import (
     run,
     writes_while_a_site_is_killed,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
@@ -75,13 +74,6 @@ def vdirs(cluster: Launcher, request: pytest.FixtureRequest) -> Iterator[dict[st
     yield {n: mnt(cluster, n) / "proj" / name for n in NODES}
     bugs = cluster.bugs()
     assert not bugs, "a daemon logged unexpected exceptions:\n" + "\n".join(bugs)
-
-
-def until(cond: Any, limit: float = 5.0) -> None:
-    deadline = time.monotonic() + limit
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_volume_list_on_every_node(cluster: Launcher) -> None:
@@ -148,12 +140,17 @@ def test_changes_elsewhere_show_on_the_node_without_a_replica(vdirs: dict[str, P
     assert f.read_text() == "one"
     (vdirs["n3"] / "f").write_text("two, longer")
     (vdirs["n3"] / "new").write_text("x")
-    until(lambda: f.read_text() == "two, longer" and (vdirs["n1"] / "new").exists())
+    # Within its 1 s attribute cache; the deadline is wait_until's (not a latency bound).
+    wait_until(
+        "n3's changes to show on n1",
+        lambda: (f.read_text(), (vdirs["n1"] / "new").exists()),
+        ok=("two, longer", True).__eq__,
+    )
     assert os.stat(f).st_size == len("two, longer")
     # An open file keeps reading after its name is removed elsewhere (POSIX), on n1 too.
     with open(f, "rb") as held:
         (vdirs["n2"] / "f").unlink()
-        until(lambda: not f.exists())
+        wait_until("n2's unlink to show on n1", f.exists, ok=lambda there: not there)
         assert held.read() == b"two, longer"
 
 
@@ -241,18 +238,17 @@ def test_volume_primary_restarts_with_everything(cluster: Launcher, vdirs: dict[
     r = cluster.dfs("stop", "n2")
     assert r.returncode == 0, r.stderr
     try:
-        # Without its primary the volume refuses updates fast; the root volume goes on.
-        t0 = time.monotonic()
+        # Without its primary the volume refuses updates at once (EROFS, not a timeout);
+        # the root volume goes on.
         with pytest.raises(OSError) as e:
             (vdirs["n3"] / "new").write_text("x")
-        assert e.value.errno == errno.EROFS and time.monotonic() - t0 < 10
+        assert e.value.errno == errno.EROFS
         assert (vdirs["n3"] / "kept").read_text() == "kept across a restart of n2"
-        # A node that stores no replica cannot read the volume now: a clear error, fast.
-        t0 = time.monotonic()
+        # A node that stores no replica cannot read the volume now: a clear error (at once,
+        # or after timeouts.call), not a hang.
         with pytest.raises(OSError) as e:
             (vdirs["n4"] / "kept").read_text()
         assert e.value.errno in (errno.EHOSTDOWN, errno.ETIMEDOUT)
-        assert time.monotonic() - t0 < 10
         (mnt(cluster, "n3") / "root-file").write_text("root volume still takes updates")
     finally:
         r = cluster.dfs("start", "n2")

@@ -27,6 +27,7 @@ from dfs.errors import FsError
 from dfs.net.frames import HEADER, Field, MessageType, encode
 from dfs.net.rpc import Methods, RemoteError
 from dfs.net.stream import MessageStream
+from tests.waiting import DEADLINE
 
 
 def methods() -> Methods:
@@ -135,7 +136,7 @@ def test_garbage_closes_only_that_connection(
             other = MessageStream(await raw_connect(path))
             bad = await raw_connect(path)
             await bad.send_all(garbage)
-            with trio.fail_after(5):
+            with trio.fail_after(DEADLINE):
                 assert await bad.receive_some(100) == b""  # closed by the server
             await bad.aclose()
             # Another client, connected all along, is unaffected; so are new ones.

@@ -12,6 +12,7 @@ import trio.testing
 from dfs.net.frames import HEADER, MessageType, ProtocolError
 from dfs.net.handshake import AuthError, Session, client_handshake, server_handshake
 from dfs.net.stream import MessageStream
+from tests.waiting import DEADLINE
 
 SECRET = b"s" * 32
 KNOWN = {"n1", "n2"}
@@ -33,7 +34,7 @@ async def pair(
         finally:
             await ms.aclose()
 
-    with trio.fail_after(5):
+    with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as n:
             n.start_soon(run, "c", client, a)
             n.start_soon(run, "s", server, b)
