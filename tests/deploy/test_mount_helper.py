@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from dfs.mounts import force_unmount, is_mounted
 from mountd.mount_helper import UsageError, daemon_command, parse_options
-from mountd.mountpoint import force_unmount, is_mounted
 
 SBIN = Path("/usr/sbin/mount.fuse.dfs")
 HELPER = Path(sys.prefix) / "bin" / "mount.fuse.dfs"
