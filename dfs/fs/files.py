@@ -296,11 +296,13 @@ class FileIO:
             self.handle(fh)  # EBADF all the same
             return 0
         st = self._pin(fh)
-        self.data.admit(n)
         try:
-            return await self._write(st, off, data, when)
+            self.data.admit(n)  # ENOSPC before anything changes
+            try:
+                return await self._write(st, off, data, when)
+            finally:
+                self.data.done(n)
         finally:
-            self.data.done(n)
             self._unpin(st)
 
     async def _write(self, st: OpenInode, off: int, data: bytes, when: int | None) -> int:

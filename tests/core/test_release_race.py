@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from dfs.data.store import DataStore
+from dfs.errors import NoSpace
 from dfs.fs.ctx import SetAttrs
 from tests.core.harness import Core
 from tests.core.test_files import pattern
@@ -114,3 +115,22 @@ def test_release_during_an_operation_of_the_same_handle(
     want = b"w" * len(big) if op == "write" else big
     assert core.read_file("/f") == want
     assert core.vfs.getattr(a.ino).size == len(big)
+
+
+def test_a_refused_write_leaves_the_file_closable(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write refused for space (ENOSPC before anything changes) must not keep the file open:
+    once its handle is released, an unlinked file's space is freed."""
+    fh, a = core.create("/f")
+
+    def full(nbytes: int) -> None:
+        raise NoSpace()
+
+    monkeypatch.setattr(core.vfs.data, "admit", full)
+    with pytest.raises(NoSpace):
+        core.write(fh, 0, b"x" * 100)
+    monkeypatch.undo()
+    core.unlink("/f")
+    core.release(fh)
+    assert not core.vfs.files.is_open(a.ino)
