@@ -13,7 +13,7 @@ from dfs.check.finding import CheckContext, Finding, kind
 from dfs.check.scan import scan
 from dfs.data.store import DataStore, data_blocks
 from dfs.errors import FsError
-from dfs.fs.files import read_block
+from dfs.fs.blocks import read_block
 from dfs.hashing import BLOCK_SIZE, block_digest
 from dfs.meta import schema as S
 from dfs.meta.store import MetaStore

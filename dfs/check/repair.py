@@ -33,8 +33,9 @@ from dfs.check.checker import Finding, check
 from dfs.check.scan import Index, build_index, get
 from dfs.data.store import DataStore
 from dfs.errors import FsError
+from dfs.fs.blocks import read_block
 from dfs.fs.ctx import ROOT_CTX
-from dfs.fs.files import FileIO, read_block
+from dfs.fs.files import FileIO
 from dfs.fs.vfs import Vfs
 from dfs.hashing import block_digest
 from dfs.meta import schema as S

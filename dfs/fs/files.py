@@ -29,7 +29,13 @@ import trio
 
 from dfs.clock import WallClock
 from dfs.data.store import DataStore, digest_range, direct_eligible
-from dfs.errors import BlockCorrupted, Corrupted, FsError, IsADir
+from dfs.errors import BlockCorrupted, FsError, IsADir
+from dfs.fs.blocks import (
+    inline_blocks,
+    rewrite_block,
+    verify_inline,
+    write_and_digest,
+)
 from dfs.fs.recovery import rechecksum
 from dfs.hashing import BLOCK_SIZE, block_digest, blocks_spanning
 from dfs.meta import schema as S
@@ -96,22 +102,6 @@ class OpenInode:
 class Handle:
     inode: OpenInode
     flags: int
-
-
-def _digest_slices(data: bytes | memoryview, off: int) -> tuple[dict[int, int], set[int]]:
-    """Digests of the blocks that ``data`` at ``off`` covers entirely, and the partial ones."""
-    n = len(data)
-    full: dict[int, int] = {}
-    partial: set[int] = set()
-    mv = memoryview(data)
-    for blk in blocks_spanning(off, n):
-        start = blk * BLOCK_SIZE
-        if start >= off and start + BLOCK_SIZE <= off + n:
-            piece = mv[start - off : start - off + BLOCK_SIZE]
-            full[blk] = block_digest(piece)
-        else:
-            partial.add(blk)
-    return full, partial
 
 
 class FileIO:
@@ -238,7 +228,7 @@ class FileIO:
                 return b""
             inl = txn.get(S.inline_key(st.ino), db=self.meta.inline)
             if inl is not None:
-                _verify_inline(st.ino, inl, txn.get(S.block_key(st.ino, 0), db=self.meta.blocks))
+                verify_inline(st.ino, inl, txn.get(S.block_key(st.ino, 0), db=self.meta.blocks))
                 return inl[off:end] + bytes(max(0, end - max(off, len(inl))))
             blocks = blocks_spanning(off, end - off)
             digests: dict[int, int] = {}
@@ -327,10 +317,10 @@ class FileIO:
                     fd, direct = st.dfd, True
             if n >= THREAD_MIN or direct:
                 full, partial = await trio.to_thread.run_sync(
-                    _write_and_digest, fd, off, data, direct, limiter=io_limiter()
+                    write_and_digest, fd, off, data, direct, limiter=io_limiter()
                 )
             else:
-                full, partial = _write_and_digest(fd, off, data)
+                full, partial = write_and_digest(fd, off, data)
             for blk, d in full.items():
                 st.pending[blk] = d
                 st.dirty.discard(blk)
@@ -586,79 +576,15 @@ class FileIO:
             st.opens += 1  # pinned like a handle (see ``truncate``)
             try:
                 async with _locked(st.lock):
-                    return await self._rewrite_block(ino, blk, data, want)
+                    return await rewrite_block(
+                        self.meta, self.data, ino, blk, data, want, io_limiter()
+                    )
             finally:
                 self._unpin(st)
-        return await self._rewrite_block(ino, blk, data, want)
-
-    async def _rewrite_block(self, ino: InodeId, blk: int, data: bytes, want: int) -> bool:
-        with self.meta.read() as txn:
-            raw = txn.get(S.block_key(ino, blk), db=self.meta.blocks)
-        if raw is None or S.unpack_digest(raw) != want:
-            return False  # changed meanwhile: the next read looks again
-        fd = self.data.open(ino, create=False)
-        if fd is None:
-            return False
-        try:
-            await trio.to_thread.run_sync(
-                _pwrite_fsync, fd, blk * BLOCK_SIZE, data, limiter=io_limiter()
-            )
-        finally:
-            self.data.close(fd)
-        return True
+        return await rewrite_block(self.meta, self.data, ino, blk, data, want, io_limiter())
 
     # --- recovery -------------------------------------------------------------------------
 
     def rechecksum(self, ino: InodeId) -> None:
         """Recompute every digest of ino from its contents (after an unclean stop)."""
         rechecksum(self.meta, self.data, ino, self.replica)
-
-
-def inline_blocks(contents: bytes | bytearray) -> int:
-    """st_blocks of an inline file: whole 4 KiB blocks, none if it is all zeros (a hole)."""
-    if not contents.strip(b"\0"):
-        return 0
-    return (len(contents) + 4095) // 4096 * 8
-
-
-def _verify_inline(ino: int, contents: bytes, digest_raw: bytes | None) -> None:
-    if digest_raw is None:
-        return
-    want, got = S.unpack_digest(digest_raw), block_digest(contents)
-    if got != want:
-        log.error(
-            "checksum mismatch: inline inode %#x (stored %016x, read %016x); answering EIO",
-            ino,
-            want,
-            got,
-        )
-        raise Corrupted(message=f"inode {ino:#x}: inline checksum mismatch")
-
-
-def read_block(meta: MetaStore, data: DataStore, ino: int, blk: int, size: int) -> bytes:
-    """Block ``blk`` of a file as stored (inline or data file), for the checker and repair."""
-    with meta.read() as txn:
-        inl = txn.get(S.inline_key(ino), db=meta.inline)
-    if inl is not None:
-        return inl[blk * BLOCK_SIZE : (blk + 1) * BLOCK_SIZE]
-    fd = data.open(ino, create=False)
-    try:
-        return DataStore.pread(fd, blk * BLOCK_SIZE, BLOCK_SIZE, size)
-    finally:
-        if fd is not None:
-            data.close(fd)
-
-
-def _write_and_digest(
-    fd: int, off: int, data: bytes, direct: bool = False
-) -> tuple[dict[int, int], set[int]]:
-    if direct:
-        DataStore.pwrite_direct(fd, off, data)
-    else:
-        DataStore.pwrite(fd, off, data)
-    return _digest_slices(data, off)
-
-
-def _pwrite_fsync(fd: int, off: int, data: bytes) -> None:
-    DataStore.pwrite(fd, off, data)
-    DataStore.fsync(fd)
