@@ -103,6 +103,8 @@ class Schedule:
         self.primaries: dict[tuple[int, int], set[str]] = {}
         self.clients: list[Client] = []
         self._vol_id: dict[bytes, VolumeId] = {}
+        self._running = 0
+        self._clients_done = trio.Event()
 
     def event(self, what: str) -> None:
         self.report.events.append(f"{trio.current_time():9.3f} {what}")
@@ -127,8 +129,15 @@ class Schedule:
                     c = Client(f"c{k}", node.name, vol_path)
                     self.clients.append(c)
                     assert node.nursery is not None
+                    self._running += 1
                     node.nursery.start_soon(self._client, c, random.Random(rng.getrandbits(64)))
                 cn.start_soon(self._faults, nursery)
+            # Clients run in their node's process (a crash ends them); all must be done
+            # before the network heals (those cut off time out).
+            while self._running:
+                await self._clients_done.wait()
+                self._clients_done = trio.Event()
+            self.event("clients done")
             await self._heal_all(nursery)
             await self._settle()
             self._record_primaries()
@@ -250,6 +259,13 @@ class Schedule:
                 self.violation(f"{c.name} on {c.node}: {what} took {took:.3f} s")
 
     async def _client(self, c: Client, rng: random.Random) -> None:
+        try:
+            await self._client_ops(c, rng)
+        finally:
+            self._running -= 1
+            self._clients_done.set()
+
+    async def _client_ops(self, c: Client, rng: random.Random) -> None:
         node = self.nodes[c.node]
         assert node.service is not None
         fs = node.service.fs
@@ -259,7 +275,9 @@ class Schedule:
                 root = got.ino
             except FsError as exc:
                 if exc.errno not in LEGAL:
-                    self.violation(f"{c.name}: lookup of the volume: {exc!r}")
+                    self.violation(
+                        f"{c.name} on {c.node}: lookup of /{c.vol_path.decode()}: {exc!r}"
+                    )
                 return
         else:
             root = ROOT_INODE
@@ -328,15 +346,21 @@ class Schedule:
                 assert node.vfs is not None and node.service is not None
                 vfs = node.vfs
                 root = ROOT_INODE
+                mount_dir: InodeId | None = None
                 if c.vol_path:
                     v = next(
                         v for v in node.service.volumes.all() if v.path == "/" + c.vol_path.decode()
                     )
                     root = v.root
+                    if node.service.roles.stores(ROOT_VOLUME):
+                        mount_dir = v.mount_dir
                 for name, data in c.files.items():
                     a = vfs.peek(root, name)
                     if a is None:
-                        self.violation(f"{s}: acknowledged {name!r} of {c.name} missing")
+                        where = ""
+                        if mount_dir is not None and vfs.peek(mount_dir, name) is not None:
+                            where = " (it is in the covered mount-point directory instead)"
+                        self.violation(f"{s}: acknowledged {name!r} of {c.name} missing{where}")
                         continue
                     got = await LocalReader(vfs).read(a.ino, 0, len(data) + 1)
                     if got != data:
