@@ -61,6 +61,7 @@ class Client:
     uncertain: set[bytes] = field(default_factory=set)
     acked: int = 0
     failed: int = 0
+    step: str = ""  # the NodeFs call that failed last
 
 
 @dataclass
@@ -287,6 +288,9 @@ class Schedule:
         t = trio.current_time()
         try:
             return await call
+        except FsError:
+            c.step = c.step or what  # the first call of the operation that failed
+            raise
         finally:
             took = trio.current_time() - t
             self.report.longest_call = max(self.report.longest_call, took)
@@ -355,6 +359,7 @@ class Schedule:
         """Run ``call``; on an error (or a crash of the client's node) its names become
         uncertain."""
         ok = False
+        c.step = ""
         try:
             await call  # type: ignore[misc]
             ok = True
@@ -362,7 +367,10 @@ class Schedule:
         except FsError as exc:
             c.failed += 1
             if exc.errno not in LEGAL:
-                self.violation(f"{c.name} on {c.node}: {names}: unexpected {exc!r}")
+                self.violation(
+                    f"{c.name} on {c.node}: {names}: {c.step}: unexpected {exc!r}"
+                    f" at {trio.current_time():.3f}"
+                )
         finally:
             if not ok:
                 for n in names:
