@@ -56,6 +56,7 @@ class Faults:
     reorder: float = 0.0  # per request of a method that is not in_order: no FIFO
     duplicate: float = 0.0  # per request of an IDEMPOTENT method
     break_on_partition: float = 0.5  # per connection cut by a partition
+    liar: str | None = None  # a broken node: acknowledges repl.apply without applying
 
 
 def _wire(obj: Any) -> Any:
@@ -186,7 +187,11 @@ class SimNet:
         if not await self._travel(c, fifo):
             return
         methods = self.methods[c.dst]
-        if in_order:
+        records = body["a"].get("records") if body["m"] == "repl.apply" else None
+        if c.dst == self.faults.liar and records:
+            # The harness's own check: a site that loses what it acknowledges.
+            kind, answer = MessageType.RESPONSE, {"r": {"have": records[-1][0]}}
+        elif in_order:
             async with c.order:
                 kind, answer = await dispatch(methods, c.src, body, label="sim")
         else:

@@ -78,9 +78,10 @@ class Report:
 
 
 class Schedule:
-    def __init__(self, seed: int, tmp: Path, *, eager: bool = False) -> None:
+    def __init__(self, seed: int, tmp: Path, *, eager: bool = False, liar: bool = False) -> None:
         """``eager``: clients start as soon as ``volume.create`` returned, not once every
-        node takes part in the new volumes (see ``_volumes_known``)."""
+        node takes part in the new volumes (see ``_volumes_known``). ``liar``: a site of the
+        root volume acknowledges records without applying them (the harness's self-test)."""
         self.seed = seed
         self.eager = eager
         self.rng = random.Random(seed)
@@ -98,9 +99,13 @@ class Schedule:
         # The cluster and its volumes are set up over a network that only delays; the
         # faults start with the workload.
         self.faults = faults
-        self.net = SimNet(random.Random(rng.getrandbits(64)), Faults(delay=faults.delay))
+        self.net = SimNet(
+            random.Random(rng.getrandbits(64)), Faults(delay=faults.delay, liar=faults.liar)
+        )
         root_sites = rng.sample(self.names, min(n, 3))
         self.config = make_config(self.names, root_sites[0], root_sites, self.timeouts)
+        if liar:
+            faults.liar = root_sites[1]
         self.nodes = {name: SimNode(self.net, self.config, name, tmp / name) for name in self.names}
         self.volumes: dict[bytes, tuple[str, list[str]]] = {b"": (root_sites[0], root_sites)}
         for k in range(rng.randint(1, 3)):
@@ -157,6 +162,9 @@ class Schedule:
         for node in self.nodes.values():
             self._check_store(node)
         self._compare_replicas()
+        for (vol, epoch), names in sorted(self.primaries.items()):
+            if len(names) > 1:
+                self.violation(f"volume {vol}, epoch {epoch}: primaries {sorted(names)}")
         self.report.stats = dict(self.net.stats)
         self.report.acked = sum(c.acked for c in self.clients)
         self.report.failed = sum(c.failed for c in self.clients)
@@ -237,10 +245,17 @@ class Schedule:
                 await node.start(nursery)
 
     async def _settle(self) -> None:
-        """Wait until every site of every volume has the primary's sequence."""
+        """Wait until every node knows every volume (a node that does not store the root
+        volume asks for the table every heartbeat) and every site of every volume has the
+        primary's sequence."""
         start = trio.current_time()
         while True:
-            lag = self._lag()
+            lag = [
+                f"{n.name} does not know every volume"
+                for n in self.nodes.values()
+                if not self._knows_volumes(n)
+            ]
+            lag = lag or self._lag()
             if not lag:
                 self.event("settled")
                 return
@@ -503,8 +518,8 @@ def deterministic(seed: int) -> Iterator[None]:
         core._r.setstate(state)
 
 
-def run_schedule(seed: int, tmp: Path, *, eager: bool = False) -> Report:
-    sched = Schedule(seed, tmp, eager=eager)
+def run_schedule(seed: int, tmp: Path, *, eager: bool = False, liar: bool = False) -> Report:
+    sched = Schedule(seed, tmp, eager=eager, liar=liar)
     with deterministic(seed):
         trio.run(sched.main, clock=trio.testing.MockClock(autojump_threshold=0))
     return sched.report
