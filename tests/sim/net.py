@@ -36,15 +36,20 @@ from typing import Any
 import msgpack
 import trio
 
+from dfs.cluster import remote
 from dfs.net.frames import Message, MessageType, Packed
 from dfs.net.peer import Pending
 from dfs.net.rpc import Methods, PeerTimeout, PeerUnavailable, dispatch
 
-# Methods whose repetition the protocol allows (reads, leases, catch-up, applying records the
-# site already has): the only ones this network duplicates.
+# Methods whose repetition the protocol allows (reads, leases, applying records the site
+# already has): the only ones this network duplicates. Not repl.hello: it closes the handles
+# the caller held open on the primary, so a late copy would close newer ones (a copy TCP never
+# delivers).
 IDEMPOTENT = frozenset(
-    {"repl.apply", "repl.lease", "repl.hello", "repl.holds", "vol.list", "ping"}
-) | {m for m in ("r.getattr", "r.lookup", "r.read", "r.readdir", "r.readlink")}
+    {"repl.apply", "repl.lease", "repl.holds", "vol.list", "ping"}
+    | {remote.LOOKUP, remote.GETATTR, remote.READDIR, remote.READ, remote.READLINK}
+    | {remote.GETXATTR, remote.LISTXATTR}
+)
 
 
 @dataclass
@@ -173,7 +178,9 @@ class SimNet:
             self.break_conn(c, "connection refused")
             return p
         copies = 1
-        if method in IDEMPOTENT and self.rng.random() < self.faults.duplicate:
+        # Drawn for every request, so the stream of draws does not depend on IDEMPOTENT.
+        duplicate = self.rng.random() < self.faults.duplicate
+        if method in IDEMPOTENT and duplicate:
             self.stats["duplicates"] += 1
             copies = 2
         for _ in range(copies):

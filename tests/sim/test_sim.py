@@ -34,18 +34,13 @@ OUT_OF_SYNC_FORWARD = (
     "for sites in sync), the site neither waits for its replica nor marks the volume behind, "
     "opens the new inode locally, and the next fsync fails ENOENT (no inode)"
 )
-STALLED_POSTS = (
-    "posted writes (Peer.post, no deadline) on a connection that stalls in a partition are "
-    "neither answered nor failed; WriteBehind.drain() waits for them without a deadline, so "
-    "an fsync (and every forwarded update of that node) waits far longer than timeouts.call"
-)
 KNOWN_BUGS: dict[int, tuple[bool, str]] = {
+    20: (True, NEW_VOLUME + "answers the lookup of the mount point with ENOENT (no inode)"),
     29: (True, NEW_VOLUME + "answers the lookup of the mount point with ENOENT (no inode)"),
     30: (True, NEW_VOLUME + "answers the lookup of the mount point with ENOENT (no inode)"),
-    50: (True, NEW_VOLUME + "answers the lookup of the mount point with ENOENT (no inode)"),
-    187: (False, OUT_OF_SYNC_FORWARD),
-    221: (False, OUT_OF_SYNC_FORWARD),
-    174: (False, STALLED_POSTS),
+    113: (False, OUT_OF_SYNC_FORWARD),
+    120: (False, OUT_OF_SYNC_FORWARD),
+    149: (False, OUT_OF_SYNC_FORWARD),
 }
 # A checker finding in about every third schedule: a site that does not store the root volume
 # keeps root 0 in its ``volumes`` record of a volume it joined (VolumeCreation._join), so the
