@@ -1,0 +1,122 @@
+"""The seeded fault harness (issue 10, item 8): real dfs nodes over a simulated network.
+
+Each seed builds a cluster (3 to 25 nodes, the root volume and 1-3 more with their own
+primaries and sites), runs clients on several nodes while the network delays, resets,
+reorders, duplicates and partitions, and nodes crash and restart; then heals, restarts
+everything, lets replication settle on the mock clock and checks the invariants listed in
+``tests/sim/schedule.py``.
+
+CI runs seeds 1..DEFAULT_SEEDS; ``DFS_SIM_SEEDS=N`` runs 1..N; ``DFS_SIM_SEED=S`` replays one.
+A failure prints the seed, its schedule and the command that replays it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.sim.schedule import Report, run_schedule
+
+DEFAULT_SEEDS = 150
+
+# Seeds whose schedule breaks an invariant of today's code: kept, to be fixed in dfs/cluster
+# (strict: each must fail until then; a fix turns it into an XPASS failure: move it out).
+# seed -> (eager, what breaks); ``eager``: clients start as soon as volume.create returned.
+NEW_VOLUME = (
+    "a node that has not yet taken part in a just-created volume (its VolumeTable is "
+    "refreshed every heartbeat by ClusterService._watch; a new site's replica lacks the root) "
+)
+OUT_OF_SYNC_FORWARD = (
+    "a site out of sync forwards a create: the primary answers seq 0 (OpServer waits only "
+    "for sites in sync), the site neither waits for its replica nor marks the volume behind, "
+    "opens the new inode locally, and the next fsync fails ENOENT (no inode)"
+)
+KNOWN_BUGS: dict[int, tuple[bool, str]] = {
+    20: (True, NEW_VOLUME + "answers the lookup of the mount point with ENOENT (no inode)"),
+    29: (True, NEW_VOLUME + "answers the lookup of the mount point with ENOENT (no inode)"),
+    30: (True, NEW_VOLUME + "answers the lookup of the mount point with ENOENT (no inode)"),
+    113: (False, OUT_OF_SYNC_FORWARD),
+    120: (False, OUT_OF_SYNC_FORWARD),
+    149: (False, OUT_OF_SYNC_FORWARD),
+}
+# A checker finding in about every third schedule: a site that does not store the root volume
+# keeps root 0 in its ``volumes`` record of a volume it joined (VolumeCreation._join), so the
+# offline checker reports that volume's root directory as 'unreachable'. Filtered in the
+# sweep; test_checker_sees_volume_roots shows it unfiltered (xfail).
+KNOWN_FINDING = "directory has no name"
+
+
+def _tmp() -> str | None:
+    """Stores in memory when possible: the harness fsyncs as the nodes do (3x faster)."""
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+
+def _seeds() -> list[int]:
+    one = os.environ.get("DFS_SIM_SEED")
+    if one is not None:
+        return [int(one)]
+    n = int(os.environ.get("DFS_SIM_SEEDS", DEFAULT_SEEDS))
+    return [s for s in range(1, n + 1) if s not in KNOWN_BUGS or KNOWN_BUGS[s][0]]
+
+
+def _explain(r: Report, violations: list[str], replay: str = "") -> str:
+    replay = replay or (
+        f"DFS_SIM_SEED={r.seed} .venv/bin/pytest tests/sim/test_sim.py -k test_schedule"
+    )
+    return "\n".join(
+        [
+            f"seed {r.seed}: {r.nodes} nodes, {r.volumes} volumes; {len(violations)} violation(s):",
+            *("  " + v for v in violations[:20]),
+            "schedule:",
+            *("  " + e for e in r.events),
+            f"network: {r.stats}",
+            f"replay: {replay}",
+        ]
+    )
+
+
+@pytest.mark.parametrize("seed", _seeds())
+def test_schedule(seed: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="dfs-sim-", dir=_tmp()) as d:
+        r = run_schedule(seed, Path(d))
+    bad = [v for v in r.violations if KNOWN_FINDING not in v]
+    assert not bad, _explain(r, bad)
+    assert r.acked > 0 or r.failed > 0, "no client did anything"
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [
+        pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=why))
+        for s, (_, why) in KNOWN_BUGS.items()
+    ],
+)
+def test_known_bug(seed: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="dfs-sim-", dir=_tmp()) as d:
+        r = run_schedule(seed, Path(d), eager=KNOWN_BUGS[seed][0])
+    bad = [v for v in r.violations if KNOWN_FINDING not in v]
+    assert not bad, _explain(
+        r, bad, f".venv/bin/pytest 'tests/sim/test_sim.py::test_known_bug[{seed}]'"
+    )
+
+
+@pytest.mark.xfail(strict=True, reason="checker: a volume's root directory reads as unreachable")
+def test_checker_sees_volume_roots() -> None:
+    with tempfile.TemporaryDirectory(prefix="dfs-sim-", dir=_tmp()) as d:
+        r = run_schedule(2, Path(d))
+    assert not r.violations, _explain(
+        r, r.violations, ".venv/bin/pytest tests/sim/test_sim.py -k test_checker_sees_volume_roots"
+    )
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_harness_sees_a_site_that_loses_records(seed: int) -> None:
+    """A site that acknowledges records without applying them breaks the invariants."""
+    with tempfile.TemporaryDirectory(prefix="dfs-sim-", dir=_tmp()) as d:
+        r = run_schedule(seed, Path(d), liar=True)
+    assert any("differs from primary" in v or "did not converge" in v for v in r.violations), (
+        r.violations
+    )
