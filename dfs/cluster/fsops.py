@@ -11,7 +11,7 @@ AUTH_SYS does. docs/PROTOCOL.md lists the operations.
 from __future__ import annotations
 
 import errno
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import msgspec
 
@@ -173,7 +173,6 @@ OPS: dict[str, type[_Args]] = {
     "open": Open,
 }
 NAMES: dict[type[_Args], str] = {t: n for n, t in OPS.items()}
-A = TypeVar("A", bound=_Args)
 
 
 def name_of(args: _Args) -> str:

@@ -299,15 +299,16 @@ class ClusterService:
         for v in self.volumes.all():
             d: dict[str, Any] = v.as_dict()
             d["epoch"] = self.roles.epoch(v.vol)
-            if self.roles.orders(v.vol):
-                d["role"] = Role.PRIMARY.value
+            role = self.roles.role(v.vol)
+            keeper = self.roles.leases.get(v.vol)
+            if role is Role.SITE and keeper is None:
+                role = Role.NONE  # stored, but not taking part yet (no lease keeper)
+            d["role"] = role.value
+            if role is Role.PRIMARY:
                 repl = self.roles.replicator(v.vol)
                 d["sites_state"] = repl.snapshot() if repl is not None else []
-            elif v.vol in self.roles.leases:
-                d["role"] = Role.SITE.value
-                d["lease"] = self.roles.leases[v.vol].current()
-            else:
-                d["role"] = Role.NONE.value
+            elif keeper is not None and role is Role.SITE:
+                d["lease"] = keeper.current()
             d["applied"] = self.vfs.meta.seq(v.vol)
             vols.append(d)
         root = vols[0] if vols and vols[0]["vol"] == ROOT_VOLUME else None

@@ -152,6 +152,14 @@ def launched(root: Path, nodes: int = 3, *, show_logs: Callable[[], bool]) -> It
         assert not bugs, "a daemon logged unexpected exceptions:\n" + "\n".join(bugs)
 
 
+def module_cluster(factory: pytest.TempPathFactory, name: str) -> Iterator[Launcher]:
+    """The body of a module-scoped 3-node cluster fixture: up, yielded, always brought down."""
+    with launched(factory.mktemp(name) / "c", show_logs=lambda: False) as launcher:
+        r = launcher.up()
+        assert r.returncode == 0, r.stdout + r.stderr + launcher.logs()
+        yield launcher
+
+
 # --- comparing what the nodes show -----------------------------------------------------------
 
 

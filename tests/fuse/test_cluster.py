@@ -32,7 +32,7 @@ from tests.fuse.clusters import (
     SOURCES,
     Launcher,
     assert_same_everywhere,
-    launched,
+    module_cluster,
     run,
     writes_while_a_site_is_killed,
 )
@@ -45,11 +45,7 @@ NODES = ("n1", "n2", "n3")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    root = tmp_path_factory.mktemp("cl") / "c"
-    with launched(root, show_logs=lambda: False) as launcher:
-        r = launcher.up()
-        assert r.returncode == 0, r.stdout + r.stderr + launcher.logs()
-        yield launcher
+    yield from module_cluster(tmp_path_factory, "cl")
 
 
 @pytest.fixture

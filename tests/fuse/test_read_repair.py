@@ -13,18 +13,14 @@ import pytest
 from dfs.cluster.control import request, socket_path
 from dfs.data.store import DataStore
 from dfs.hashing import BLOCK_SIZE
-from tests.fuse.clusters import Launcher, launched
+from tests.fuse.clusters import Launcher, module_cluster
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    root = tmp_path_factory.mktemp("rr") / "c"
-    with launched(root, show_logs=lambda: False) as launcher:
-        r = launcher.up()
-        assert r.returncode == 0, r.stdout + r.stderr + launcher.logs()
-        yield launcher
+    yield from module_cluster(tmp_path_factory, "rr")
 
 
 def _data_file(cluster: Launcher, node: str, ino: int) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import xxhash
 
-from tests.fuse.clusters import DFS, Launcher, launched
+from tests.fuse.clusters import DFS, Launcher, module_cluster
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
@@ -31,11 +31,7 @@ NODES = ("n1", "n2", "n3")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    root = tmp_path_factory.mktemp("where") / "c"
-    with launched(root, show_logs=lambda: False) as launcher:
-        r = launcher.up()
-        assert r.returncode == 0, r.stdout + r.stderr + launcher.logs()
-        yield launcher
+    yield from module_cluster(tmp_path_factory, "where")
 
 
 @pytest.fixture
