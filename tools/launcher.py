@@ -164,21 +164,40 @@ class UpResult:
 # --- processes -----------------------------------------------------------------------------------
 
 
-def _process(pid: object, start_time: object) -> psutil.Process | None:
-    """The process ``pid`` if it exists and started at ``start_time`` (psutil's create_time).
+def _start_ticks(proc: psutil.Process) -> int:
+    """When ``proc`` started, in clock ticks since boot: the kernel's own fixed record of it.
 
-    A state.json written before the launcher used psutil holds the start time in
-    clock ticks since boot (an int): psutil's create_time is boot time + ticks / HZ.
+    Not psutil's ``create_time()``: that adds the boot time the kernel derives from the wall
+    clock, which moves when the clock is stepped or slewed, so the same process can show two
+    start times a second apart and be taken for a reused PID (a launcher flake under load).
+    psutil keeps the ticks private, so this reads field 22 of /proc/PID/stat (after the
+    command name, which may hold spaces and parentheses); a vanished process is psutil's
+    NoSuchProcess, as for every other question asked of ``proc``.
     """
-    if not isinstance(pid, int) or pid <= 0 or not isinstance(start_time, (int, float)):
+    try:
+        with open(f"/proc/{proc.pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        raise psutil.NoSuchProcess(proc.pid) from None
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def _process(pid: object, start_time: object) -> psutil.Process | None:
+    """The process ``pid`` if it exists and started at ``start_time``.
+
+    ``start_time`` is what ``_start_ticks`` gave at spawn (an int, as state.json always held
+    before the launcher used psutil). A float is a record written by a launcher that used
+    wall-clock create times: it matches within the second that boot time may have moved.
+    """
+    if not isinstance(pid, int) or pid <= 0 or isinstance(start_time, bool):
+        return None
+    if not isinstance(start_time, (int, float)):
         return None
     try:
         proc = psutil.Process(pid)
-        started = proc.create_time()
         if isinstance(start_time, float):
-            return proc if started == start_time else None
-        hz = os.sysconf("SC_CLK_TCK")
-        return proc if abs(started - psutil.boot_time() - start_time / hz) < 0.5 / hz else None
+            return proc if abs(proc.create_time() - start_time) <= 1.0 else None
+        return proc if _start_ticks(proc) == start_time else None
     except psutil.Error:
         return None
 
@@ -400,7 +419,7 @@ class LocalCluster:
         finally:
             os.close(fd)
         try:
-            start_time: float | None = psutil.Process(pid).create_time()
+            start_time: int | None = _start_ticks(psutil.Process(pid))
         except psutil.Error:  # gone already: _wait_up reports its exit status
             start_time = None
         self._record(node.name, {"pid": pid, "start_time": start_time})

@@ -22,26 +22,45 @@ def child() -> Iterator[subprocess.Popen[bytes]]:
         proc.wait()
 
 
+def _ticks(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[19])  # starttime, in clock ticks since boot
+
+
 def test_a_process_is_ours_only_with_the_start_time_we_recorded(
     child: subprocess.Popen[bytes],
 ) -> None:
-    started = psutil.Process(child.pid).create_time()
+    started = L._start_ticks(psutil.Process(child.pid))
+    assert started == _ticks(child.pid)
     got = L._process(child.pid, started)
     assert got is not None and got.pid == child.pid
-    assert L._process(child.pid, started + 0.01) is None  # a reused PID
+    assert L._process(child.pid, started + 1) is None  # a reused PID
+    assert L._process(child.pid, started - 1) is None
     assert L._process(child.pid, None) is None
+    assert L._process(child.pid, True) is None
     assert L._process(str(child.pid), started) is None
     assert L._process(0, started) is None
 
 
-def test_start_times_recorded_in_clock_ticks_before_psutil_still_match(
+def test_the_start_time_does_not_move_with_the_boot_time(
+    child: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel derives boot time from the wall clock; a step of it must not orphan a daemon."""
+    started = L._start_ticks(psutil.Process(child.pid))
+    wall = psutil.Process(child.pid).create_time()
+    real = psutil._pslinux.boot_time  # type: ignore[attr-defined]
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: real() + 1.0)
+    assert psutil.Process(child.pid).create_time() == wall + 1.0  # what used to be compared
+    assert L._process(child.pid, started) is not None
+
+
+def test_wall_clock_start_times_from_an_older_launcher_still_match(
     child: subprocess.Popen[bytes],
 ) -> None:
-    stat = Path(f"/proc/{child.pid}/stat").read_text()
-    ticks = int(stat[stat.rindex(")") + 2 :].split()[19])  # what state.json used to hold
-    assert L._process(child.pid, ticks) is not None
-    assert L._process(child.pid, ticks + 1) is None
-    assert L._process(child.pid, ticks - 1) is None
+    wall = psutil.Process(child.pid).create_time()
+    assert L._process(child.pid, wall) is not None
+    assert L._process(child.pid, wall + 0.5) is not None  # boot time moved under it
+    assert L._process(child.pid, wall + 5.0) is None
 
 
 def test_the_exit_status_of_our_child_is_collected_once(child: subprocess.Popen[bytes]) -> None:
