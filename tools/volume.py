@@ -110,6 +110,12 @@ def create(
         f"volume {got['vol']} at {got['path']}: primary {got['primary']}, "
         f"sites {', '.join(got['sites'])}"
     )
+    n = len(got["sites"])
+    if n > 1:
+        need = n // 2 + 1
+        what = "all of them" if need == n else f"{need} of them"
+        hint = "; with one down it is read-only: 3 sites survive a failure" if n == 2 else ""
+        click.echo(f"updates need a majority of its {n} sites ({what}) in sync{hint}")
 
 
 @volume.command(name="list")

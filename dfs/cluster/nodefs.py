@@ -125,7 +125,7 @@ class NodeFs(ReadRouting):
     ) -> T:
         """An update of ``vol``: ``here()`` on its primary (returns once replicated), else
         ``there`` forwarded to the primary and its answer read with ``answer``."""
-        if self.roles.orders(vol):
+        if self.roles.admits(vol):
             result = here()
             await self._replicated(vol)
             return result
@@ -136,7 +136,7 @@ class NodeFs(ReadRouting):
     @after_held_writes
     async def setattr(self, ino: InodeId, ch: SetAttrs, ctx: Ctx) -> Attr:
         vol = self.volume_of(ino)
-        if self.roles.orders(vol):
+        if self.roles.admits(vol):
             a = await self.vfs.setattr(ino, ch, ctx)
             await self._replicated(vol)
             return a
@@ -247,7 +247,7 @@ class NodeFs(ReadRouting):
         self, parent: InodeId, name: bytes, mode: int, flags: int, ctx: Ctx
     ) -> tuple[FileHandle, Attr]:
         vol = self.volume_of(parent)
-        if self.roles.orders(vol):
+        if self.roles.admits(vol):
             fh, a = self.vfs.create(parent, name, mode, flags, ctx)
             await self._replicated(vol)
             return fh, a
@@ -265,7 +265,7 @@ class NodeFs(ReadRouting):
     @after_held_writes
     async def open(self, ino: InodeId, flags: int, ctx: Ctx) -> FileHandle:
         vol = self.volume_of(ino)
-        if self.roles.orders(vol):
+        if self.roles.admits(vol) if flags & WRITE_ACCESS else self.roles.orders(vol):
             fh = await self.vfs.open(ino, flags, ctx)
             if flags & os.O_TRUNC:
                 await self._replicated(vol)
@@ -322,7 +322,7 @@ class NodeFs(ReadRouting):
             await self._fwd(rf.vol, F.Fsync(rf.rfh, datasync))
             return
         vol = self._handle_volume(fh)
-        if self.roles.orders(vol):
+        if self.roles.orders(vol):  # not an update: it fails if its writes reach no majority
             await self.files.fsync(fh, datasync)
             await self._replicated(vol)
             return

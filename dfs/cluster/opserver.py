@@ -172,10 +172,11 @@ class OpServer:
 
     # --- updates ----------------------------------------------------------------------------
 
-    def _ordered_here(self, ino: int) -> VolumeId:
-        """The volume of ``ino``; EROFS unless this node is its primary."""
+    def _ordered_here(self, ino: int, *, update: bool = True) -> VolumeId:
+        """The volume of ``ino``; EROFS unless this node is its primary (and, for an
+        ``update``, may make one now: ``VolumeRoles.admits``)."""
         vol = self.vfs.getattr(InodeId(ino)).volume
-        if not self.roles.orders(vol):
+        if not (self.roles.admits(vol) if update else self.roles.orders(vol)):
             raise FsError(errno.EROFS, f"not the primary of volume {vol}")
         return vol
 
@@ -246,7 +247,8 @@ class OpServer:
         return vol, [fh, pack_attr(attr)]
 
     async def _open(self, peer: str, a: F.Open, ctx: Ctx) -> Result:
-        vol = self._ordered_here(a.ino)
+        write = a.flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC)
+        vol = self._ordered_here(a.ino, update=bool(write))
         fh = await self.vfs.open(InodeId(a.ino), a.flags, ctx)
         self.held[fh] = peer
         return vol, fh

@@ -4,8 +4,18 @@ The primary executes every update of the volume in one lmdb transaction that
 becomes journal record ``seq`` (a write-set plus the data-store changes, see
 dfs/meta/schema.py). ``Replicator`` (on the primary) ships the records to each
 storage site (``repl.apply``, oldest first, in batches; the site's side is
-``dfs.cluster.applier``); ``wait(seq)`` returns once every site *in sync* has
-applied ``seq`` — an update is acknowledged to its caller only then.
+``dfs.cluster.applier``); ``wait(seq)`` returns once a *majority* of the
+volume's sites (this primary counts) and every site *in sync* have applied
+``seq`` — an update is acknowledged to its caller only then.
+
+Majority: a volume of N sites needs N // 2 + 1 of them (2 of 3, 2 of 2, 3 of
+5) for an update to be acknowledged, so that any later majority — the one a
+new primary is chosen by — includes a site that has it. ``wait`` gives up
+after ``call_timeout`` with ``ETIMEDOUT`` when no majority applied the update
+(it is on this primary and maybe some sites: the outcome is unknown), and a
+primary that has had fewer than a majority of sites in sync for
+``call_timeout`` refuses updates before making them (``admit``: ``EROFS``),
+until enough sites are back in sync.
 
 Shipping to a site in sync is *streaming*: the commit hook (``committed``)
 sends the new record at once, from the committing task and with the record
@@ -60,6 +70,7 @@ from dfs.cluster.applier import Notifier as Notifier
 from dfs.cluster.applier import ReplicaApplier as ReplicaApplier
 from dfs.cluster.applier import invalidations as invalidations
 from dfs.cluster.applier import register_site_methods as register_site_methods
+from dfs.cluster.epochs import EpochState
 from dfs.data.store import DataStore
 from dfs.errors import FsError
 from dfs.meta.replica import decode_record
@@ -77,6 +88,7 @@ WINDOW = 4  # requests in flight per streaming site
 LIVE_CACHE_BYTES = 256 << 20
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 2.0
+ROLLBACK_CALLS = 12  # a rollback's deadline, in call timeouts (it copies files)
 
 
 class Poster(Protocol):
@@ -118,12 +130,15 @@ class SiteLink:
     stream_gen: int = 0
     poster: Poster | None = None  # how this stream sends; None: a task per call
     failure: BaseException | None = None  # the stream failed: back off, then catch up
+    heard: float = -math.inf  # when the last ping it answered as our site was sent
+    diverged: bool = False  # it holds records of an older epoch that this primary has not
 
     def snapshot(self) -> dict[str, Any]:
         return {
             "site": self.name,
             "applied": self.acked,
             "in_sync": self.in_sync,
+            "diverged": self.diverged,
             "error": self.last_error,
         }
 
@@ -151,7 +166,17 @@ class Replicator:
         call_timeout: float,
         lease: float,
         peer: Callable[[str], Poster | None] | None = None,
+        epoch: EpochState | None = None,
+        heartbeat: float | None = None,
+        newer: Callable[[int, str], object] | None = None,
+        not_before: float = -math.inf,
     ) -> None:
+        """``epoch``: what this primary follows (its epoch and its journal's history), sent with
+        every request and used to find sites that diverged; ``heartbeat``: how often each site
+        is pinged (None: never — a volume ordered here for good, as in core tests); ``newer``:
+        told of a site's answer naming a newer epoch and its primary (this node steps down);
+        ``not_before``: no update is acknowledged before this time (trio clock: a primary just
+        elected waits until every lease of the old epoch has ended)."""
         self.meta = meta
         self.data = data
         self.vol = vol
@@ -161,13 +186,23 @@ class Replicator:
         self.call_timeout = call_timeout
         self.lease = lease
         self._changed = trio.Event()
+        self.majority = (len(self.links) + 1) // 2 + 1  # sites, this primary included
         self._low = -1  # what every site in sync has applied, as last told to ``wait``
         self._synced = 0  # which sites were in sync then (bit i: the i-th of ``links``)
+        self._quorum = -1  # what a majority of the sites has applied, as last told to ``wait``
+        # Since when fewer than a majority of the sites are in sync (trio clock; None: enough
+        # are, or ``run`` has not started).
+        self._short_since: float | None = None
         # Records not yet applied by every site in sync, as sent (oldest first).
         self._items: dict[int, Item] = {}
         self._items_bytes = 0
         self._packed: tuple[int, int, Packed] | None = None  # the last request's args
         self._nursery: trio.Nursery | None = None
+        self.state = epoch
+        self.epoch = epoch.epoch if epoch is not None else 1
+        self.heartbeat = heartbeat
+        self._newer = newer
+        self.not_before = not_before
 
     def committed(self, txn: WriteTxn) -> None:
         """A transaction committed on this node (``CommitHook``): stream its record. While
@@ -194,17 +229,23 @@ class Replicator:
 
     def _progress(self) -> None:
         """A site answered or changed state: wake the updates waiting, if that can matter."""
-        low = self.meta.seq(self.vol)
+        top = self.meta.seq(self.vol)
+        low = top
         synced = 0
+        acked = [top]
         for i, lk in enumerate(self.links.values()):
+            acked.append(min(lk.acked, top))
             if lk.in_sync:
                 synced |= 1 << i
                 if lk.acked < low:
                     low = lk.acked
-        if low != self._low or synced != self._synced:
-            self._low, self._synced = low, synced
+        acked.sort(reverse=True)
+        quorum = acked[self.majority - 1]
+        if low != self._low or synced != self._synced or quorum != self._quorum:
+            self._low, self._synced, self._quorum = low, synced, quorum
             self._changed.set()
             self._changed = trio.Event()
+        self._count_in_sync()
         items = self._items
         while items:
             seq = next(iter(items))
@@ -213,30 +254,118 @@ class Replicator:
             _s, record, blobs = items.pop(seq)
             self._items_bytes -= len(record) + sum(len(b) for b in blobs if b is not None)
 
+    def _count_in_sync(self) -> None:
+        """Note when the sites in sync stop (or start again) being a majority."""
+        if self._nursery is None:
+            return
+        enough = 1 + sum(lk.in_sync for lk in self.links.values()) >= self.majority
+        if enough:
+            if self._short_since is not None:
+                log.info("volume %d: a majority of its sites is in sync again", self.vol)
+            self._short_since = None
+        elif self._short_since is None:
+            self._short_since = trio.current_time()
+
+    def in_sync_sites(self) -> int:
+        """How many of the volume's sites are in sync, this primary included."""
+        return 1 + sum(lk.in_sync for lk in self.links.values())
+
+    def admit(self) -> None:
+        """Raise ``EROFS`` if this primary may not make an update now: fewer than a majority
+        of the volume's sites have been in sync for ``call_timeout`` (an update could not be
+        acknowledged; failing at once beats every caller waiting out the deadline)."""
+        since = self._short_since
+        if since is None or trio.current_time() - since < self.call_timeout:
+            return
+        raise FsError(
+            errno.EROFS,
+            f"volume {self.vol} is read-only here: {self.in_sync_sites()} of its "
+            f"{len(self.links) + 1} sites are in sync with this primary, an update needs "
+            f"{self.majority}",
+        )
+
+    def _reached(self, seq: int, skip: str | None) -> tuple[int, list[SiteLink]]:
+        """How many sites applied ``seq`` (this primary and ``skip`` count), and the sites in
+        sync that have not."""
+        have = 1
+        behind: list[SiteLink] = []
+        for lk in self.links.values():
+            if lk.name == skip or lk.acked >= seq:
+                have += 1
+            elif lk.in_sync:
+                behind.append(lk)
+        return have, behind
+
     async def wait(self, seq: int | None = None, *, skip: str | None = None) -> None:
-        """Return once every site in sync has applied ``seq`` (default: the latest), and every
-        site that dropped out can no longer hold a lease. ``skip``: a site that waits for its
-        own replica itself (it forwarded the update: ``NodeFs._applied_here``)."""
+        """Return once a majority of the volume's sites and every site in sync have applied
+        ``seq`` (default: the latest), and every site that dropped out can no longer hold a
+        lease. ``skip``: a site that waits for its own replica itself (it forwarded the
+        update: ``NodeFs._applied_here``); it counts as having applied ``seq``.
+
+        Bounded: after ``call_timeout``, sites in sync still behind are dropped out of sync
+        (their leases then run out, as for any site that fails), and without a majority the
+        update is ``ETIMEDOUT``: it is on this primary and perhaps some sites, and will
+        reach the others if this node stays the primary, but it was not acknowledged."""
         if seq is None:
             seq = self.meta.seq(self.vol)
+        if self.not_before > trio.current_time():
+            await trio.sleep_until(self.not_before)
+        deadline = trio.current_time() + self.call_timeout
         while True:
-            if all(
-                not lk.in_sync or lk.acked >= seq or lk.name == skip for lk in self.links.values()
-            ):
+            have, behind = self._reached(seq, skip)
+            if have >= self.majority and not behind:
                 break
-            await self._changed.wait()
+            if trio.current_time() >= deadline:
+                if have < self.majority:
+                    raise FsError(
+                        errno.ETIMEDOUT,
+                        f"volume {self.vol}: update {seq} reached {have} of its "
+                        f"{len(self.links) + 1} sites within {self.call_timeout:g}s, an "
+                        f"acknowledgement needs {self.majority}: its outcome is unknown",
+                    )
+                for lk in behind:
+                    self._fail(
+                        lk,
+                        PeerTimeout(
+                            f"node {lk.name}: did not apply update {seq} of volume "
+                            f"{self.vol} within {self.call_timeout:g}s"
+                        ),
+                    )
+                break
+            with trio.move_on_at(deadline):
+                await self._changed.wait()
         now = trio.current_time()
         late = max((lk.lease_until for lk in self.links.values() if not lk.in_sync), default=now)
         if late > now:
             await trio.sleep_until(late)
 
-    def grant(self, site: str) -> bool:
-        """A site asks for a read lease: granted while it is in sync."""
+    def grant(self, site: str) -> float | bool:
+        """A site asks for a read lease: granted while it is in sync and this primary is
+        current; the answer is how long (no longer than this primary is sure to be current)."""
         link = self.links.get(site)
         if link is None or not link.in_sync:
             return False
-        link.lease_until = trio.current_time() + self.lease
-        return True
+        now = trio.current_time()
+        last = self.current_until()
+        if last <= now:
+            return False
+        length = min(self.lease, last - now)
+        link.lease_until = max(link.lease_until, now + length)
+        return length if length < self.lease else True
+
+    def current_until(self) -> float:
+        """Until when this primary is sure no other primary makes updates: a majority of the
+        sites answered a ping sent within a lease of that time (forever when it is not
+        pinging: no failover). A site votes for a new primary only when it has not heard
+        this one for ``failover_after``, and the winner waits a lease before its first
+        update."""
+        if self.heartbeat is None or self.majority == 1:
+            return math.inf
+        heard = sorted((lk.heard for lk in self.links.values()), reverse=True)
+        return heard[self.majority - 2] + self.lease
+
+    def current(self) -> bool:
+        return trio.current_time() < self.current_until()
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [lk.snapshot() for lk in self.links.values()]
@@ -245,12 +374,46 @@ class Replicator:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._count_in_sync()  # the sites have until ``call_timeout`` to be in sync
                 for link in self.links.values():
                     nursery.start_soon(self._sender, link)
+                    if self.heartbeat is not None:
+                        nursery.start_soon(self._pinger, link)
         finally:
             self._nursery = None
+            self._short_since = None
             for link in self.links.values():
                 self._stop(link, "replication stopped")
+
+    def stop(self) -> None:
+        """Stop replicating (this node is no longer the primary): ``run`` returns."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _pinger(self, link: SiteLink) -> None:
+        """Every heartbeat: is ``link`` still a site of this primary, in this epoch?"""
+        assert self.heartbeat is not None
+        args = {"vol": int(self.vol), "epoch": self.epoch}
+        while True:
+            sent = trio.current_time()
+            try:
+                got = await self._call(link.name, "repl.ping", args, self.heartbeat)
+            except (RpcError, FsError):
+                got = None
+            if isinstance(got, dict):
+                if got.get("ok") is True:
+                    link.heard = max(link.heard, sent)
+                else:
+                    epoch, primary = got.get("epoch"), got.get("primary")
+                    if (
+                        isinstance(epoch, int)
+                        and epoch > self.epoch
+                        and isinstance(primary, str)
+                        and primary
+                        and self._newer is not None
+                    ):
+                        self._newer(epoch, primary)
+            await trio.sleep_until(sent + self.heartbeat)
 
     def kick(self, site: str) -> None:
         """A site announced itself (restart): try it now instead of after the backoff."""
@@ -274,7 +437,7 @@ class Replicator:
     def _request(self, link: SiteLink, items: list[Item]) -> None:
         first, last = items[0][0], items[-1][0]
         req = _Request(first, last, trio.current_time() + self.call_timeout, link.stream_gen)
-        args: dict[str, Any] = {"vol": int(self.vol), "records": items}
+        args: dict[str, Any] = {"vol": int(self.vol), "records": items, "epoch": self.epoch}
         link.inflight.append(req)
         link.sent = last
         peer = link.poster
@@ -403,7 +566,7 @@ class Replicator:
                 reply = await self._call(
                     link.name,
                     "repl.apply",
-                    {"vol": int(self.vol), "records": batch},
+                    {"vol": int(self.vol), "records": batch, "epoch": self.epoch},
                     self.call_timeout,
                 )
                 have = reply.get("have") if isinstance(reply, dict) else None
@@ -419,9 +582,45 @@ class Replicator:
                 log.warning(
                     "site %s went back from %d to %d (restarted?)", link.name, link.acked, have
                 )
+            top = self.meta.seq(self.vol)
+            last = reply.get("last", 1)
+            if not isinstance(last, int) or isinstance(last, bool):
+                last = 1
+            end = self.state.end_of(last, top) if self.state is not None else top
+            if have > end:
+                link.acked = end  # the records up to there are this primary's
+                if not link.diverged:
+                    log.error(
+                        "site %s holds records %d..%d of volume %d (epoch %d) that this "
+                        "primary (epoch %d) does not have: never acknowledged; it must roll "
+                        "them back before it is a site again",
+                        link.name,
+                        end + 1,
+                        have,
+                        self.vol,
+                        last,
+                        self.epoch,
+                    )
+                link.diverged = True
+                link.last_error = f"diverged after update {end} (epoch {last})"
+                link.in_sync = False
+                self._progress()
+                try:  # dfs.cluster.rollback: it keeps them aside and takes this journal's
+                    await self._call(
+                        link.name,
+                        "repl.rollback",
+                        {"vol": int(self.vol), "epoch": self.epoch, "to": end},
+                        ROLLBACK_CALLS * self.call_timeout,
+                    )
+                except (RpcError, FsError) as exc:
+                    link.last_error = f"diverged after update {end}; rollback failed: {exc}"
+                    log.warning("site %s: %s", link.name, link.last_error)
+                    await self._backoff(link, backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            link.diverged = False
             link.acked = have
             link.last_error = ""
-            top = self.meta.seq(self.vol)
             if have > top:
                 log.error(
                     "site %s has applied %d updates of volume %d, more than this primary (%d); "
@@ -526,7 +725,12 @@ class Replicator:
 
 
 class LeaseKeeper:
-    """A site's read lease on a volume from its primary (see the module docstring)."""
+    """A site's read lease on a volume from its primary (see the module docstring).
+
+    ``ask()`` asks the volume's current primary; its answer is True (a whole lease), a number
+    (a shorter one: the primary is sure to be current only that long) or anything else (no).
+    ``revoke`` ends the lease at once (this site voted in an election): an answer to a
+    question asked before that is ignored."""
 
     def __init__(self, ask: Callable[[], Any], *, interval: float, lease: float) -> None:
         self._ask = ask
@@ -534,9 +738,21 @@ class LeaseKeeper:
         self.lease = lease
         self.until = -math.inf
         self._granted = trio.Event()
+        self._gen = 0
+        self._scope: trio.CancelScope | None = None
 
     def current(self) -> bool:
         return trio.current_time() < self.until
+
+    def revoke(self) -> None:
+        self.until = -math.inf
+        self._gen += 1
+
+    def stop(self) -> None:
+        """This node is no longer a site following a primary (it is the primary now)."""
+        self.revoke()
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def wait_current(self, limit: float) -> bool:
         with trio.move_on_after(limit):
@@ -545,14 +761,21 @@ class LeaseKeeper:
         return self.current()
 
     async def run(self) -> None:
-        while True:
-            start = trio.current_time()
-            try:
-                granted = await self._ask()
-            except (RpcError, FsError):
-                granted = False
-            if granted is True:
-                self.until = start + self.lease
-                self._granted.set()
-                self._granted = trio.Event()
-            await trio.sleep(self.interval)
+        with trio.CancelScope() as self._scope:
+            while True:
+                start = trio.current_time()
+                gen = self._gen
+                try:
+                    granted = await self._ask()
+                except (RpcError, FsError):
+                    granted = False
+                length: float | None = None
+                if granted is True:
+                    length = self.lease
+                elif isinstance(granted, (int, float)) and not isinstance(granted, bool):
+                    length = min(self.lease, float(granted))
+                if length is not None and length > 0 and gen == self._gen:
+                    self.until = start + length
+                    self._granted.set()
+                    self._granted = trio.Event()
+                await trio.sleep(self.interval)

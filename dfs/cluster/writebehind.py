@@ -236,7 +236,7 @@ class WriteBehind:
         else:
             ino = self.files.inode_of(fh)
             vol = self.volume_of(ino)
-            if self.roles.orders(vol):
+            if self.roles.admits(vol):
                 n = await self.files.write(fh, off, data, when)
                 await self.written(fh, vol)
                 return n

@@ -117,6 +117,7 @@ class Schedule:
         self._vol_id: dict[bytes, VolumeId] = {}
         self._running = 0
         self._clients_done = trio.Event()
+        self.final: dict[bytes, str | None] = {}  # each volume's primary once settled
 
     def event(self, what: str) -> None:
         self.report.events.append(f"{trio.current_time():9.3f} {what}")
@@ -129,8 +130,12 @@ class Schedule:
     async def main(self) -> None:
         rng = self.rng
         async with trio.open_nursery() as nursery:
-            for node in self.nodes.values():
-                await node.start(nursery)
+            # Together, as ``dfs cluster up`` or a cluster's machines booting do: a node waits
+            # (bounded) for its primaries as it starts, and its sites would elect another
+            # primary if it came long after them.
+            async with trio.open_nursery() as starting:
+                for node in self.nodes.values():
+                    starting.start_soon(node.start, nursery)
             await self._create_volumes()
             if not self.eager:
                 await self._volumes_known()
@@ -156,6 +161,7 @@ class Schedule:
             await self._heal_all(nursery)
             await self._settle()
             self._record_primaries()
+            self.final = {path: self._primary_now(path) for path in self.volumes}
             await self._check_contents()
             for node in self.nodes.values():
                 node.crash()
@@ -264,10 +270,25 @@ class Schedule:
                 return
             await trio.sleep(0.5)
 
+    def _primary_now(self, path: bytes) -> str | None:
+        """The node that orders the volume at ``path`` in the highest epoch (failover may have
+        moved it from the one it was created with)."""
+        vol = self._vol(path)
+        best: tuple[int, str] | None = None
+        for node in self.nodes.values():
+            if node.service is not None and node.service.roles.orders(vol):
+                cand = (node.service.roles.epoch(vol), node.name)
+                best = cand if best is None or cand > best else best
+        return best[1] if best is not None else None
+
     def _lag(self) -> list[str]:
         out = []
-        for path, (primary, sites) in self.volumes.items():
+        for path, (_created, sites) in self.volumes.items():
             vol = self._vol(path)
+            primary = self._primary_now(path)
+            if primary is None:
+                out.append(f"/{path.decode()} has no primary")
+                continue
             p = self.nodes[primary]
             assert p.meta is not None
             want = p.meta.seq(vol)
@@ -281,7 +302,7 @@ class Schedule:
     def _vol(self, path: bytes) -> VolumeId:
         if not path:
             return ROOT_VOLUME
-        node = self.nodes[self.volumes[b""][0]]
+        node = next(n for n in self.nodes.values() if n.service is not None)
         assert node.service is not None
         for v in node.service.volumes.all():
             if v.path == "/" + path.decode():
@@ -448,7 +469,8 @@ class Schedule:
 
     def _compare_replicas(self) -> None:
         dumps = {name: _replicated(self.nodes[name].dir) for name in self.names}
-        for path, (primary, sites) in self.volumes.items():
+        for path, (created, sites) in self.volumes.items():
+            primary = self.final.get(path) or created
             want = _of_volume(dumps[primary], self._vol_id[path])
             for s in sites:
                 got = _of_volume(dumps[s], self._vol_id[path])
