@@ -76,7 +76,9 @@ class Failover:
         self.heartbeat = heartbeat
         self.lease = lease
         self.failover_after = failover_after
-        self.rng = rng or random.Random()
+        # Per node, not per run: the random waits differ between nodes, and a simulated
+        # cluster replays exactly (tests/sim).
+        self.rng = rng or random.Random(f"failover:{roles.me}")
         self.heard: dict[VolumeId, float] = {}  # when this site last heard its primary
         self._asked: dict[VolumeId, float] = {}  # when a non-site last asked who orders
         # A primary elected here acknowledges no update of the volume before this time.

@@ -368,7 +368,17 @@ class Replicator:
         return trio.current_time() < self.current_until()
 
     def snapshot(self) -> list[dict[str, Any]]:
-        return [lk.snapshot() for lk in self.links.values()]
+        """Each site as this primary sees it: applied, lag (updates behind), in sync,
+        diverged, lease left (seconds), last error."""
+        now = trio.current_time()
+        top = self.meta.seq(self.vol)
+        out = []
+        for lk in self.links.values():
+            d = lk.snapshot()
+            d["lag"] = top - lk.acked if lk.acked >= 0 else None
+            d["lease"] = round(max(0.0, lk.lease_until - now), 2)
+            out.append(d)
+        return out
 
     async def run(self) -> None:
         try:

@@ -50,7 +50,7 @@ from dfs.cluster.replication import (
     register_site_methods,
 )
 from dfs.cluster.roles import Role, VolumeRoles
-from dfs.cluster.rollback import Rollback
+from dfs.cluster.rollback import Rollback, list_rolled_back
 from dfs.cluster.views import HostViews
 from dfs.cluster.volcreate import VolumeCreation
 from dfs.cluster.volumes import Volume, VolumeTable, from_wire
@@ -167,6 +167,7 @@ class ClusterService:
         )
         self.creation.register(methods, cluster.control_methods)
         cluster.control_methods.add("volume.list", {}, self._control_list)
+        cluster.control_methods.add("volume.rolledback", {}, self._control_rolled_back)
         methods.add("vol.list", {}, self._list)
         cluster.add_status("replication", self.status)
         vfs.meta.may_record = roles.may_record
@@ -410,12 +411,16 @@ class ClusterService:
             elif keeper is not None and role is Role.SITE:
                 d["lease"] = keeper.current()
             d["applied"] = self.vfs.meta.seq(v.vol)
+            d["primary"] = self.roles.primary(v.vol)
+            d.update(self.failover.status(v.vol))
             vols.append(d)
         root = vols[0] if vols and vols[0]["vol"] == ROOT_VOLUME else None
         out: dict[str, Any] = {
             "volumes": vols,
             "checksum_failures": self.fs.checksum_failures,
             "read_repairs": self.fs.read_repairs,
+            "elections": self.failover.elections,
+            "rollbacks": self.rollback.count,
         }
         if root is not None:  # the root volume's part, as before volumes existed
             out["role"] = root["role"]
@@ -496,6 +501,10 @@ class ClusterService:
                     )
                     held.update(i for i in got if isinstance(i, int))
         return held
+
+    async def _control_rolled_back(self, peer: str, args: dict[str, Any]) -> list[Any]:
+        """What this node rolled back (``dfs.cluster.rollback``), oldest first."""
+        return list_rolled_back(self.vfs.data.root.parent)
 
     async def _control_list(self, peer: str, args: dict[str, Any]) -> list[dict[str, Any]]:
         return list(self.status()["volumes"])
