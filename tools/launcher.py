@@ -357,6 +357,11 @@ class LocalCluster:
             argv = proc.cmdline()
         except psutil.Error:  # gone, or a zombie, since we looked
             return None
+        if not argv:
+            # Still inside execve(2): posix_spawn returns once the child has dropped the
+            # launcher's memory, a moment before the kernel has its new command line (so
+            # /proc/PID/cmdline reads empty). The start time says it is the one we spawned.
+            return proc.pid
         return proc.pid if self._is_daemon_of(argv, node) else None
 
     def _is_daemon_of(self, argv: Sequence[str], node: LocalNode) -> bool:

@@ -80,3 +80,16 @@ def test_the_daemon_command_line_is_recognised(tmp_path: Path) -> None:
     assert not c._is_daemon_of(["sleep", *argv[3:]], node)  # not a dfs-mountd
     other = L.LocalCluster(tmp_path / "other")
     assert not other._is_daemon_of(argv, node)  # another cluster's configuration
+
+
+def test_a_daemon_still_in_execve_is_ours(
+    tmp_path: Path, child: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after posix_spawn the child's /proc/PID/cmdline can read empty (its execve has
+    not set up the new command line yet): it was reported as a dead daemon under load."""
+    c = L.LocalCluster(tmp_path)
+    node = L.LocalNode("n1", "127.0.0.1", 7801, tmp_path / "n1")
+    c._record("n1", {"pid": child.pid, "start_time": L._start_ticks(psutil.Process(child.pid))})
+    assert c.daemon_pid(node) is None  # a python that is not a dfs-mountd of this cluster
+    monkeypatch.setattr(psutil.Process, "cmdline", lambda self: [])
+    assert c.daemon_pid(node) == child.pid
