@@ -24,10 +24,14 @@ this configuration and node (their command line) and started when recorded
 check of a mount runs in a helper thread with a deadline, so a hung daemon
 makes a command report "hung", not hang.
 
+With ``up --netns`` (remembered in DIR/network.json) each node runs in a
+network namespace of its own on a private bridge, and ``partition`` cuts the
+network between groups of nodes: tools/netns.py owns all of that; here it is
+only made before daemons start (``daemon_argv`` enters the namespace) and
+removed by ``down``.
+
 This is deployment code (subprocesses, mounts, signals), so it lives with the
-tools, not in the core package ``dfs``. How a node's daemon is started is one
-method, ``LocalCluster.daemon_argv``: the place to wrap it (in a network
-namespace, say) without touching the rest.
+tools, not in the core package ``dfs``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ from dfs.cluster.control import ControlError, request, socket_path
 from dfs.config import ClusterConfig, ConfigError, init, load
 from dfs.errors import FsError
 from dfs.mounts import UnmountError, force_unmount, is_mounted
+
+from . import netns
 
 CLUSTER_NAME = "local"
 DEFAULT_NODES = 3
@@ -217,6 +223,17 @@ def _follows(argv: Sequence[str], first: str, second: str) -> bool:
     return any(a == first and b == second for a, b in zip(argv, argv[1:], strict=False))
 
 
+@contextmanager
+def _net_errors() -> Iterator[None]:
+    """tools/netns.py's errors as the CLI's: bad requests exit 2, failures 1."""
+    try:
+        yield
+    except netns.NetnsUsage as exc:
+        raise ClusterError(str(exc), EXIT_USAGE) from None
+    except netns.NetnsError as exc:
+        raise ClusterError(f"network namespaces: {exc}", EXIT_FAILED) from None
+
+
 # --- mounts --------------------------------------------------------------------------------------
 
 
@@ -298,6 +315,19 @@ class LocalCluster:
         cfg = self.config()
         return [LocalNode(n.name, n.address, n.port, self.root / n.name) for n in cfg.nodes]
 
+    def network(self) -> netns.Network | None:
+        """The cluster's namespaces when it was made with ``--netns``, else None."""
+        if not netns.state_path(self.root).exists():
+            return None
+        with _net_errors():
+            return netns.load(self.root, [(n.name, n.address) for n in self.nodes()])
+
+    def _ensure_network(self) -> None:
+        net = self.network()
+        if net is not None:
+            with _net_errors():
+                net.ensure()
+
     def node(self, name: str) -> LocalNode:
         for n in self.nodes():
             if n.name == name:
@@ -377,21 +407,30 @@ class LocalCluster:
 
     # --- starting ------------------------------------------------------------------------------
 
-    def _create(self, nodes: int, base_port: int) -> None:
+    def _create(self, nodes: int, base_port: int, *, in_netns: bool) -> None:
         if nodes < 1:
             raise ClusterError("--nodes must be at least 1")
         if base_port + nodes - 1 > 65535:
             raise ClusterError(f"ports {base_port}..{base_port + nodes - 1} out of range")
-        specs = [(f"n{i + 1}", "127.0.0.1", base_port + i) for i in range(nodes)]
+        addresses = ["127.0.0.1"] * nodes
+        if in_netns:  # recorded first: a config with these addresses is never without it
+            with _net_errors():
+                addresses = netns.create(self.root, nodes)
+        specs = [(f"n{i + 1}", addresses[i], base_port + i) for i in range(nodes)]
         try:
             init(self.config_path, specs, name=CLUSTER_NAME)
         except ConfigError as exc:
+            if in_netns:
+                netns.state_path(self.root).unlink(missing_ok=True)
             raise ClusterError(str(exc)) from None
-        self.say(f"created cluster {CLUSTER_NAME!r} with {nodes} nodes in {self.root}")
+        where = f"network namespaces, {addresses[0]}..{addresses[-1]}" if in_netns else "loopback"
+        self.say(f"created cluster {CLUSTER_NAME!r} with {nodes} nodes in {self.root} ({where})")
 
     def daemon_argv(self, node: LocalNode) -> list[str]:
         """The command that runs ``node``'s daemon (``_is_daemon_of`` recognises it)."""
+        net = self.network()
         return [
+            *(net.enter(node.name) if net is not None else []),
             *self.mountd,
             "--config",
             str(self.config_path),
@@ -431,17 +470,32 @@ class LocalCluster:
         return pid
 
     def up(
-        self, nodes: int | None = None, base_port: int | None = None, timeout: float = UP_TIMEOUT
+        self,
+        nodes: int | None = None,
+        base_port: int | None = None,
+        timeout: float = UP_TIMEOUT,
+        *,
+        in_netns: bool = False,
     ) -> UpResult:
-        """Start every node that is not running and wait until all are up and see each other."""
+        """Start every node that is not running and wait until all are up and see each other.
+
+        ``in_netns`` (for a new cluster) puts each node in a network namespace of its own.
+        """
         with self._locked():
             if not self.exists():
-                self._create(nodes or DEFAULT_NODES, base_port or DEFAULT_BASE_PORT)
+                self._create(
+                    nodes or DEFAULT_NODES, base_port or DEFAULT_BASE_PORT, in_netns=in_netns
+                )
             else:
                 have = len(self.config().nodes)
                 if nodes is not None and nodes != have:
                     raise ClusterError(
                         f"{self.root} holds a cluster of {have} nodes; for another size, "
+                        f"`dfs cluster down` and remove {self.root} (or use another --dir)"
+                    )
+                if in_netns and self.network() is None:
+                    raise ClusterError(
+                        f"{self.root} holds a cluster on loopback; for one in network namespaces, "
                         f"`dfs cluster down` and remove {self.root} (or use another --dir)"
                     )
             every = self.nodes()
@@ -451,12 +505,16 @@ class LocalCluster:
                 return UpResult(started=[], already_running=running)
             pids: dict[str, int] = {}
             try:
+                self._ensure_network()
                 for node in todo:
                     pids[node.name] = self._spawn(node)
                     self.say(f"started {node.name} (pid {pids[node.name]})")
                 self._wait_up(every, pids, timeout)
             except BaseException:
                 self._stop_nodes([n for n in todo if n.name in pids], signal.SIGTERM)
+                if not running:  # nothing of this cluster runs: leave no namespace behind
+                    with suppress(ClusterError):  # `down` tries again; report the first error
+                        self._remove_network()
                 raise
             return UpResult(started=[n.name for n in todo], already_running=running)
 
@@ -467,6 +525,7 @@ class LocalCluster:
             if self.daemon_pid(node) is not None:
                 return False
             others = [n for n in self.nodes() if n.name != name and self.daemon_pid(n)]
+            self._ensure_network()
             pid = self._spawn(node)
             try:
                 self._wait_up([node, *others], {name: pid}, timeout)
@@ -566,11 +625,29 @@ class LocalCluster:
             return True
 
     def down(self, timeout: float = STOP_TIMEOUT) -> list[str]:
-        """Stop every daemon we started and unmount what they left; what was done, per node."""
+        """Stop every daemon we started, unmount what they left and remove the cluster's
+        network namespaces (also those a failed start left); what was done."""
         if not self.exists():
-            return []
+            return self._remove_network()
         with self._locked():
-            return self._stop_nodes(self.nodes(), signal.SIGTERM, timeout=timeout)
+            report = self._stop_nodes(self.nodes(), signal.SIGTERM, timeout=timeout)
+            return report + self._remove_network()
+
+    def _remove_network(self) -> list[str]:
+        with _net_errors():
+            return [f"network namespace {ns} removed" for ns in netns.remove_all(self.root)]
+
+    def partition(self, groups: Sequence[str] | None) -> netns.Partition | None:
+        """Cut the network between ``groups`` ("n1,n2", "n3"), or heal it with None."""
+        with self._locked():
+            net = self.network() if self.exists() else None
+            if net is None:
+                raise ClusterError(
+                    f"no cluster in network namespaces in {self.root}: partitions need one "
+                    "started with `dfs cluster up --netns`"
+                )
+            with _net_errors():
+                return net.cut(groups)
 
     def _stop_nodes(
         self,
