@@ -163,6 +163,15 @@ def up_cmd(
         ),
         (f"{dfs} cluster down{d}", "unmount and stop every node"),
     ]
+    rest = [n.name for n in c.nodes()[1:]]
+    if c.network() is not None and rest:
+        tries[-1:-1] = [
+            (
+                f"{dfs} cluster partition {first.name} {','.join(rest)}{d}",
+                f"cut {first.name} off from the others",
+            ),
+            (f"{dfs} cluster partition --heal{d}", "join them again"),
+        ]
     width = max(len(cmd) for cmd, why in tries if why)
     click.echo(
         f"\nEvery mount shows the same tree. {first.name} is the primary of the root volume: it\n"

@@ -376,7 +376,8 @@ def remove_all(root: Path) -> list[str]:
     removed = []
     for ns in namespaces():
         if ns.startswith(prefix):
-            _run(["ip", "netns", "delete", ns])
+            if not _run(["ip", "netns", "delete", ns], check=False) and (NETNS_DIR / ns).exists():
+                _run(["ip", "netns", "delete", ns])  # still there: this time, say why
             removed.append(ns)
     if load_state(root) is not None:
         _record(root, None)

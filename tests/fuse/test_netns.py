@@ -92,6 +92,7 @@ EVERYONE = {(a, b) for a in ("n1", "n2", "n3") for b in ("n1", "n2", "n3") if a 
 def test_partition_and_heal(cluster: Launcher) -> None:
     r = _up(cluster)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert " cluster partition n1 n2,n3 --dir " in r.stdout  # among the hints
     code, doc = cluster.status()
     assert code == 0, doc
     net = doc["network"]
