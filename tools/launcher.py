@@ -36,13 +36,11 @@ tools, not in the core package ``dfs``.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -58,15 +56,14 @@ from dfs.errors import FsError
 from dfs.mounts import UnmountError, force_unmount, is_mounted
 
 from . import netns
+from .daemons import PROBE_TIMEOUT, mount_state, recorded_process, start_ticks, tail, wait_exit
 
 CLUSTER_NAME = "local"
 DEFAULT_NODES = 3
 DEFAULT_BASE_PORT = 7801
 UP_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
-PROBE_TIMEOUT = 2.0
 POLL = 0.1
-LOG_TAIL = 20
 
 # Exit codes of the CLI, kept with the errors that lead to them.
 EXIT_OK = 0
@@ -170,55 +167,6 @@ class UpResult:
 # --- processes -----------------------------------------------------------------------------------
 
 
-def _start_ticks(proc: psutil.Process) -> int:
-    """When ``proc`` started, in clock ticks since boot: the kernel's own fixed record of it.
-
-    Not psutil's ``create_time()``: that adds the boot time the kernel derives from the wall
-    clock, which moves when the clock is stepped or slewed, so the same process can show two
-    start times a second apart and be taken for a reused PID (a launcher flake under load).
-    psutil keeps the ticks private, so this reads field 22 of /proc/PID/stat (after the
-    command name, which may hold spaces and parentheses); a vanished process is psutil's
-    NoSuchProcess, as for every other question asked of ``proc``.
-    """
-    try:
-        with open(f"/proc/{proc.pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        raise psutil.NoSuchProcess(proc.pid) from None
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
-
-
-def _process(pid: object, start_time: object) -> psutil.Process | None:
-    """The process ``pid`` if it exists and started at ``start_time``.
-
-    ``start_time`` is what ``_start_ticks`` gave at spawn (an int, as state.json always held
-    before the launcher used psutil). A float is a record written by a launcher that used
-    wall-clock create times: it matches within the second that boot time may have moved.
-    """
-    if not isinstance(pid, int) or pid <= 0 or isinstance(start_time, bool):
-        return None
-    if not isinstance(start_time, (int, float)):
-        return None
-    try:
-        proc = psutil.Process(pid)
-        if isinstance(start_time, float):
-            return proc if abs(proc.create_time() - start_time) <= 1.0 else None
-        return proc if _start_ticks(proc) == start_time else None
-    except psutil.Error:
-        return None
-
-
-def _wait_exit(pid: int, timeout: float = 0) -> int | None:
-    """Collect ``pid`` if it is our child and exits within ``timeout``; its exit status, else None.
-
-    Negative for a signal, as ``subprocess`` has it.
-    """
-    try:
-        return psutil.Process(pid).wait(timeout)
-    except (psutil.TimeoutExpired, psutil.NoSuchProcess):
-        return None
-
-
 def _follows(argv: Sequence[str], first: str, second: str) -> bool:
     return any(a == first and b == second for a, b in zip(argv, argv[1:], strict=False))
 
@@ -232,41 +180,6 @@ def _net_errors() -> Iterator[None]:
         raise ClusterError(str(exc), EXIT_USAGE) from None
     except netns.NetnsError as exc:
         raise ClusterError(f"network namespaces: {exc}", EXIT_FAILED) from None
-
-
-# --- mounts --------------------------------------------------------------------------------------
-
-
-def mount_state(path: Path, timeout: float = PROBE_TIMEOUT) -> str:
-    """``live``, ``stale`` (its daemon died), ``none``, ``hung`` (no answer) or ``error``."""
-    if not is_mounted(path):
-        return "none"
-    result: list[str] = []
-
-    def probe() -> None:
-        try:
-            if os.stat(path).st_dev == os.stat(path.parent).st_dev:
-                result.append("none")
-                return
-            os.listdir(path)
-            result.append("live")
-        except OSError as exc:
-            result.append("stale" if exc.errno == errno.ENOTCONN else "error")
-
-    # A daemon that is alive but stuck would block this thread forever; it is a
-    # daemon thread, so it cannot keep the launcher from exiting.
-    t = threading.Thread(target=probe, name=f"probe {path}", daemon=True)
-    t.start()
-    t.join(timeout)
-    return result[0] if result else "hung"
-
-
-def _tail(path: Path, lines: int = LOG_TAIL) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 # --- the launcher --------------------------------------------------------------------------------
@@ -289,7 +202,7 @@ class LocalCluster:
 
     def _collect(self, pid: int, timeout: float = 0) -> int | None:
         """Reap ``pid`` if it is our child and exits within ``timeout``; its exit status."""
-        code = _wait_exit(pid, timeout)
+        code = wait_exit(pid, timeout)
         if code is not None:
             self._exit_status[pid] = code
         return self._exit_status.get(pid)
@@ -377,7 +290,7 @@ class LocalCluster:
         entry = self._state().get(node.name)
         if not entry:
             return None
-        proc = _process(entry.get("pid"), entry.get("start_time"))
+        proc = recorded_process(entry.get("pid"), entry.get("start_time"))
         if proc is None:
             return None
         try:
@@ -463,7 +376,7 @@ class LocalCluster:
         finally:
             os.close(fd)
         try:
-            start_time: int | None = _start_ticks(psutil.Process(pid))
+            start_time: int | None = start_ticks(psutil.Process(pid))
         except psutil.Error:  # gone already: _wait_up reports its exit status
             start_time = None
         self._record(node.name, {"pid": pid, "start_time": start_time})
@@ -547,7 +460,7 @@ class LocalCluster:
                     # before it is a zombie): give it a moment to report its status.
                     code = self._collect(pid, EXIT_GRACE)
                     how = f"exited with status {code}" if code is not None else "died"
-                    raise LaunchError(node.name, f"dfs-mountd {how}", _tail(node.log_path))
+                    raise LaunchError(node.name, f"dfs-mountd {how}", tail(node.log_path))
                 why = self._not_up(node, names)
                 if why:
                     waiting[node.name] = why
@@ -559,7 +472,7 @@ class LocalCluster:
                 raise LaunchError(
                     name,
                     f"not up after {timeout:g}s: {why}{more}",
-                    _tail(self.node(name).log_path),
+                    tail(self.node(name).log_path),
                 )
             time.sleep(POLL)
 
