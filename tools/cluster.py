@@ -1,4 +1,5 @@
-"""``dfs cluster``: a local cluster of dfs-mountd nodes on loopback, thin over tools/launcher.py."""
+"""``dfs cluster``: a local cluster of dfs-mountd nodes on loopback or in network namespaces,
+thin over tools/launcher.py (and tools/netns.py for ``--netns`` and ``partition``)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from typing import Any
 import click
 from rich.text import Text
 
+from . import netns
 from .launcher import (
     EXIT_NOT_RUNNING,
     EXIT_OK,
+    EXIT_USAGE,
     ClusterError,
     LaunchError,
     LocalCluster,
@@ -85,13 +88,15 @@ def _dir_arg(c: LocalCluster, root: Path | None) -> str:
 
 @click.group(name="cluster")
 def cluster() -> None:
-    """Run a local cluster: several nodes on this machine, on loopback, for trying dfs out.
+    """Run a local cluster: several nodes on this machine, for trying dfs out.
 
     \b
-    dfs cluster up               start 3 nodes (DIR/n1/mnt, DIR/n2/mnt, ...)
-    dfs cluster status           nodes, PIDs, mounts and who reaches whom
-    dfs cluster stop n2 --kill   crash a node; `dfs cluster start n2` restarts it
-    dfs cluster down             unmount and stop everything
+    dfs cluster up                   start 3 nodes on loopback (DIR/n1/mnt, DIR/n2/mnt, ...)
+    dfs cluster status               nodes, PIDs, mounts and who reaches whom
+    dfs cluster stop n2 --kill       crash a node; `dfs cluster start n2` restarts it
+    dfs cluster down                 unmount and stop everything
+    dfs cluster up --netns           each node in a network namespace of its own, so that
+    dfs cluster partition n1 n2,n3   cuts n1 off from n2 and n3 (--heal joins them again)
     """
 
 
@@ -107,17 +112,27 @@ def cluster() -> None:
     help="Port of the first node; the others follow (first up: 7801).",
 )
 @click.option("--timeout", type=click.FloatRange(min=1), default=30.0, show_default=True)
-def up_cmd(root: Path | None, nodes: int | None, base_port: int | None, timeout: float) -> None:
+@click.option(
+    "--netns",
+    "in_netns",
+    is_flag=True,
+    help="New cluster: each node in a network namespace of its own (for `partition`).",
+)
+def up_cmd(
+    root: Path | None, nodes: int | None, base_port: int | None, timeout: float, in_netns: bool
+) -> None:
     """Start the local cluster and wait until every node is mounted and sees the others.
 
     The first `up` writes DIR/cluster.toml and a fresh secret; later ones reuse
-    them and the nodes' data. Exit codes: 0 up (or already running), 1 a node
-    did not come up (its log is shown; what was started is stopped again), 2 bad
-    usage or configuration.
+    them and the nodes' data. With --netns (first `up`; remembered) each node
+    runs in a network namespace of its own on a private bridge, with an address
+    in 198.18.0.0/15, and `dfs cluster partition` can cut the network. Exit
+    codes: 0 up (or already running), 1 a node did not come up (its log is
+    shown; what was started is stopped again), 2 bad usage or configuration.
     """
     c = _cluster(root)
     try:
-        result = c.up(nodes, base_port, timeout=timeout)
+        result = c.up(nodes, base_port, timeout=timeout, in_netns=in_netns)
     except ClusterError as exc:
         _fail(exc)
         return
@@ -148,6 +163,15 @@ def up_cmd(root: Path | None, nodes: int | None, base_port: int | None, timeout:
         ),
         (f"{dfs} cluster down{d}", "unmount and stop every node"),
     ]
+    rest = [n.name for n in c.nodes()[1:]]
+    if c.network() is not None and rest:
+        tries[-1:-1] = [
+            (
+                f"{dfs} cluster partition {first.name} {','.join(rest)}{d}",
+                f"cut {first.name} off from the others",
+            ),
+            (f"{dfs} cluster partition --heal{d}", "join them again"),
+        ]
     width = max(len(cmd) for cmd, why in tries if why)
     click.echo(
         f"\nEvery mount shows the same tree. {first.name} is the primary of the root volume: it\n"
@@ -214,6 +238,7 @@ def status_cmd(root: Path | None, as_json: bool) -> None:
         sys.exit(EXIT_NOT_RUNNING)
     try:
         nodes = c.status()
+        net = c.network()
     except ClusterError as exc:
         _fail(exc)
         return
@@ -225,6 +250,7 @@ def status_cmd(root: Path | None, as_json: bool) -> None:
             "config": str(c.config_path),
             "nodes": [n.as_json() for n in nodes],
             "all_running": all_up,
+            "network": _network_json(net),
             "exit_code": code,
         }
         click.echo(json.dumps(doc, indent=2))
@@ -244,12 +270,64 @@ def status_cmd(root: Path | None, as_json: bool) -> None:
             for n in nodes
         ]
         echo(table(headers, rows, right=(2,)))
+        if net is not None:
+            up = "" if net.is_up() else " (removed: `up` makes them again)"
+            click.echo(f"network namespaces dfs-{net.tag}-*, {net.subnet}{up}")
+            click.echo(f"partition: {netns.describe(net.partition())}")
         if any(n.mount == "stale" for n in nodes):
             click.echo(
                 f"stale mount: its daemon died; `{dfs_command()} cluster start NODE"
                 f"{_dir_arg(c, root)}` recovers it"
             )
     sys.exit(code)
+
+
+def _network_json(net: netns.Network | None) -> dict[str, Any] | None:
+    if net is None:
+        return None
+    part = net.partition()
+    return {
+        "subnet": str(net.subnet),
+        "namespaces": [net.switch, *(net.namespace(n) for n, _ in net.nodes)],
+        "up": net.is_up(),
+        "partition": part and [list(g) for g in part],
+    }
+
+
+@cluster.command("partition")
+@click.argument("groups", nargs=-1)
+@_dir_option
+@click.option("--heal", is_flag=True, help="Restore full connectivity.")
+@click.option("--show", is_flag=True, help="Print the partition in place (also with no GROUPS).")
+def partition_cmd(root: Path | None, groups: tuple[str, ...], heal: bool, show: bool) -> None:
+    """Cut the network between groups of nodes of a cluster started with `up --netns`.
+
+    \b
+    dfs cluster partition n1 n2,n3     n1 | n2,n3: traffic between the groups is dropped
+    dfs cluster partition n2,n3        n1, named in no group, is isolated from all
+    dfs cluster partition --heal       every node reaches every other again
+    dfs cluster partition              print the partition in place
+
+    Groups are separated by spaces, the nodes of a group by commas. Running
+    nodes notice within a few heartbeats (`dfs cluster status`, PEERS). Exit
+    codes: 0 done, 1 the rules could not be changed, 2 bad usage (unknown node,
+    a cluster not started with --netns, its network not up).
+    """
+    c = _cluster(root)
+    if sum((bool(groups), heal, show)) > 1:
+        _fail(ClusterError("give GROUPS, --heal or --show, one of them", EXIT_USAGE))
+    try:
+        if groups or heal:
+            part = c.partition(None if heal else list(groups))
+        else:
+            net = c.network() if c.exists() else None
+            if net is None:
+                raise ClusterError(f"no cluster in network namespaces in {c.root}")
+            part = net.partition()
+    except ClusterError as exc:
+        _fail(exc)
+        return
+    click.echo(f"partition: {netns.describe(part)}")
 
 
 @cluster.command("down")

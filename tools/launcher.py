@@ -24,21 +24,23 @@ this configuration and node (their command line) and started when recorded
 check of a mount runs in a helper thread with a deadline, so a hung daemon
 makes a command report "hung", not hang.
 
+With ``up --netns`` (remembered in DIR/network.json) each node runs in a
+network namespace of its own on a private bridge, and ``partition`` cuts the
+network between groups of nodes: tools/netns.py owns all of that; here it is
+only made before daemons start (``daemon_argv`` enters the namespace) and
+removed by ``down``.
+
 This is deployment code (subprocesses, mounts, signals), so it lives with the
-tools, not in the core package ``dfs``. How a node's daemon is started is one
-method, ``LocalCluster.daemon_argv``: the place to wrap it (in a network
-namespace, say) without touching the rest.
+tools, not in the core package ``dfs``.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -53,14 +55,15 @@ from dfs.config import ClusterConfig, ConfigError, init, load
 from dfs.errors import FsError
 from dfs.mounts import UnmountError, force_unmount, is_mounted
 
+from . import netns
+from .daemons import PROBE_TIMEOUT, mount_state, recorded_process, start_ticks, tail, wait_exit
+
 CLUSTER_NAME = "local"
 DEFAULT_NODES = 3
 DEFAULT_BASE_PORT = 7801
 UP_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
-PROBE_TIMEOUT = 2.0
 POLL = 0.1
-LOG_TAIL = 20
 
 # Exit codes of the CLI, kept with the errors that lead to them.
 EXIT_OK = 0
@@ -164,92 +167,19 @@ class UpResult:
 # --- processes -----------------------------------------------------------------------------------
 
 
-def _start_ticks(proc: psutil.Process) -> int:
-    """When ``proc`` started, in clock ticks since boot: the kernel's own fixed record of it.
-
-    Not psutil's ``create_time()``: that adds the boot time the kernel derives from the wall
-    clock, which moves when the clock is stepped or slewed, so the same process can show two
-    start times a second apart and be taken for a reused PID (a launcher flake under load).
-    psutil keeps the ticks private, so this reads field 22 of /proc/PID/stat (after the
-    command name, which may hold spaces and parentheses); a vanished process is psutil's
-    NoSuchProcess, as for every other question asked of ``proc``.
-    """
-    try:
-        with open(f"/proc/{proc.pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        raise psutil.NoSuchProcess(proc.pid) from None
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
-
-
-def _process(pid: object, start_time: object) -> psutil.Process | None:
-    """The process ``pid`` if it exists and started at ``start_time``.
-
-    ``start_time`` is what ``_start_ticks`` gave at spawn (an int, as state.json always held
-    before the launcher used psutil). A float is a record written by a launcher that used
-    wall-clock create times: it matches within the second that boot time may have moved.
-    """
-    if not isinstance(pid, int) or pid <= 0 or isinstance(start_time, bool):
-        return None
-    if not isinstance(start_time, (int, float)):
-        return None
-    try:
-        proc = psutil.Process(pid)
-        if isinstance(start_time, float):
-            return proc if abs(proc.create_time() - start_time) <= 1.0 else None
-        return proc if _start_ticks(proc) == start_time else None
-    except psutil.Error:
-        return None
-
-
-def _wait_exit(pid: int, timeout: float = 0) -> int | None:
-    """Collect ``pid`` if it is our child and exits within ``timeout``; its exit status, else None.
-
-    Negative for a signal, as ``subprocess`` has it.
-    """
-    try:
-        return psutil.Process(pid).wait(timeout)
-    except (psutil.TimeoutExpired, psutil.NoSuchProcess):
-        return None
-
-
 def _follows(argv: Sequence[str], first: str, second: str) -> bool:
     return any(a == first and b == second for a, b in zip(argv, argv[1:], strict=False))
 
 
-# --- mounts --------------------------------------------------------------------------------------
-
-
-def mount_state(path: Path, timeout: float = PROBE_TIMEOUT) -> str:
-    """``live``, ``stale`` (its daemon died), ``none``, ``hung`` (no answer) or ``error``."""
-    if not is_mounted(path):
-        return "none"
-    result: list[str] = []
-
-    def probe() -> None:
-        try:
-            if os.stat(path).st_dev == os.stat(path.parent).st_dev:
-                result.append("none")
-                return
-            os.listdir(path)
-            result.append("live")
-        except OSError as exc:
-            result.append("stale" if exc.errno == errno.ENOTCONN else "error")
-
-    # A daemon that is alive but stuck would block this thread forever; it is a
-    # daemon thread, so it cannot keep the launcher from exiting.
-    t = threading.Thread(target=probe, name=f"probe {path}", daemon=True)
-    t.start()
-    t.join(timeout)
-    return result[0] if result else "hung"
-
-
-def _tail(path: Path, lines: int = LOG_TAIL) -> str:
+@contextmanager
+def _net_errors() -> Iterator[None]:
+    """tools/netns.py's errors as the CLI's: bad requests exit 2, failures 1."""
     try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
+        yield
+    except netns.NetnsUsage as exc:
+        raise ClusterError(str(exc), EXIT_USAGE) from None
+    except netns.NetnsError as exc:
+        raise ClusterError(f"network namespaces: {exc}", EXIT_FAILED) from None
 
 
 # --- the launcher --------------------------------------------------------------------------------
@@ -272,7 +202,7 @@ class LocalCluster:
 
     def _collect(self, pid: int, timeout: float = 0) -> int | None:
         """Reap ``pid`` if it is our child and exits within ``timeout``; its exit status."""
-        code = _wait_exit(pid, timeout)
+        code = wait_exit(pid, timeout)
         if code is not None:
             self._exit_status[pid] = code
         return self._exit_status.get(pid)
@@ -297,6 +227,19 @@ class LocalCluster:
     def nodes(self) -> list[LocalNode]:
         cfg = self.config()
         return [LocalNode(n.name, n.address, n.port, self.root / n.name) for n in cfg.nodes]
+
+    def network(self) -> netns.Network | None:
+        """The cluster's namespaces when it was made with ``--netns``, else None."""
+        if not netns.state_path(self.root).exists():
+            return None
+        with _net_errors():
+            return netns.load(self.root, [(n.name, n.address) for n in self.nodes()])
+
+    def _ensure_network(self) -> None:
+        net = self.network()
+        if net is not None:
+            with _net_errors():
+                net.ensure()
 
     def node(self, name: str) -> LocalNode:
         for n in self.nodes():
@@ -347,7 +290,7 @@ class LocalCluster:
         entry = self._state().get(node.name)
         if not entry:
             return None
-        proc = _process(entry.get("pid"), entry.get("start_time"))
+        proc = recorded_process(entry.get("pid"), entry.get("start_time"))
         if proc is None:
             return None
         try:
@@ -357,6 +300,11 @@ class LocalCluster:
             argv = proc.cmdline()
         except psutil.Error:  # gone, or a zombie, since we looked
             return None
+        if not argv:
+            # Still inside execve(2): posix_spawn returns once the child has dropped the
+            # launcher's memory, a moment before the kernel has its new command line (so
+            # /proc/PID/cmdline reads empty). The start time says it is the one we spawned.
+            return proc.pid
         return proc.pid if self._is_daemon_of(argv, node) else None
 
     def _is_daemon_of(self, argv: Sequence[str], node: LocalNode) -> bool:
@@ -372,21 +320,30 @@ class LocalCluster:
 
     # --- starting ------------------------------------------------------------------------------
 
-    def _create(self, nodes: int, base_port: int) -> None:
+    def _create(self, nodes: int, base_port: int, *, in_netns: bool) -> None:
         if nodes < 1:
             raise ClusterError("--nodes must be at least 1")
         if base_port + nodes - 1 > 65535:
             raise ClusterError(f"ports {base_port}..{base_port + nodes - 1} out of range")
-        specs = [(f"n{i + 1}", "127.0.0.1", base_port + i) for i in range(nodes)]
+        addresses = ["127.0.0.1"] * nodes
+        if in_netns:  # recorded first: a config with these addresses is never without it
+            with _net_errors():
+                addresses = netns.create(self.root, nodes)
+        specs = [(f"n{i + 1}", addresses[i], base_port + i) for i in range(nodes)]
         try:
             init(self.config_path, specs, name=CLUSTER_NAME)
         except ConfigError as exc:
+            if in_netns:
+                netns.state_path(self.root).unlink(missing_ok=True)
             raise ClusterError(str(exc)) from None
-        self.say(f"created cluster {CLUSTER_NAME!r} with {nodes} nodes in {self.root}")
+        where = f"network namespaces, {addresses[0]}..{addresses[-1]}" if in_netns else "loopback"
+        self.say(f"created cluster {CLUSTER_NAME!r} with {nodes} nodes in {self.root} ({where})")
 
     def daemon_argv(self, node: LocalNode) -> list[str]:
         """The command that runs ``node``'s daemon (``_is_daemon_of`` recognises it)."""
+        net = self.network()
         return [
+            *(net.enter(node.name) if net is not None else []),
             *self.mountd,
             "--config",
             str(self.config_path),
@@ -419,24 +376,39 @@ class LocalCluster:
         finally:
             os.close(fd)
         try:
-            start_time: int | None = _start_ticks(psutil.Process(pid))
+            start_time: int | None = start_ticks(psutil.Process(pid))
         except psutil.Error:  # gone already: _wait_up reports its exit status
             start_time = None
         self._record(node.name, {"pid": pid, "start_time": start_time})
         return pid
 
     def up(
-        self, nodes: int | None = None, base_port: int | None = None, timeout: float = UP_TIMEOUT
+        self,
+        nodes: int | None = None,
+        base_port: int | None = None,
+        timeout: float = UP_TIMEOUT,
+        *,
+        in_netns: bool = False,
     ) -> UpResult:
-        """Start every node that is not running and wait until all are up and see each other."""
+        """Start every node that is not running and wait until all are up and see each other.
+
+        ``in_netns`` (for a new cluster) puts each node in a network namespace of its own.
+        """
         with self._locked():
             if not self.exists():
-                self._create(nodes or DEFAULT_NODES, base_port or DEFAULT_BASE_PORT)
+                self._create(
+                    nodes or DEFAULT_NODES, base_port or DEFAULT_BASE_PORT, in_netns=in_netns
+                )
             else:
                 have = len(self.config().nodes)
                 if nodes is not None and nodes != have:
                     raise ClusterError(
                         f"{self.root} holds a cluster of {have} nodes; for another size, "
+                        f"`dfs cluster down` and remove {self.root} (or use another --dir)"
+                    )
+                if in_netns and self.network() is None:
+                    raise ClusterError(
+                        f"{self.root} holds a cluster on loopback; for one in network namespaces, "
                         f"`dfs cluster down` and remove {self.root} (or use another --dir)"
                     )
             every = self.nodes()
@@ -446,12 +418,16 @@ class LocalCluster:
                 return UpResult(started=[], already_running=running)
             pids: dict[str, int] = {}
             try:
+                self._ensure_network()
                 for node in todo:
                     pids[node.name] = self._spawn(node)
                     self.say(f"started {node.name} (pid {pids[node.name]})")
                 self._wait_up(every, pids, timeout)
             except BaseException:
                 self._stop_nodes([n for n in todo if n.name in pids], signal.SIGTERM)
+                if not running:  # nothing of this cluster runs: leave no namespace behind
+                    with suppress(ClusterError):  # `down` tries again; report the first error
+                        self._remove_network()
                 raise
             return UpResult(started=[n.name for n in todo], already_running=running)
 
@@ -462,6 +438,7 @@ class LocalCluster:
             if self.daemon_pid(node) is not None:
                 return False
             others = [n for n in self.nodes() if n.name != name and self.daemon_pid(n)]
+            self._ensure_network()
             pid = self._spawn(node)
             try:
                 self._wait_up([node, *others], {name: pid}, timeout)
@@ -483,7 +460,7 @@ class LocalCluster:
                     # before it is a zombie): give it a moment to report its status.
                     code = self._collect(pid, EXIT_GRACE)
                     how = f"exited with status {code}" if code is not None else "died"
-                    raise LaunchError(node.name, f"dfs-mountd {how}", _tail(node.log_path))
+                    raise LaunchError(node.name, f"dfs-mountd {how}", tail(node.log_path))
                 why = self._not_up(node, names)
                 if why:
                     waiting[node.name] = why
@@ -495,7 +472,7 @@ class LocalCluster:
                 raise LaunchError(
                     name,
                     f"not up after {timeout:g}s: {why}{more}",
-                    _tail(self.node(name).log_path),
+                    tail(self.node(name).log_path),
                 )
             time.sleep(POLL)
 
@@ -561,11 +538,29 @@ class LocalCluster:
             return True
 
     def down(self, timeout: float = STOP_TIMEOUT) -> list[str]:
-        """Stop every daemon we started and unmount what they left; what was done, per node."""
+        """Stop every daemon we started, unmount what they left and remove the cluster's
+        network namespaces (also those a failed start left); what was done."""
         if not self.exists():
-            return []
+            return self._remove_network()
         with self._locked():
-            return self._stop_nodes(self.nodes(), signal.SIGTERM, timeout=timeout)
+            report = self._stop_nodes(self.nodes(), signal.SIGTERM, timeout=timeout)
+            return report + self._remove_network()
+
+    def _remove_network(self) -> list[str]:
+        with _net_errors():
+            return [f"network namespace {ns} removed" for ns in netns.remove_all(self.root)]
+
+    def partition(self, groups: Sequence[str] | None) -> netns.Partition | None:
+        """Cut the network between ``groups`` ("n1,n2", "n3"), or heal it with None."""
+        with self._locked():
+            net = self.network() if self.exists() else None
+            if net is None:
+                raise ClusterError(
+                    f"no cluster in network namespaces in {self.root}: partitions need one "
+                    "started with `dfs cluster up --netns`"
+                )
+            with _net_errors():
+                return net.cut(groups)
 
     def _stop_nodes(
         self,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from dfs_tools import daemons as D
 from dfs_tools import launcher as L
 
 
@@ -30,45 +31,45 @@ def _ticks(pid: int) -> int:
 def test_a_process_is_ours_only_with_the_start_time_we_recorded(
     child: subprocess.Popen[bytes],
 ) -> None:
-    started = L._start_ticks(psutil.Process(child.pid))
+    started = D.start_ticks(psutil.Process(child.pid))
     assert started == _ticks(child.pid)
-    got = L._process(child.pid, started)
+    got = D.recorded_process(child.pid, started)
     assert got is not None and got.pid == child.pid
-    assert L._process(child.pid, started + 1) is None  # a reused PID
-    assert L._process(child.pid, started - 1) is None
-    assert L._process(child.pid, None) is None
-    assert L._process(child.pid, True) is None
-    assert L._process(str(child.pid), started) is None
-    assert L._process(0, started) is None
+    assert D.recorded_process(child.pid, started + 1) is None  # a reused PID
+    assert D.recorded_process(child.pid, started - 1) is None
+    assert D.recorded_process(child.pid, None) is None
+    assert D.recorded_process(child.pid, True) is None
+    assert D.recorded_process(str(child.pid), started) is None
+    assert D.recorded_process(0, started) is None
 
 
 def test_the_start_time_does_not_move_with_the_boot_time(
     child: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The kernel derives boot time from the wall clock; a step of it must not orphan a daemon."""
-    started = L._start_ticks(psutil.Process(child.pid))
+    started = D.start_ticks(psutil.Process(child.pid))
     wall = psutil.Process(child.pid).create_time()
     real = psutil._pslinux.boot_time  # type: ignore[attr-defined]
     monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: real() + 1.0)
     assert psutil.Process(child.pid).create_time() == wall + 1.0  # what used to be compared
-    assert L._process(child.pid, started) is not None
+    assert D.recorded_process(child.pid, started) is not None
 
 
 def test_wall_clock_start_times_from_an_older_launcher_still_match(
     child: subprocess.Popen[bytes],
 ) -> None:
     wall = psutil.Process(child.pid).create_time()
-    assert L._process(child.pid, wall) is not None
-    assert L._process(child.pid, wall + 0.5) is not None  # boot time moved under it
-    assert L._process(child.pid, wall + 5.0) is None
+    assert D.recorded_process(child.pid, wall) is not None
+    assert D.recorded_process(child.pid, wall + 0.5) is not None  # boot time moved under it
+    assert D.recorded_process(child.pid, wall + 5.0) is None
 
 
 def test_the_exit_status_of_our_child_is_collected_once(child: subprocess.Popen[bytes]) -> None:
-    assert L._wait_exit(child.pid) is None  # still running
+    assert D.wait_exit(child.pid) is None  # still running
     child.kill()
-    assert L._wait_exit(child.pid, timeout=30) == -9
+    assert D.wait_exit(child.pid, timeout=30) == -9
     child.returncode = -9  # reaped by psutil: tell Popen, so the fixture does not wait again
-    assert L._wait_exit(child.pid) is None  # gone
+    assert D.wait_exit(child.pid) is None  # gone
 
 
 def test_the_daemon_command_line_is_recognised(tmp_path: Path) -> None:
@@ -80,3 +81,16 @@ def test_the_daemon_command_line_is_recognised(tmp_path: Path) -> None:
     assert not c._is_daemon_of(["sleep", *argv[3:]], node)  # not a dfs-mountd
     other = L.LocalCluster(tmp_path / "other")
     assert not other._is_daemon_of(argv, node)  # another cluster's configuration
+
+
+def test_a_daemon_still_in_execve_is_ours(
+    tmp_path: Path, child: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after posix_spawn the child's /proc/PID/cmdline can read empty (its execve has
+    not set up the new command line yet): it was reported as a dead daemon under load."""
+    c = L.LocalCluster(tmp_path)
+    node = L.LocalNode("n1", "127.0.0.1", 7801, tmp_path / "n1")
+    c._record("n1", {"pid": child.pid, "start_time": D.start_ticks(psutil.Process(child.pid))})
+    assert c.daemon_pid(node) is None  # a python that is not a dfs-mountd of this cluster
+    monkeypatch.setattr(psutil.Process, "cmdline", lambda self: [])
+    assert c.daemon_pid(node) == child.pid
