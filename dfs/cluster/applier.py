@@ -185,7 +185,7 @@ class ReplicaApplier:
         vol: VolumeId,
         records: list[Any],
         changed: list[Inval],
-        began: list[tuple[int, int]],
+        began: list[tuple[int, int]] | None = None,
     ) -> int:
         """Apply the records that follow this store's sequence: data changes (under a
         ``dirty`` intent), then every write-set in one transaction. ``began`` gets each
@@ -212,7 +212,8 @@ class ReplicaApplier:
         last = self._last_epoch.get(vol, 0)
         for inc in todo:
             if inc.rec.epoch > last:
-                began.append((inc.rec.epoch, inc.seq))
+                if began is not None:
+                    began.append((inc.rec.epoch, inc.seq))
                 last = inc.rec.epoch
         # Whether each file's blocks are newer than their digests once all are applied.
         dirty: dict[int, bool] = {}

@@ -38,6 +38,7 @@ from dfs.net.rpc import Methods
 from dfs.types import InodeId, NodeId, VolumeId
 
 Result = tuple[VolumeId | None, Any]
+EPOCH_SHIFT = 40  # a handle on the wire: epoch << EPOCH_SHIFT | this node's handle number
 Handler = Callable[[str, Any, Ctx], Awaitable[Result]]
 
 
@@ -135,10 +136,23 @@ class OpServer:
 
     # --- handles ----------------------------------------------------------------------------
 
-    def _handle(self, peer: str, fh: int) -> tuple[int, VolumeId]:
+    def _wire(self, fh: int, vol: VolumeId) -> int:
+        """The handle as another node holds it: with this primary's epoch above the bits of
+        the local number, so that a handle opened on an earlier primary of the volume (which
+        may have the same number here) is refused, not taken for another file."""
+        return (self.roles.epoch(vol) << EPOCH_SHIFT) | fh
+
+    def _handle(self, peer: str, wire: int) -> tuple[int, VolumeId]:
+        fh = wire & ((1 << EPOCH_SHIFT) - 1)
         if self.held.get(fh) != peer:
             raise FsError(errno.EBADF, f"handle {fh} is not open for {peer}")
-        return fh, self.vfs.getattr(self.files.inode_of(fh)).volume
+        vol = self.vfs.getattr(self.files.inode_of(fh)).volume
+        if wire >> EPOCH_SHIFT != self.roles.epoch(vol):
+            raise FsError(
+                errno.EBADF,
+                f"handle {fh} was opened on an earlier primary of volume {vol}: open it again",
+            )
+        return fh, vol
 
     async def _read(self, peer: str, a: F.Read, ctx: Ctx) -> Result:
         fh, vol = self._handle(peer, a.fh)
@@ -244,11 +258,11 @@ class OpServer:
         if a.flags & os.O_TRUNC and attr.size:
             # The name existed (another node's kernel did not know it yet).
             attr = await self.vfs.setattr(attr.ino, SetAttrs(size=0), ctx)
-        return vol, [fh, pack_attr(attr)]
+        return vol, [self._wire(fh, vol), pack_attr(attr)]
 
     async def _open(self, peer: str, a: F.Open, ctx: Ctx) -> Result:
         write = a.flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC)
         vol = self._ordered_here(a.ino, update=bool(write))
         fh = await self.vfs.open(InodeId(a.ino), a.flags, ctx)
         self.held[fh] = peer
-        return vol, fh
+        return vol, self._wire(fh, vol)
