@@ -83,6 +83,7 @@ class Failover:
         self._asked: dict[VolumeId, float] = {}  # when a non-site last asked who orders
         # A primary elected here acknowledges no update of the volume before this time.
         self.not_before: dict[VolumeId, float] = {}
+        self._restand: dict[VolumeId, int] = {}  # ordered here, but a site is in this epoch
         self.elections = 0  # started here (for status)
 
     def register(self, methods: Methods) -> None:
@@ -112,6 +113,8 @@ class Failover:
             st = self.roles.epochs[vol] = E.EpochState(epoch=0)
         if epoch < st.epoch or (epoch == st.epoch and st.primary == primary):
             return False
+        if primary == self.me:
+            return False  # only an election here makes this node a primary, never hearsay
         if epoch == st.epoch and st.primary not in ("", primary):
             log.error(
                 "volume %d: %s and %s both claim epoch %d; keeping %s",
@@ -132,6 +135,16 @@ class Failover:
         self.heard[vol] = trio.current_time()
         self._changed(vol)
         return True
+
+    def newer(self, vol: VolumeId, epoch: int, primary: str) -> None:
+        """A site of ``vol`` that this node orders answered in a newer ``epoch``: follow its
+        ``primary``; or, if nobody won that epoch (the site stood and lost: its vote blocks
+        this node's records now), stand again in a later epoch at the next look, without a
+        pre-vote — the sites that moved on no longer follow this primary anyway."""
+        if primary:
+            self.learn(vol, epoch, primary)
+        else:
+            self._restand[vol] = max(self._restand.get(vol, 0), epoch)
 
     def _save(self, vol: VolumeId) -> None:
         if self.meta.has_volume(vol) and vol in self.roles.epochs:
@@ -164,7 +177,9 @@ class Failover:
         ok = self.roles.epoch(vol) == epoch and self.roles.primary(vol) == peer
         if ok:
             self.heard[vol] = trio.current_time()
-        return {"ok": ok, "epoch": self.roles.epoch(vol), "primary": self.roles.primary(vol)}
+        # Whom this node follows: "" while an election of its epoch has no winner yet.
+        follows = st.primary if st is not None else self.roles.primary(vol)
+        return {"ok": ok, "epoch": self.roles.epoch(vol), "primary": follows}
 
     async def _vote(self, peer: str, args: dict[str, Any]) -> dict[str, Any]:
         vol, epoch = VolumeId(args["vol"]), args["epoch"]
@@ -224,6 +239,13 @@ class Failover:
                 continue
             for v in self.roles.volumes.all():
                 vol = v.vol
+                seen = self._restand.pop(vol, 0)
+                if seen and self.roles.orders(vol) and self.roles.epoch(vol) < seen:
+                    st = self.roles.epochs[vol]
+                    st.epoch = seen  # the election below is in a later epoch still
+                    others = [s for s in v.sites if s != self.me]
+                    await self.elect(vol, len(v.sites), others, pre=False)
+                    continue
                 if v.stored_on(self.me) and self.roles.stores(vol):
                     if self.roles.orders(vol) or len(v.sites) < 2:
                         continue
@@ -246,8 +268,11 @@ class Failover:
             except (RpcError, FsError, KeyError, TypeError, ValueError):
                 continue
 
-    async def elect(self, vol: VolumeId, n_sites: int, others: list[str]) -> bool:
-        """Stand for primary of ``vol``; True if this node won."""
+    async def elect(
+        self, vol: VolumeId, n_sites: int, others: list[str], *, pre: bool = True
+    ) -> bool:
+        """Stand for primary of ``vol``; True if this node won. ``pre``: ask first whether a
+        majority would vote (no epoch is used up if not)."""
         st = self.roles.epochs[vol]
         majority = n_sites // 2 + 1
         self.heard[vol] = trio.current_time()  # the next try, if this one fails, waits again
@@ -257,15 +282,19 @@ class Failover:
             "last": st.last_epoch(),
             "seq": self.meta.seq(vol),
         }
-        if await self._poll(ask | {"pre": True}, others, majority - 1) + 1 < majority:
+        if pre and await self._poll(ask | {"pre": True}, others, majority - 1) + 1 < majority:
             return False
         self.elections += 1
         epoch = st.epoch = st.epoch + 1
+        ask["epoch"] = epoch
+        was_primary = st.primary == self.me
         st.voted, st.primary = self.me, ""
         await trio.to_thread.run_sync(self._save, vol)
         keeper = self.roles.leases.get(vol)
         if keeper is not None:
             keeper.revoke()
+        if was_primary:
+            self._changed(vol)  # a candidate orders nothing: its replication stops
         log.warning(
             "volume %d: no word from primary for %.1fs: standing in epoch %d",
             vol,

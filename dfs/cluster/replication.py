@@ -419,10 +419,9 @@ class Replicator:
                         isinstance(epoch, int)
                         and epoch > self.epoch
                         and isinstance(primary, str)
-                        and primary
                         and self._newer is not None
                     ):
-                        self._newer(epoch, primary)
+                        self._newer(epoch, primary)  # "": an election there won by nobody
             await trio.sleep_until(sent + self.heartbeat)
 
     def kick(self, site: str) -> None:

@@ -222,7 +222,7 @@ class ClusterService:
                 peer=self._peer,
                 epoch=self.roles.epochs[v.vol],
                 heartbeat=self.config.timeouts.heartbeat,
-                newer=lambda epoch, primary: self.failover.learn(v.vol, epoch, primary),
+                newer=lambda epoch, primary: self.failover.newer(v.vol, epoch, primary),
                 not_before=self.failover.not_before.pop(v.vol, -math.inf),
             )
             self.roles.replicators[v.vol] = repl
