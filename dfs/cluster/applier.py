@@ -141,16 +141,31 @@ class ReplicaApplier:
         self.known = known
         self._lock = trio.Lock()
 
-    async def apply(self, vol: VolumeId, records: list[Any]) -> int:
+    @property
+    def lock(self) -> trio.Lock:
+        """Held while records are applied: a vote (``dfs.cluster.failover``) takes it, so
+        that no record of the old epoch is applied after this site voted in a new one."""
+        return self._lock
+
+    async def apply(
+        self, vol: VolumeId, records: list[Any], admit: Callable[[], None] | None = None
+    ) -> int:
         """Apply ``records`` ([seq, record, blobs]) in order; returns the sequence now applied.
 
         Records already applied are skipped; a record after a gap stops the batch
-        (the answer tells the primary where to resume).
+        (the answer tells the primary where to resume). ``admit()`` runs once the lock is
+        held and may raise: whether the sender is still the primary this node follows.
         """
         try:
             self._lock.acquire_nowait()  # the usual case: no scheduling round for the lock
         except trio.WouldBlock:
             await self._lock.acquire()
+        if admit is not None:
+            try:
+                admit()
+            except BaseException:
+                self._lock.release()
+                raise
         changed: list[Inval] = []
         began: list[tuple[int, int]] = []
         try:
@@ -298,9 +313,10 @@ def register_site_methods(
 
     async def apply(peer: str, args: dict[str, Any]) -> dict[str, Any]:
         vol = VolumeId(args["vol"])
-        admit(vol, peer, args.get("epoch"))
+        epoch = args.get("epoch")
+        admit(vol, peer, epoch)  # early, and again under the applier's lock
         try:
-            have = await applier.apply(vol, args["records"])
+            have = await applier.apply(vol, args["records"], lambda: admit(vol, peer, epoch))
         except ReplicaError as exc:
             log.error("cannot apply records of volume %d from %s: %s", vol, peer, exc)
             raise FsError(errno.EPROTO, str(exc)) from None

@@ -65,6 +65,7 @@ class Failover:
         heartbeat: float,
         lease: float,
         failover_after: float,
+        applying: trio.Lock | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.roles = roles
@@ -76,6 +77,9 @@ class Failover:
         self.heartbeat = heartbeat
         self.lease = lease
         self.failover_after = failover_after
+        # The applier's lock: a vote is given while no record is being applied (after it,
+        # records of the old epoch are refused), so the journal it compared is the one kept.
+        self._applying = applying or trio.Lock()
         # Per node, not per run: the random waits differ between nodes, and a simulated
         # cluster replays exactly (tests/sim).
         self.rng = rng or random.Random(f"failover:{roles.me}")
@@ -182,6 +186,10 @@ class Failover:
         return {"ok": ok, "epoch": self.roles.epoch(vol), "primary": follows}
 
     async def _vote(self, peer: str, args: dict[str, Any]) -> dict[str, Any]:
+        async with self._applying:
+            return await self._vote_now(peer, args)
+
+    async def _vote_now(self, peer: str, args: dict[str, Any]) -> dict[str, Any]:
         vol, epoch = VolumeId(args["vol"]), args["epoch"]
         pre = bool(args.get("pre"))
         st = self.roles.epochs.get(vol)

@@ -136,6 +136,7 @@ class ClusterService:
             heartbeat=t.heartbeat,
             lease=self.lease,
             failover_after=t.failover_after,
+            applying=self.applier.lock,
         )
         self.failover.register(methods)
         register_site_methods(methods, self.applier, self._admit_records, self._last_epoch)

@@ -292,11 +292,21 @@ class Schedule:
             p = self.nodes[primary]
             assert p.meta is not None
             want = p.meta.seq(vol)
+            assert p.service is not None
+            epoch = p.service.roles.epoch(vol)
+            repl = p.service.roles.replicator(vol)
             for s in sites:
-                m = self.nodes[s].meta
-                assert m is not None
+                node = self.nodes[s]
+                m = node.meta
+                assert m is not None and node.service is not None
                 if m.seq(vol) != want:
                     out.append(f"/{path.decode()} {s} at {m.seq(vol)} of {want}")
+                elif node.service.roles.epoch(vol) != epoch:
+                    # Equal sequences are not the same journal across epochs: an old primary
+                    # has not yet learnt the new epoch (and rolled back) — not settled.
+                    out.append(f"/{path.decode()} {s} in epoch {node.service.roles.epoch(vol)}")
+                elif s != primary and repl is not None and not repl.links[s].in_sync:
+                    out.append(f"/{path.decode()} {s} not in sync with {primary}")
         return out
 
     def _vol(self, path: bytes) -> VolumeId:
