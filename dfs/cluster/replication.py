@@ -64,6 +64,7 @@ from typing import Any, Protocol
 
 import trio
 
+from dfs.cluster.acks import Acknowledgement
 from dfs.cluster.applier import INLINE_APPLY_BYTES as INLINE_APPLY_BYTES
 from dfs.cluster.applier import Inval as Inval
 from dfs.cluster.applier import Notifier as Notifier
@@ -71,9 +72,10 @@ from dfs.cluster.applier import ReplicaApplier as ReplicaApplier
 from dfs.cluster.applier import invalidations as invalidations
 from dfs.cluster.applier import register_site_methods as register_site_methods
 from dfs.cluster.epochs import EpochState
+from dfs.cluster.journal_items import Item, batch_after, journal_has, run_after
+from dfs.cluster.leases import LeaseKeeper as LeaseKeeper
 from dfs.data.store import DataStore
 from dfs.errors import FsError
-from dfs.meta.replica import decode_record
 from dfs.meta.store import MetaStore, WriteTxn
 from dfs.net.frames import Packed, pack_args
 from dfs.net.peer import Pending
@@ -82,8 +84,6 @@ from dfs.types import VolumeId
 
 log = logging.getLogger("dfs.cluster.replication")
 
-BATCH_RECORDS = 512
-BATCH_BYTES = 8 << 20
 WINDOW = 4  # requests in flight per streaming site
 LIVE_CACHE_BYTES = 256 << 20
 BACKOFF_MIN = 0.2
@@ -144,10 +144,9 @@ class SiteLink:
 
 
 Caller = Callable[[str, str, dict[str, Any], float], Any]
-Item = list[Any]  # [seq, packed record, [bytes of each data operation or None]]
 
 
-class Replicator:
+class Replicator(Acknowledgement):
     """The primary's side of one volume's replication (see the module docstring).
 
     ``call(site, method, args, timeout)`` makes one RPC; ``peer(site)``, when
@@ -254,119 +253,6 @@ class Replicator:
             _s, record, blobs = items.pop(seq)
             self._items_bytes -= len(record) + sum(len(b) for b in blobs if b is not None)
 
-    def _count_in_sync(self) -> None:
-        """Note when the sites in sync stop (or start again) being a majority."""
-        if self._nursery is None:
-            return
-        enough = 1 + sum(lk.in_sync for lk in self.links.values()) >= self.majority
-        if enough:
-            if self._short_since is not None:
-                log.info("volume %d: a majority of its sites is in sync again", self.vol)
-            self._short_since = None
-        elif self._short_since is None:
-            self._short_since = trio.current_time()
-
-    def in_sync_sites(self) -> int:
-        """How many of the volume's sites are in sync, this primary included."""
-        return 1 + sum(lk.in_sync for lk in self.links.values())
-
-    def admit(self) -> None:
-        """Raise ``EROFS`` if this primary may not make an update now: fewer than a majority
-        of the volume's sites have been in sync for ``call_timeout`` (an update could not be
-        acknowledged; failing at once beats every caller waiting out the deadline)."""
-        since = self._short_since
-        if since is None or trio.current_time() - since < self.call_timeout:
-            return
-        raise FsError(
-            errno.EROFS,
-            f"volume {self.vol} is read-only here: {self.in_sync_sites()} of its "
-            f"{len(self.links) + 1} sites are in sync with this primary, an update needs "
-            f"{self.majority}",
-        )
-
-    def _reached(self, seq: int, skip: str | None) -> tuple[int, list[SiteLink]]:
-        """How many sites applied ``seq`` (this primary and ``skip`` count), and the sites in
-        sync that have not."""
-        have = 1
-        behind: list[SiteLink] = []
-        for lk in self.links.values():
-            if lk.name == skip or lk.acked >= seq:
-                have += 1
-            elif lk.in_sync:
-                behind.append(lk)
-        return have, behind
-
-    async def wait(self, seq: int | None = None, *, skip: str | None = None) -> None:
-        """Return once a majority of the volume's sites and every site in sync have applied
-        ``seq`` (default: the latest), and every site that dropped out can no longer hold a
-        lease. ``skip``: a site that waits for its own replica itself (it forwarded the
-        update: ``NodeFs._applied_here``); it counts as having applied ``seq``.
-
-        Bounded: after ``call_timeout``, sites in sync still behind are dropped out of sync
-        (their leases then run out, as for any site that fails), and without a majority the
-        update is ``ETIMEDOUT``: it is on this primary and perhaps some sites, and will
-        reach the others if this node stays the primary, but it was not acknowledged."""
-        if seq is None:
-            seq = self.meta.seq(self.vol)
-        if self.not_before > trio.current_time():
-            await trio.sleep_until(self.not_before)
-        deadline = trio.current_time() + self.call_timeout
-        while True:
-            have, behind = self._reached(seq, skip)
-            if have >= self.majority and not behind:
-                break
-            if trio.current_time() >= deadline:
-                if have < self.majority:
-                    raise FsError(
-                        errno.ETIMEDOUT,
-                        f"volume {self.vol}: update {seq} reached {have} of its "
-                        f"{len(self.links) + 1} sites within {self.call_timeout:g}s, an "
-                        f"acknowledgement needs {self.majority}: its outcome is unknown",
-                    )
-                for lk in behind:
-                    self._fail(
-                        lk,
-                        PeerTimeout(
-                            f"node {lk.name}: did not apply update {seq} of volume "
-                            f"{self.vol} within {self.call_timeout:g}s"
-                        ),
-                    )
-                break
-            with trio.move_on_at(deadline):
-                await self._changed.wait()
-        now = trio.current_time()
-        late = max((lk.lease_until for lk in self.links.values() if not lk.in_sync), default=now)
-        if late > now:
-            await trio.sleep_until(late)
-
-    def grant(self, site: str) -> float | bool:
-        """A site asks for a read lease: granted while it is in sync and this primary is
-        current; the answer is how long (no longer than this primary is sure to be current)."""
-        link = self.links.get(site)
-        if link is None or not link.in_sync:
-            return False
-        now = trio.current_time()
-        last = self.current_until()
-        if last <= now:
-            return False
-        length = min(self.lease, last - now)
-        link.lease_until = max(link.lease_until, now + length)
-        return length if length < self.lease else True
-
-    def current_until(self) -> float:
-        """Until when this primary is sure no other primary makes updates: a majority of the
-        sites answered a ping sent within a lease of that time (forever when it is not
-        pinging: no failover). A site votes for a new primary only when it has not heard
-        this one for ``failover_after``, and the winner waits a lease before its first
-        update."""
-        if self.heartbeat is None or self.majority == 1:
-            return math.inf
-        heard = sorted((lk.heard for lk in self.links.values()), reverse=True)
-        return heard[self.majority - 2] + self.lease
-
-    def current(self) -> bool:
-        return trio.current_time() < self.current_until()
-
     def snapshot(self) -> list[dict[str, Any]]:
         """Each site as this primary sees it: applied, lag (updates behind), in sync,
         diverged, lease left (seconds), last error."""
@@ -437,7 +323,7 @@ class Replicator:
         top = self.meta.seq(self.vol)
         window = WINDOW if link.poster is not None else 1
         while link.streaming and link.sent < top and len(link.inflight) < window:
-            items = self._run(link.sent)
+            items = run_after(self.meta, self.data, self.vol, self._items, link.sent)
             if not items:  # not in the journal any more: the sender says so
                 self._stop(link, f"record {link.sent + 1} is not in the journal")
                 return
@@ -570,7 +456,7 @@ class Replicator:
                 if link.acked >= self.meta.seq(self.vol):
                     await link.wake.wait()
                 continue
-            batch = self._batch(link.acked)
+            batch = batch_after(self.meta, self.data, self.vol, self._items, link.acked)
             try:
                 reply = await self._call(
                     link.name,
@@ -644,7 +530,7 @@ class Replicator:
                 self._progress()
                 await trio.sleep(BACKOFF_MAX * 5)
                 continue
-            if not batch and have < top and not self._journal_has(have + 1):
+            if not batch and have < top and not journal_has(self.meta, self.vol, have + 1):
                 link.last_error = f"needs records from {have + 1}, no longer in the journal"
                 log.error("site %s: %s; it needs a full resync", link.name, link.last_error)
                 link.in_sync = False
@@ -675,116 +561,3 @@ class Replicator:
             )
         link.acked = max(link.acked, -1)
         self._progress()
-
-    def _journal_has(self, seq: int) -> bool:
-        for s, _raw in self.meta.journal_entries(self.vol, seq - 1):
-            return s == seq
-        return False
-
-    def _run(self, after: int) -> list[Item]:
-        """Consecutive records after ``after``, within the batch limits: kept ones as they
-        are, the others from the journal."""
-        out: list[Item] = []
-        total = 0
-        items = self._items
-        seq = after + 1
-        while seq in items and len(out) < BATCH_RECORDS and total < BATCH_BYTES:
-            item = items[seq]
-            out.append(item)
-            total += len(item[1]) + sum(len(b) for b in item[2] if b is not None)
-            seq += 1
-        if out:
-            return out
-        return self._batch(after)
-
-    def _batch(self, after: int) -> list[Item]:
-        """Records after ``after`` (none to learn the site's position when it is unknown, or
-        when the journal no longer has the next one)."""
-        if after < 0:
-            return []
-        out: list[Item] = []
-        total = 0
-        for seq, raw in self.meta.journal_entries(self.vol, after):
-            if seq != (out[-1][0] if out else after) + 1:
-                break
-            item = self._items.get(seq)
-            if item is None:
-                item = [seq, raw, self._blobs(decode_record(raw).data)]
-            out.append(item)
-            total += len(item[1]) + sum(len(b) for b in item[2] if b is not None)
-            if len(out) >= BATCH_RECORDS or total >= BATCH_BYTES:
-                break
-        return out
-
-    def _blobs(self, ops: list[list[Any]]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for op in ops:
-            if op[0] != "w":
-                out.append(None)
-                continue
-            fd = self.data.open(op[1], create=False)
-            if fd is None:
-                out.append(None)
-                continue
-            try:
-                out.append(DataStore.pread(fd, op[2], op[3], op[2] + op[3]))
-            finally:
-                self.data.close(fd)
-        return out
-
-
-class LeaseKeeper:
-    """A site's read lease on a volume from its primary (see the module docstring).
-
-    ``ask()`` asks the volume's current primary; its answer is True (a whole lease), a number
-    (a shorter one: the primary is sure to be current only that long) or anything else (no).
-    ``revoke`` ends the lease at once (this site voted in an election): an answer to a
-    question asked before that is ignored."""
-
-    def __init__(self, ask: Callable[[], Any], *, interval: float, lease: float) -> None:
-        self._ask = ask
-        self.interval = interval
-        self.lease = lease
-        self.until = -math.inf
-        self._granted = trio.Event()
-        self._gen = 0
-        self._scope: trio.CancelScope | None = None
-
-    def current(self) -> bool:
-        return trio.current_time() < self.until
-
-    def revoke(self) -> None:
-        self.until = -math.inf
-        self._gen += 1
-
-    def stop(self) -> None:
-        """This node is no longer a site following a primary (it is the primary now)."""
-        self.revoke()
-        if self._scope is not None:
-            self._scope.cancel()
-
-    async def wait_current(self, limit: float) -> bool:
-        with trio.move_on_after(limit):
-            while not self.current():
-                await self._granted.wait()
-        return self.current()
-
-    async def run(self) -> None:
-        with trio.CancelScope() as self._scope:
-            while True:
-                start = trio.current_time()
-                gen = self._gen
-                try:
-                    granted = await self._ask()
-                except (RpcError, FsError):
-                    granted = False
-                length: float | None = None
-                if granted is True:
-                    length = self.lease
-                elif isinstance(granted, (int, float)) and not isinstance(granted, bool):
-                    length = min(self.lease, float(granted))
-                if length is not None and length > 0 and gen == self._gen:
-                    self.until = start + length
-                    self._granted.set()
-                    self._granted = trio.Event()
-                await trio.sleep(self.interval)
