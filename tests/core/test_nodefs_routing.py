@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from dfs.check.checker import check
+from dfs.cluster.applier import ReplicaApplier
 from dfs.cluster.nodefs import NodeFs
 from dfs.cluster.remote import LocalReader, Reader
 from dfs.cluster.roles import VolumeRoles
 from dfs.cluster.volumes import Volume, VolumeTable, encode_mount
 from dfs.errors import FsError, NotFound
 from dfs.fs.ctx import ROOT_CTX
+from dfs.meta.replica import decode_record
+from dfs.meta.store import MetaStore
 from dfs.net.rpc import PeerUnavailable
-from dfs.types import ROOT_INODE, ROOT_VOLUME, InodeId, VolumeId
+from dfs.types import ROOT_INODE, ROOT_VOLUME, InodeId, NodeId, VolumeId
 from tests.core.harness import Core, run
+from tests.core.test_replication import Node
 
 
 class _Down:
@@ -132,3 +138,32 @@ def test_mount_points_show_the_volume_root_and_stop_renames(tmp_path: Path) -> N
     assert e.value.errno == errno.ENOTEMPTY
     # fsck: the volume's root is a top, not a lost directory.
     assert core.findings() == []
+
+
+def _records(meta: MetaStore, vol: VolumeId) -> list[list[Any]]:
+    """The journal of ``vol`` as its primary ships it (no data-file writes here)."""
+    return [
+        [seq, raw, [None] * len(decode_record(raw).data)] for seq, raw in meta.journal_entries(vol)
+    ]
+
+
+def test_a_site_records_the_root_of_a_volume_it_joined(tmp_path: Path) -> None:
+    """A site that does not store the root volume (so has no mount records) joined a volume
+    before its root existed, and kept root 0 in its ``volumes`` record: the checker found the
+    volume's root directory unreachable. The record gets the root when the site learns it
+    (``ClusterService._adopt``, also at every start, so old stores are repaired)."""
+    primary = Node(tmp_path / "n1", 1)
+    site = Node(tmp_path / "n2", 2, replica=True)
+    m = primary.vfs.mkdir(ROOT_INODE, b"proj", 0o750, ROOT_CTX)
+    vol = VolumeId(2)
+    primary.meta.add_volume(vol, InodeId(0), "/proj")
+    vroot = primary.vfs.make_volume_root(vol, "/proj", m)
+    primary.vfs.mkdir(vroot.ino, b"d", 0o755, ROOT_CTX)
+    site.meta.add_volume(vol, InodeId(0), "/proj")  # vol.join
+    run(ReplicaApplier(site.meta, site.data, NodeId(2)).apply, vol, _records(primary.meta, vol))
+    assert [(x.code, x.ino) for x in check(site.meta, site.data)] == [("unreachable", vroot.ino)]
+    site.meta.add_volume(vol, vroot.ino, "/proj")
+    assert check(site.meta, site.data) == []
+    assert site.meta.stored_volumes()[vol] == {"root": vroot.ino, "path": "/proj"}
+    site.meta.add_volume(vol, InodeId(12345), "/proj")  # a record with its root is kept
+    assert site.meta.stored_volumes()[vol]["root"] == vroot.ino

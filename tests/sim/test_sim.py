@@ -42,11 +42,6 @@ KNOWN_BUGS: dict[int, tuple[bool, str]] = {
     120: (False, OUT_OF_SYNC_FORWARD),
     149: (False, OUT_OF_SYNC_FORWARD),
 }
-# A checker finding in about every third schedule: a site that does not store the root volume
-# keeps root 0 in its ``volumes`` record of a volume it joined (VolumeCreation._join), so the
-# offline checker reports that volume's root directory as 'unreachable'. Filtered in the
-# sweep; test_checker_sees_volume_roots shows it unfiltered (xfail).
-KNOWN_FINDING = "directory has no name"
 
 
 def _tmp() -> str | None:
@@ -82,8 +77,7 @@ def _explain(r: Report, violations: list[str], replay: str = "") -> str:
 def test_schedule(seed: int) -> None:
     with tempfile.TemporaryDirectory(prefix="dfs-sim-", dir=_tmp()) as d:
         r = run_schedule(seed, Path(d))
-    bad = [v for v in r.violations if KNOWN_FINDING not in v]
-    assert not bad, _explain(r, bad)
+    assert not r.violations, _explain(r, r.violations)
     assert r.acked > 0 or r.failed > 0, "no client did anything"
 
 
@@ -97,14 +91,14 @@ def test_schedule(seed: int) -> None:
 def test_known_bug(seed: int) -> None:
     with tempfile.TemporaryDirectory(prefix="dfs-sim-", dir=_tmp()) as d:
         r = run_schedule(seed, Path(d), eager=KNOWN_BUGS[seed][0])
-    bad = [v for v in r.violations if KNOWN_FINDING not in v]
-    assert not bad, _explain(
-        r, bad, f".venv/bin/pytest 'tests/sim/test_sim.py::test_known_bug[{seed}]'"
+    assert not r.violations, _explain(
+        r, r.violations, f".venv/bin/pytest 'tests/sim/test_sim.py::test_known_bug[{seed}]'"
     )
 
 
-@pytest.mark.xfail(strict=True, reason="checker: a volume's root directory reads as unreachable")
 def test_checker_sees_volume_roots() -> None:
+    """A site that joined a volume before its root existed records the root once it learns
+    it: the checker finds that volume's root directory reachable (seed 2 has such a site)."""
     with tempfile.TemporaryDirectory(prefix="dfs-sim-", dir=_tmp()) as d:
         r = run_schedule(2, Path(d))
     assert not r.violations, _explain(
