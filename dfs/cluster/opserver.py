@@ -5,10 +5,12 @@ decoded into their typed record (``dfs.cluster.fsops``; malformed ones are EINVA
 handler runs) and the operation's handler, found in a table by name, runs it in the local
 ``Vfs`` as the caller (uid, gid, groups, umask). The answer is ``[result, seq]``, sent once
 every storage site in sync applied the update — except the caller itself when it is a site in
-sync: then ``seq`` tells it what to wait for (``Forwarder.applied_here``) — and once this node's
-kernel dropped what the update changed (``CommitHook``). An exception other than ``FsError``
-inside a handler is a bug: it reaches the RPC layer, which logs it with its traceback and
-answers EIO.
+sync, which waits for its own replica (``Forwarder.applied_here``) — and once this node's
+kernel dropped what the update changed (``CommitHook``). ``seq`` is the volume's sequence
+after the update (0 for reads and for ``sync``): a caller that stores the volume reads it
+from the primary until its replica has applied that much (``Forwarder.behind``). An exception
+other than ``FsError`` inside a handler is a bug: it reaches the RPC layer, which logs it with
+its traceback and answers EIO.
 
 Handles: ``create`` and ``open`` open a handle here for the caller (``held``: handle -> node);
 read, write, fsync, flush and release take it back, and only from that node. A node that
@@ -105,15 +107,19 @@ class OpServer:
         if isinstance(a, F.Flush | F.Fsync) and notify is not None:
             # The writes it covers came as fs.write, whose invalidations nobody waited for.
             await notify.flush(self.commits.last_ticket)
-        # A storage site in sync that forwarded an update waits for its own replica itself
-        # (it has the record streamed to it meanwhile): the answer need not wait for its
-        # acknowledgement, only for every other site's.
+        # The answer carries the volume's sequence after the update, so that a caller that
+        # stores the volume knows when its replica has it (``Forwarder``). A storage site in
+        # sync waits for its own replica itself (it has the record streamed to it
+        # meanwhile): the answer need not wait for its acknowledgement, only for every other
+        # site's. A site out of sync is caught up now: it is evidently reachable.
         repl = self.roles.replicator(vol) if vol is not None else None
         link = repl.links.get(peer) if repl is not None else None
         skip = link is not None and link.in_sync
-        seq = self.vfs.meta.seq(vol) if skip and vol is not None else 0
+        seq = self.vfs.meta.seq(vol) if vol is not None else 0
         if repl is not None:
-            await repl.wait(seq or None, skip=peer if skip else None)
+            if link is not None and not skip:
+                repl.kick(peer)
+            await repl.wait(seq if skip else None, skip=peer if skip else None)
         elif vol is None:
             for r in list(self.roles.replicators.values()):
                 await r.wait()

@@ -319,8 +319,12 @@ class MetaStore:
         return vol in self._seq
 
     def add_volume(self, vol: VolumeId, root: InodeId, path: str) -> None:
-        """Start storing volume ``vol`` (no-op if it is stored already): its sequence is 0."""
+        """Start storing volume ``vol``: its sequence is 0. If it is stored already, only a
+        record without its root directory (0: a site that joined the volume while it was
+        being created, before its root existed) gets ``root``."""
         if vol in self._seq:
+            if root:
+                self._learn_root(vol, root)
             return
         with self.write(record=False) as txn:
             txn.put(
@@ -329,6 +333,19 @@ class MetaStore:
                 db=self.volumes,
             )
         self._seq.setdefault(vol, 0)
+
+    def _learn_root(self, vol: VolumeId, root: InodeId) -> None:
+        with self.read() as txn:
+            raw = txn.get(S.volume_key(vol), db=self.volumes)
+        try:
+            rec = msgpack.unpackb(raw) if raw is not None else None
+        except (ValueError, msgpack.UnpackException):
+            return  # the checker reports it
+        if not isinstance(rec, dict) or rec.get("root"):
+            return
+        rec["root"] = int(root)
+        with self.write(record=False) as txn:
+            txn.put(S.volume_key(vol), msgpack.packb(rec), db=self.volumes)
 
     def stored_volumes(self) -> dict[VolumeId, dict[str, Any]]:
         """The volumes this node stores: vol -> {"root": ino, "path": str}."""
