@@ -31,7 +31,7 @@ from dfs.errors import FsError
 from dfs.fs.ctx import ROOT_CTX
 from dfs.net.rpc import Methods, PeerUnavailable
 from dfs.types import ROOT_INODE, ROOT_VOLUME, NodeId
-from tests.core.test_replication import Node, replicating_to, serve_ops
+from tests.core.test_replication import Node, serve_ops
 from tests.waiting import await_until
 
 
@@ -158,7 +158,8 @@ def test_a_site_out_of_sync_makes_files_through_the_primary(tmp_path: Path) -> N
     from its replica until that has caught up."""
     primary = Node(tmp_path / "n1", 1)
     site = Node(tmp_path / "n2", 2, replica=True)
-    root = Volume(ROOT_VOLUME, "/", ROOT_INODE, "n1", ("n1", "n2"), ROOT_INODE)
+    third = Node(tmp_path / "n3", 3, replica=True)  # in sync: the majority with the primary
+    root = Volume(ROOT_VOLUME, "/", ROOT_INODE, "n1", ("n1", "n2", "n3"), ROOT_INODE)
     up = {"n1": True}
     answers: list[Any] = []
 
@@ -182,8 +183,19 @@ def test_a_site_out_of_sync_makes_files_through_the_primary(tmp_path: Path) -> N
         applied_timeout=5.0,
     )
     applier = ReplicaApplier(site.meta, site.data, NodeId(2), applied=n2.applied)
-    repl, gate = replicating_to(primary, applier)
-    gate["open"] = trio.Event()
+    applier3 = ReplicaApplier(third.meta, third.data, NodeId(3))
+    gate = {"open": trio.Event()}
+
+    async def call(node: str, method: str, args: dict[str, Any], limit: float) -> Any:
+        if node == "n3":
+            return {"have": await applier3.apply(args["vol"], args["records"])}
+        if args["records"]:
+            await gate["open"].wait()
+        return {"have": await applier.apply(args["vol"], args["records"])}
+
+    repl = Replicator(
+        primary.meta, primary.data, ROOT_VOLUME, ["n2", "n3"], call, call_timeout=60.0, lease=3.0
+    )
     fs1 = NodeFs(primary.vfs, VolumeRoles.alone(primary.meta, repl))
     serve_ops(fs1, methods)
 
