@@ -181,6 +181,8 @@ class ClusterService:
         """Start this node's part in ``v`` (idempotent): for a volume it stores, load what it
         follows (``dfs.cluster.epochs``), then replicate it or follow its primary."""
         meta = self.vfs.meta
+        if v.stored_on(self.me) and meta.has_volume(v.vol) and v.root:
+            meta.add_volume(v.vol, v.root, v.path)  # a record still without its root learns it
         if v.stored_on(self.me) and v.vol not in self.roles.epochs:
             if not meta.has_volume(v.vol):
                 if v.primary == self.me:
