@@ -27,6 +27,7 @@ import enum
 import errno
 
 from dfs.cluster.epochs import FIRST_EPOCH, EpochState
+from dfs.cluster.epochs import load as load_epochs
 from dfs.cluster.replication import LeaseKeeper, Replicator
 from dfs.cluster.volumes import Volume, VolumeTable
 from dfs.errors import FsError
@@ -82,6 +83,17 @@ class VolumeRoles:
         """Other nodes may change this node's files (it is part of a cluster)."""
         return self.volumes is not None or bool(self.replicators)
 
+    def state(self, vol: VolumeId) -> EpochState | None:
+        """What this node follows in ``vol``; for a volume stored here, read from its store the
+        first time it is asked (before the cluster service starts: start-up recovery must
+        not take this node for a primary it no longer is)."""
+        st = self.epochs.get(vol)
+        if st is None and self.volumes is not None and self.meta.has_volume(vol):
+            v = self.volumes.get(vol)
+            if v is not None and v.stored_on(self.me):
+                st = self.epochs[vol] = load_epochs(self.meta, vol, v.primary)
+        return st
+
     def volume(self, vol: VolumeId) -> Volume:
         v = self.volumes.get(vol) if self.volumes is not None else None
         if v is None:
@@ -97,21 +109,21 @@ class VolumeRoles:
         """The node that orders ``vol`` now (ESTALE when the volume is not known here)."""
         if self.volumes is None:
             return self.me
-        st = self.epochs.get(vol)
+        st = self.state(vol)
         if st is not None and st.primary:
             return st.primary
         return self.volume(vol).primary
 
     def epoch(self, vol: VolumeId) -> int:
         """The epoch of ``vol``'s current primary."""
-        st = self.epochs.get(vol)
+        st = self.state(vol)
         return st.epoch if st is not None and st.epoch else FIRST_EPOCH
 
     def orders(self, vol: VolumeId) -> bool:
         """This node is the primary of ``vol``: it applies updates itself."""
         if self.volumes is None:
             return True
-        st = self.epochs.get(vol)
+        st = self.state(vol)
         if st is not None and st.epoch:
             return st.primary == self.me
         v = self.volumes.get(vol)

@@ -101,6 +101,7 @@ class ClusterService:
         self.lease = LEASE_HEARTBEATS * config.timeouts.heartbeat
         self._nursery: trio.Nursery | None = None
         self._readers: dict[tuple[str, bool], Reader] = {}
+        self._adopted: set[VolumeId] = set()  # stored volumes whose epoch state is loaded
         self.views = self._views()
         self.fs = NodeFs(
             vfs,
@@ -183,7 +184,7 @@ class ClusterService:
         meta = self.vfs.meta
         if v.stored_on(self.me) and meta.has_volume(v.vol) and v.root:
             meta.add_volume(v.vol, v.root, v.path)  # a record still without its root learns it
-        if v.stored_on(self.me) and v.vol not in self.roles.epochs:
+        if v.stored_on(self.me) and v.vol not in self._adopted:
             if not meta.has_volume(v.vol):
                 if v.primary == self.me:
                     log.error(
@@ -191,8 +192,10 @@ class ClusterService:
                     )
                     return
                 meta.add_volume(v.vol, v.root, v.path)
-            st = E.load(meta, v.vol, v.primary)
-            self.roles.epochs[v.vol] = st
+            st = self.roles.state(v.vol)
+            if st is None:  # being created: not in the volume table yet
+                st = self.roles.epochs[v.vol] = E.load(meta, v.vol, v.primary)
+            self._adopted.add(v.vol)
             self.applier.knows_epoch(v.vol, st.last_epoch())
             if st.primary == self.me:
                 meta.epochs[v.vol] = st.epoch
@@ -268,7 +271,7 @@ class ClusterService:
             if self.creation.joining(VolumeId(vol)) != peer:
                 raise FsError(errno.EPERM, f"{peer} is not the primary of volume {vol}")
             return
-        if v.vol not in self.roles.epochs:
+        if v.vol not in self._adopted:
             self._adopt(v)
         self.failover.admit_records(v.vol, peer, epoch)
 
