@@ -12,6 +12,7 @@ Example (what ``dfs init`` writes)::
     connect = 2.0
     call = 5.0
     heartbeat = 1.0
+    failover_after = 3.0           # elect a new primary after this long without the old one
 
     [[nodes]]
     name = "n1"
@@ -69,6 +70,8 @@ class Timeouts(_Table, frozen=True, forbid_unknown_fields=True):
     connect: float = 2.0
     call: float = 5.0
     heartbeat: float = 1.0
+    # A volume's sites elect a new primary when they have not heard theirs for this long.
+    failover_after: float = 3.0
 
 
 class NodeConfig(_Table, frozen=True, forbid_unknown_fields=True):

@@ -110,6 +110,12 @@ def create(
         f"volume {got['vol']} at {got['path']}: primary {got['primary']}, "
         f"sites {', '.join(got['sites'])}"
     )
+    n = len(got["sites"])
+    if n > 1:
+        need = n // 2 + 1
+        what = "all of them" if need == n else f"{need} of them"
+        hint = "; with one down it is read-only: 3 sites survive a failure" if n == 2 else ""
+        click.echo(f"updates need a majority of its {n} sites ({what}) in sync{hint}")
 
 
 @volume.command(name="list")
@@ -143,8 +149,66 @@ def list_(path: str | None, mount: str | None, data: Path | None, as_json: bool)
         role = v.get("role", "?")
         if role == "site":
             role += " (lease)" if v.get("lease") else " (no lease)"
+        sites = []
+        for st in v.get("sites_state", []):  # as the primary sees them
+            mark = (
+                "diverged" if st.get("diverged") else "in sync" if st.get("in_sync") else "behind"
+            )
+            lag = st.get("lag")
+            sites.append(f"{st['site']}: {mark}" + (f" -{lag}" if lag else ""))
         rows.append(
-            (str(v["vol"]), v["path"], v["primary"], ",".join(v["sites"]), role, str(v["applied"]))
+            (
+                str(v["vol"]),
+                v["path"],
+                v["primary"],
+                str(v.get("epoch", 1)),
+                ",".join(v["sites"]),
+                role,
+                str(v["applied"]),
+                "; ".join(sites),
+            )
         )
-    headers = ("VOLUME", "PATH", "PRIMARY", "SITES", "ROLE", "APPLIED")
-    echo(table(headers, rows, right=(0, 5)))
+    headers = ("VOLUME", "PATH", "PRIMARY", "EPOCH", "SITES", "ROLE", "APPLIED", "SITE STATE")
+    echo(table(headers, rows, right=(0, 3, 6)))
+
+
+@volume.command(name="rolled-back")
+@click.argument("path", required=False)
+@click.option("--mount", "mount", default=None, help="Mount for the /../HOST/path form.")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Daemon data dir.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def rolled_back(path: str | None, mount: str | None, data: Path | None, as_json: bool) -> None:
+    """List the updates the node serving PATH rolled back after a failover.
+
+    An old primary that comes back keeps what it had made but nobody acknowledged under
+    DATA/rolled-back/ (the records, copies of the files they touched, a manifest); this
+    lists them: when, which volume and updates, the names they made (+) or removed (-).
+    """
+    tree: TreePath | None = None
+    if path is not None:
+        tree = resolve(path, mount=mount, env=os.environ)
+    elif data is None:
+        try:
+            tree = TreePath(choose_mount(mount, os.environ), "/")
+        except TreePathError as exc:
+            raise click.UsageError(
+                f"give a path in a dfs mount, --mount or --data ({exc.message})"
+            ) from None
+    got = _ask(_control(data, tree), "volume.rolledback", {}, timeout=10.0)
+    if as_json:
+        click.echo(json.dumps(got, indent=2))
+        return
+    if not got:
+        click.echo("nothing rolled back on this node")
+        return
+    rows = [
+        (
+            m.get("when", "?"),
+            str(m.get("volume", "?")),
+            "..".join(str(u) for u in m.get("updates", [])),
+            " ".join(m.get("entries", []))[:60],
+            m["dir"],
+        )
+        for m in got
+    ]
+    echo(table(("WHEN", "VOLUME", "UPDATES", "ENTRIES", "KEPT IN"), rows, right=(1,)))

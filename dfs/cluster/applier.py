@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -126,8 +126,13 @@ class ReplicaApplier:
         *,
         known: Callable[[int], bool] | None = None,
         applied: Callable[[], None] | None = None,
+        epochs: Callable[[VolumeId, list[tuple[int, int]]], Awaitable[None]] | None = None,
     ) -> None:
+        """``epochs(vol, [(epoch, first seq), ...])``: records of newer epochs were applied
+        (``dfs.cluster.epochs``: the site notes them in its history)."""
         self.meta = meta
+        self.epochs = epochs
+        self._last_epoch: dict[VolumeId, int] = {}
         # Called once records are applied (and their invalidations done).
         self.applied = applied
         self.data = data
@@ -136,23 +141,43 @@ class ReplicaApplier:
         self.known = known
         self._lock = trio.Lock()
 
-    async def apply(self, vol: VolumeId, records: list[Any]) -> int:
+    @property
+    def lock(self) -> trio.Lock:
+        """Held while records are applied: a vote (``dfs.cluster.failover``) takes it, so
+        that no record of the old epoch is applied after this site voted in a new one."""
+        return self._lock
+
+    async def apply(
+        self, vol: VolumeId, records: list[Any], admit: Callable[[], None] | None = None
+    ) -> int:
         """Apply ``records`` ([seq, record, blobs]) in order; returns the sequence now applied.
 
         Records already applied are skipped; a record after a gap stops the batch
-        (the answer tells the primary where to resume).
+        (the answer tells the primary where to resume). ``admit()`` runs once the lock is
+        held and may raise: whether the sender is still the primary this node follows.
         """
         try:
             self._lock.acquire_nowait()  # the usual case: no scheduling round for the lock
         except trio.WouldBlock:
             await self._lock.acquire()
+        if admit is not None:
+            try:
+                admit()
+            except BaseException:
+                self._lock.release()
+                raise
         changed: list[Inval] = []
+        began: list[tuple[int, int]] = []
         try:
             if _data_bytes(records) < INLINE_APPLY_BYTES:
                 # Metadata and small writes: cheaper here than a worker thread's hop.
-                have = self._apply_batch(vol, records, changed)
+                have = self._apply_batch(vol, records, changed, began)
             else:
-                have = await trio.to_thread.run_sync(self._apply_batch, vol, records, changed)
+                have = await trio.to_thread.run_sync(
+                    self._apply_batch, vol, records, changed, began
+                )
+            if began and self.epochs is not None:
+                await self.epochs(vol, began)
         finally:
             # Filtered here, in the event loop, once the records are committed: a kernel
             # reference taken after this point sees the new state.
@@ -170,9 +195,16 @@ class ReplicaApplier:
                     self.applied()
         return have
 
-    def _apply_batch(self, vol: VolumeId, records: list[Any], changed: list[Inval]) -> int:
+    def _apply_batch(
+        self,
+        vol: VolumeId,
+        records: list[Any],
+        changed: list[Inval],
+        began: list[tuple[int, int]] | None = None,
+    ) -> int:
         """Apply the records that follow this store's sequence: data changes (under a
-        ``dirty`` intent), then every write-set in one transaction."""
+        ``dirty`` intent), then every write-set in one transaction. ``began`` gets each
+        epoch whose first record here is among them, with that record's sequence."""
         have = self.meta.seq(vol)
         todo: list[_Incoming] = []
         try:
@@ -192,6 +224,12 @@ class ReplicaApplier:
             todo.append(_Incoming(seq, record, rec, blobs))
         if not todo:
             return have
+        last = self._last_epoch.get(vol, 0)
+        for inc in todo:
+            if inc.rec.epoch > last:
+                if began is not None:
+                    began.append((inc.rec.epoch, inc.seq))
+                last = inc.rec.epoch
         # Whether each file's blocks are newer than their digests once all are applied.
         dirty: dict[int, bool] = {}
         for inc in todo:
@@ -221,7 +259,12 @@ class ReplicaApplier:
         for inc in todo:
             if inc.rec.origin != self.me:
                 changed.extend(invalidations(inc.rec.ws, inc.rec.data))
+        self._last_epoch[vol] = last
         return self.meta.seq(vol)
+
+    def knows_epoch(self, vol: VolumeId, epoch: int) -> None:
+        """The epoch of the last record this store has of ``vol`` (from its history)."""
+        self._last_epoch[vol] = epoch
 
     def _data_op(self, op: list[Any], blob: Any) -> None:
         kind, ino = op[0], InodeId(op[1])
@@ -259,24 +302,29 @@ class ReplicaApplier:
 
 
 def register_site_methods(
-    methods: Methods, applier: ReplicaApplier, primary_of: Callable[[int], str | None]
+    methods: Methods,
+    applier: ReplicaApplier,
+    admit: Callable[[VolumeId, str, int | None], None],
+    last_epoch: Callable[[VolumeId], int],
 ) -> None:
-    """``repl.apply``: records from the volume's primary (and only from it)."""
+    """``repl.apply``: records from the volume's primary, and only from it: ``admit(vol,
+    peer, epoch)`` raises unless ``peer`` is the primary this node follows in ``epoch``.
+    The answer is the sequence applied and the epoch of the last record (``last_epoch``)."""
 
     async def apply(peer: str, args: dict[str, Any]) -> dict[str, Any]:
         vol = VolumeId(args["vol"])
-        if primary_of(vol) != peer:
-            raise FsError(errno.EPERM, f"{peer} is not the primary of volume {vol}")
+        epoch = args.get("epoch")
+        admit(vol, peer, epoch)  # early, and again under the applier's lock
         try:
-            have = await applier.apply(vol, args["records"])
+            have = await applier.apply(vol, args["records"], lambda: admit(vol, peer, epoch))
         except ReplicaError as exc:
             log.error("cannot apply records of volume %d from %s: %s", vol, peer, exc)
             raise FsError(errno.EPROTO, str(exc)) from None
-        return {"have": have}
+        return {"have": have, "last": last_epoch(vol)}
 
     methods.add(
         "repl.apply",
-        {"vol": Field(int), "records": Field(list)},
+        {"vol": Field(int), "records": Field(list), "epoch": Field(int, optional=True)},
         apply,
         in_order=True,  # one primary's stream of updates: applied in order anyway
     )

@@ -2,14 +2,18 @@
 
 ``Forwarder.call`` sends one operation to the primary that ``VolumeRoles`` names and returns
 its result. The primary answers once every storage site in sync applied the update — except
-this node, when it is a site in sync itself: then the answer carries the update's sequence and
-this node waits for its own replica to apply it (``applied_here``), one hop less than the
-primary waiting for it. Should that take longer than the call deadline, the volume is marked
-*behind*: reads of it go to the primary until this node's replica caught up (``behind``).
+this node, when it is a site in sync itself — and its answer carries the volume's sequence
+after the update. When this node stores the volume and its replica has not applied that
+sequence yet, the volume is *behind* here (``behind``): its reads go to the primary, and never
+to this replica, not even when the primary stops answering, until the replica has caught up —
+so this node never answers with state older than an update it has acknowledged. A site that
+holds a read lease (it is in sync: the record is on its way) first waits, within the call's
+deadline, for its replica to apply it (``applied_here``), so that its reads stay local; a site
+out of sync does not wait (it may be far behind; the primary catches it up).
 
 A primary that cannot be reached refuses updates with EROFS (logged at most every
-``REFUSAL_LOG_EVERY`` seconds); a deadline that passes is ETIMEDOUT (the primary may or may
-not have carried the update out).
+``REFUSAL_LOG_EVERY`` seconds); the call's deadline (``dfs.cluster.deadline``) passing first is
+ETIMEDOUT (the primary may or may not have carried the update out).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import trio
 
 from dfs.cluster import fsops
+from dfs.cluster.deadline import until
 from dfs.cluster.roles import VolumeRoles
 from dfs.errors import FsError
 from dfs.fs.ctx import Ctx
@@ -36,16 +41,19 @@ Send = Callable[[str, str, list[Any], list[Any]], Awaitable[Any]]
 its answer ``[result, seq]``."""
 
 REFUSAL_LOG_EVERY = 10.0
+_NO_ANSWER = object()
 
 
 class Forwarder:
     def __init__(
-        self, roles: VolumeRoles, meta: MetaStore, send: Send | None, *, applied_timeout: float
+        self, roles: VolumeRoles, meta: MetaStore, send: Send | None, *, call_timeout: float
     ) -> None:
+        """``call_timeout``: the longest a call waits for the primary's answer, and then for
+        this node's replica (both within the deadline of the client call being served)."""
         self.roles = roles
         self.meta = meta
         self._send = send
-        self.applied_timeout = applied_timeout
+        self.call_timeout = call_timeout
         self._applied = trio.Event()
         self._behind: dict[VolumeId, int] = {}
         self._last_refusal = -1e9
@@ -59,8 +67,12 @@ class Forwarder:
         if self._send is None:
             raise FsError(errno.EROFS, f"no primary for volume {vol} is known here")
         primary = self.roles.primary(vol)
+        answer: Any = _NO_ANSWER
         try:
-            answer = await self._send(primary, op, fsops.wire(args), fsops.pack_ctx(ctx))
+            with trio.move_on_at(until(self.call_timeout)):
+                answer = await self._send(primary, op, fsops.wire(args), fsops.pack_ctx(ctx))
+            if answer is _NO_ANSWER:
+                raise PeerTimeout(f"node {primary}: {op} got no answer within the call's deadline")
         except PeerUnavailable as exc:
             if not update:
                 raise
@@ -72,22 +84,20 @@ class Forwarder:
         if not (isinstance(answer, list) and len(answer) == 2 and isinstance(answer[1], int)):
             raise FsError(errno.EIO, f"malformed {op} answer from the primary")
         result, seq = answer
-        if seq:
-            await self.applied_here(vol, seq)
+        if seq and self.roles.stores(vol) and self.meta.seq(vol) < seq:
+            self._behind[vol] = max(self._behind.get(vol, 0), seq)
+            if self.roles.current(vol):
+                await self.applied_here(vol, seq)
         return result
 
-    async def applied_here(self, vol: VolumeId, seq: int) -> None:
-        """Wait until this node's replica applied update ``seq`` of ``vol`` (see the module
-        docstring)."""
+    async def applied_here(self, vol: VolumeId, seq: int) -> bool:
+        """Wait, within the call's deadline, until this node's replica applied update ``seq``
+        of ``vol``; whether it has (see the module docstring)."""
         meta = self.meta
-        if meta.seq(vol) >= seq:
-            return
-        with trio.move_on_after(self.applied_timeout):
+        with trio.move_on_at(until(self.call_timeout)):
             while meta.seq(vol) < seq:
                 await self._applied.wait()
-        if meta.seq(vol) < seq:
-            self._behind[vol] = max(self._behind.get(vol, 0), seq)
-            raise FsError(errno.ETIMEDOUT, f"update {seq} of volume {vol} is not applied here yet")
+        return meta.seq(vol) >= seq
 
     def applied(self) -> None:
         """This node's replica applied records (``ReplicaApplier`` calls this)."""
@@ -95,7 +105,8 @@ class Forwarder:
         self._applied = trio.Event()
 
     def behind(self, vol: VolumeId) -> bool:
-        """An update this node made through ``vol``'s primary is not applied here yet."""
+        """An update this node made through ``vol``'s primary (or a later one) is not applied
+        here yet: reads of ``vol`` must not be answered from this replica."""
         seq = self._behind.get(vol)
         if seq is None:
             return False

@@ -6,6 +6,10 @@
   to the primary (numbers from ``REMOTE_FH`` up, apart from the local ones).
 - ``counts``: the kernel's references to inodes of volumes not stored here (``lookup`` counts
   for ``forget``), with each inode's volume.
+- ``learnt``: inodes of volumes stored here that the kernel got from the primary's answer while
+  this node's replica may not have them yet (a site behind, or one that has just joined a new
+  volume), with their volume, until the kernel forgets them: whatever the kernel asks of them
+  is routed by volume (``ReadRouting.volume_of``). Their references are counted by the replica.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class RemoteHandles:
     files: dict[int, RemoteFile] = field(default_factory=dict)
     dirs: dict[int, InodeId] = field(default_factory=dict)
     counts: dict[InodeId, list[int]] = field(default_factory=dict)  # ino -> [volume, refs]
+    learnt: dict[InodeId, VolumeId] = field(default_factory=dict)
     _next: int = REMOTE_FH
 
     def new(self, table: dict[int, Any], value: Any) -> int:

@@ -12,6 +12,10 @@
   site in sync applied them (``Replicator.wait``); on any other node they are forwarded
   (``Forwarder``, served by the primary's ``OpServer``).
 - **Writes** go through ``WriteBehind``: held and posted, acknowledged at close or fsync.
+- **Deadlines.** Every call ends within ``timeouts.call`` of its start, whatever it waits for
+  (``dfs.cluster.deadline``); on the primary, waiting for the sites may take a read lease
+  longer (``WriteBehind.replicated``). A call cut short fails with ETIMEDOUT; an update it
+  carried may still have been made (and a failed flush or fsync says that writes may be lost).
 
 Kernel references (lookup counts) stay on the node whose kernel holds them. A standalone
 node is its own primary with no sites: ``NodeFs`` then adds nothing but a call.
@@ -34,9 +38,10 @@ import trio
 
 from dfs.cluster import fsops as F
 from dfs.cluster.commits import CommitHook
+from dfs.cluster.deadline import fresh_deadline
 from dfs.cluster.forward import Forwarder, Send
 from dfs.cluster.handles import RemoteFile, RemoteHandles
-from dfs.cluster.reads import ReadRouting, after_held_writes
+from dfs.cluster.reads import ReadRouting, after_held_writes, one_deadline
 from dfs.cluster.remote import Reader, unpack_attr
 from dfs.cluster.replication import Notifier
 from dfs.cluster.roles import VolumeRoles
@@ -70,13 +75,16 @@ class NodeFs(ReadRouting):
         """``send``: forwards an operation to a primary; ``reader(node)``: reads of another
         node's replica; ``post``: sends a write without waiting; ``notify``: drops what this
         node's kernel caches; ``view_volume``: the volume of an inode named through a host
-        view (MOUNT/.../HOST), if any."""
+        view (MOUNT/.../HOST), if any; ``applied_timeout`` (``timeouts.call``): the deadline
+        of each call, and so the longest a forwarded update waits for the primary and then for
+        this node's replica to apply it."""
         self.vfs = vfs
         self.files = vfs.files
         self.roles = roles
         self.standalone = not roles.clustered
+        self.call_timeout = applied_timeout
         self.handles = RemoteHandles()
-        self.forwarder = Forwarder(roles, vfs.meta, send, applied_timeout=applied_timeout)
+        self.forwarder = Forwarder(roles, vfs.meta, send, call_timeout=applied_timeout)
         self.writes = WriteBehind(
             vfs.files,
             roles,
@@ -84,6 +92,7 @@ class NodeFs(ReadRouting):
             self.handles,
             lambda: vfs.clock(),
             self.volume_of,
+            call_timeout=applied_timeout,
             post=post if not self.standalone else None,
         )
         self.commits = CommitHook(roles, vfs.lookups, notify)
@@ -105,10 +114,9 @@ class NodeFs(ReadRouting):
     # --- updates: here on the primary, else forwarded -------------------------------------------
 
     async def _replicated(self, vol: VolumeId) -> None:
-        """Return once every site in sync of ``vol`` (ordered here) applied this node's updates."""
-        repl = self.roles.replicator(vol)
-        if repl is not None:
-            await repl.wait()
+        """Return once every site in sync of ``vol`` (ordered here) applied this node's updates
+        (within the call's deadline plus a lease: ``WriteBehind.replicated``)."""
+        await self.writes.replicated(vol)
 
     async def _fwd(
         self, vol: VolumeId, args: F._Args, ctx: Ctx | None = None, *, update: bool = True
@@ -125,7 +133,7 @@ class NodeFs(ReadRouting):
     ) -> T:
         """An update of ``vol``: ``here()`` on its primary (returns once replicated), else
         ``there`` forwarded to the primary and its answer read with ``answer``."""
-        if self.roles.orders(vol):
+        if self.roles.admits(vol):
             result = here()
             await self._replicated(vol)
             return result
@@ -136,7 +144,7 @@ class NodeFs(ReadRouting):
     @after_held_writes
     async def setattr(self, ino: InodeId, ch: SetAttrs, ctx: Ctx) -> Attr:
         vol = self.volume_of(ino)
-        if self.roles.orders(vol):
+        if self.roles.admits(vol):
             a = await self.vfs.setattr(ino, ch, ctx)
             await self._replicated(vol)
             return a
@@ -247,7 +255,7 @@ class NodeFs(ReadRouting):
         self, parent: InodeId, name: bytes, mode: int, flags: int, ctx: Ctx
     ) -> tuple[FileHandle, Attr]:
         vol = self.volume_of(parent)
-        if self.roles.orders(vol):
+        if self.roles.admits(vol):
             fh, a = self.vfs.create(parent, name, mode, flags, ctx)
             await self._replicated(vol)
             return fh, a
@@ -265,14 +273,14 @@ class NodeFs(ReadRouting):
     @after_held_writes
     async def open(self, ino: InodeId, flags: int, ctx: Ctx) -> FileHandle:
         vol = self.volume_of(ino)
-        if self.roles.orders(vol):
+        if self.roles.admits(vol) if flags & WRITE_ACCESS else self.roles.orders(vol):
             fh = await self.vfs.open(ino, flags, ctx)
             if flags & os.O_TRUNC:
                 await self._replicated(vol)
             return fh
         stored = self.roles.stores(vol)
         if stored and not flags & WRITE_ACCESS:
-            return self.files.open(ino, flags)
+            return self.files.open(ino, flags, await self._arriving_attr(vol, ino))
         rfh = await self._fwd(vol, F.Open(ino, flags), ctx, update=bool(flags & WRITE_ACCESS))
         if not isinstance(rfh, int):
             raise FsError(errno.EIO, "malformed open answer from the primary")
@@ -280,13 +288,21 @@ class NodeFs(ReadRouting):
             rf = RemoteFile(vol, ino, rfh)
             return FileHandle(self.handles.new(self.handles.files, rf))
         try:
-            fh = self.files.open(ino, flags)
+            fh = self.files.open(ino, flags, await self._arriving_attr(vol, ino))
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._release_remote(vol, rfh)
             raise
         self.handles.on_primary[fh] = rfh
         return fh
+
+    async def _arriving_attr(self, vol: VolumeId, ino: InodeId) -> Attr | None:
+        """The primary's attributes of ``ino`` when this node's replica does not have it yet
+        (a handle on it is opened here all the same: its reads go to the primary until the
+        replica has it), else None."""
+        if not self._arriving(ino):
+            return None
+        return await self._read(vol).getattr(ino)
 
     def cached(self, fh: int) -> bool:
         """The kernel may keep ``fh``'s file's pages from an earlier open (it is told of
@@ -297,11 +313,13 @@ class NodeFs(ReadRouting):
         rf = self.handles.files.get(fh)
         return rf.ino if rf is not None else self.files.inode_of(fh)
 
+    @one_deadline
     async def write(self, fh: int, off: int, data: bytes) -> int:
         """Write (held, posted or applied here: ``WriteBehind``); acknowledged at flush or
         fsync."""
         return await self.writes.write(fh, off, data)
 
+    @one_deadline
     async def flush(self, fh: int) -> None:
         """close(2): the handle's writes are on every storage site in sync when it returns."""
         await self.writes.held_of(fh)
@@ -311,6 +329,7 @@ class NodeFs(ReadRouting):
             return
         await self.writes.wait_acked(fh)
 
+    @one_deadline
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.writes.held_of(fh)
         stream = self.writes.streams.get(fh)
@@ -322,7 +341,7 @@ class NodeFs(ReadRouting):
             await self._fwd(rf.vol, F.Fsync(rf.rfh, datasync))
             return
         vol = self._handle_volume(fh)
-        if self.roles.orders(vol):
+        if self.roles.orders(vol):  # not an update: it fails if its writes reach no majority
             await self.files.fsync(fh, datasync)
             await self._replicated(vol)
             return
@@ -339,7 +358,12 @@ class NodeFs(ReadRouting):
             return
         await self._fwd(vol, F.Sync(ino))
 
+    @one_deadline
     async def release(self, fh: int) -> None:
+        """The kernel closed ``fh`` for good (no system call waits for this): what it holds or
+        posted is written and flushed (a failure is logged: nobody can be told any more), then
+        the handle is closed here, and on the primary with a deadline of its own (else the
+        primary would keep it open)."""
         try:
             await self.writes.held_of(fh)
         except FsError as exc:
@@ -352,7 +376,10 @@ class NodeFs(ReadRouting):
         rfh = self.handles.on_primary.pop(fh, None)
         vol = self._handle_volume(fh) if rfh is not None else ROOT_VOLUME
         try:
-            await self.flush(fh)  # written through a mapping, or closed without a flush
+            try:
+                await self.flush(fh)  # written through a mapping, or closed without a flush
+            except FsError as exc:
+                log.warning("writes of handle %d failed at release: %s", fh, exc)
             await self.files.release(fh)
         finally:
             if rfh is not None:
@@ -360,7 +387,8 @@ class NodeFs(ReadRouting):
 
     async def _release_remote(self, vol: VolumeId, rfh: int) -> None:
         try:
-            await self._fwd(vol, F.Release(rfh))
+            with fresh_deadline(self.call_timeout):
+                await self._fwd(vol, F.Release(rfh))
         except FsError as exc:
             log.warning("release of handle %d on the primary failed: %s", rfh, exc)
 

@@ -5,10 +5,12 @@ decoded into their typed record (``dfs.cluster.fsops``; malformed ones are EINVA
 handler runs) and the operation's handler, found in a table by name, runs it in the local
 ``Vfs`` as the caller (uid, gid, groups, umask). The answer is ``[result, seq]``, sent once
 every storage site in sync applied the update — except the caller itself when it is a site in
-sync: then ``seq`` tells it what to wait for (``Forwarder.applied_here``) — and once this node's
-kernel dropped what the update changed (``CommitHook``). An exception other than ``FsError``
-inside a handler is a bug: it reaches the RPC layer, which logs it with its traceback and
-answers EIO.
+sync, which waits for its own replica (``Forwarder.applied_here``) — and once this node's
+kernel dropped what the update changed (``CommitHook``). ``seq`` is the volume's sequence
+after the update (0 for reads and for ``sync``): a caller that stores the volume reads it
+from the primary until its replica has applied that much (``Forwarder.behind``). An exception
+other than ``FsError`` inside a handler is a bug: it reaches the RPC layer, which logs it with
+its traceback and answers EIO.
 
 Handles: ``create`` and ``open`` open a handle here for the caller (``held``: handle -> node);
 read, write, fsync, flush and release take it back, and only from that node. A node that
@@ -38,6 +40,7 @@ from dfs.net.rpc import Methods
 from dfs.types import InodeId, NodeId, VolumeId
 
 Result = tuple[VolumeId | None, Any]
+EPOCH_SHIFT = 40  # a handle on the wire: epoch << EPOCH_SHIFT | this node's handle number
 Handler = Callable[[str, Any, Ctx], Awaitable[Result]]
 
 
@@ -104,15 +107,19 @@ class OpServer:
         if isinstance(a, F.Flush | F.Fsync) and notify is not None:
             # The writes it covers came as fs.write, whose invalidations nobody waited for.
             await notify.flush(self.commits.last_ticket)
-        # A storage site in sync that forwarded an update waits for its own replica itself
-        # (it has the record streamed to it meanwhile): the answer need not wait for its
-        # acknowledgement, only for every other site's.
+        # The answer carries the volume's sequence after the update, so that a caller that
+        # stores the volume knows when its replica has it (``Forwarder``). A storage site in
+        # sync waits for its own replica itself (it has the record streamed to it
+        # meanwhile): the answer need not wait for its acknowledgement, only for every other
+        # site's. A site out of sync is caught up now: it is evidently reachable.
         repl = self.roles.replicator(vol) if vol is not None else None
         link = repl.links.get(peer) if repl is not None else None
         skip = link is not None and link.in_sync
-        seq = self.vfs.meta.seq(vol) if skip and vol is not None else 0
+        seq = self.vfs.meta.seq(vol) if vol is not None else 0
         if repl is not None:
-            await repl.wait(seq or None, skip=peer if skip else None)
+            if link is not None and not skip:
+                repl.kick(peer)
+            await repl.wait(seq if skip else None, skip=peer if skip else None)
         elif vol is None:
             for r in list(self.roles.replicators.values()):
                 await r.wait()
@@ -135,10 +142,23 @@ class OpServer:
 
     # --- handles ----------------------------------------------------------------------------
 
-    def _handle(self, peer: str, fh: int) -> tuple[int, VolumeId]:
+    def _wire(self, fh: int, vol: VolumeId) -> int:
+        """The handle as another node holds it: with this primary's epoch above the bits of
+        the local number, so that a handle opened on an earlier primary of the volume (which
+        may have the same number here) is refused, not taken for another file."""
+        return (self.roles.epoch(vol) << EPOCH_SHIFT) | fh
+
+    def _handle(self, peer: str, wire: int) -> tuple[int, VolumeId]:
+        fh = wire & ((1 << EPOCH_SHIFT) - 1)
         if self.held.get(fh) != peer:
             raise FsError(errno.EBADF, f"handle {fh} is not open for {peer}")
-        return fh, self.vfs.getattr(self.files.inode_of(fh)).volume
+        vol = self.vfs.getattr(self.files.inode_of(fh)).volume
+        if wire >> EPOCH_SHIFT != self.roles.epoch(vol):
+            raise FsError(
+                errno.EBADF,
+                f"handle {fh} was opened on an earlier primary of volume {vol}: open it again",
+            )
+        return fh, vol
 
     async def _read(self, peer: str, a: F.Read, ctx: Ctx) -> Result:
         fh, vol = self._handle(peer, a.fh)
@@ -172,10 +192,11 @@ class OpServer:
 
     # --- updates ----------------------------------------------------------------------------
 
-    def _ordered_here(self, ino: int) -> VolumeId:
-        """The volume of ``ino``; EROFS unless this node is its primary."""
+    def _ordered_here(self, ino: int, *, update: bool = True) -> VolumeId:
+        """The volume of ``ino``; EROFS unless this node is its primary (and, for an
+        ``update``, may make one now: ``VolumeRoles.admits``)."""
         vol = self.vfs.getattr(InodeId(ino)).volume
-        if not self.roles.orders(vol):
+        if not (self.roles.admits(vol) if update else self.roles.orders(vol)):
             raise FsError(errno.EROFS, f"not the primary of volume {vol}")
         return vol
 
@@ -243,10 +264,11 @@ class OpServer:
         if a.flags & os.O_TRUNC and attr.size:
             # The name existed (another node's kernel did not know it yet).
             attr = await self.vfs.setattr(attr.ino, SetAttrs(size=0), ctx)
-        return vol, [fh, pack_attr(attr)]
+        return vol, [self._wire(fh, vol), pack_attr(attr)]
 
     async def _open(self, peer: str, a: F.Open, ctx: Ctx) -> Result:
-        vol = self._ordered_here(a.ino)
+        write = a.flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC)
+        vol = self._ordered_here(a.ino, update=bool(write))
         fh = await self.vfs.open(InodeId(a.ino), a.flags, ctx)
         self.held[fh] = peer
-        return vol, fh
+        return vol, self._wire(fh, vol)

@@ -54,4 +54,7 @@ class OrphanPurge:
                 ino = InodeId(i)
                 self.waiting.discard(ino)
                 if vfs.unused(ino):
-                    vfs.purge_if_orphan(ino)
+                    try:
+                        vfs.purge_if_orphan(ino)
+                    except FsError as exc:  # not the primary any more: the new one purges it
+                        log.info("purge of orphan %#x left to the primary: %s", ino, exc)

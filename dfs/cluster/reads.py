@@ -5,9 +5,18 @@ when it stores the inode's volume and can prove it current — it orders the vol
 read lease, and has applied every update it made through the primary (``VolumeRoles.current``,
 ``Forwarder.behind``). Otherwise they go to the volume's primary (a ``Reader``), and when the
 primary does not answer, to the local replica after all, which may be stale (logged;
-docs/CONSISTENCY.md §4, "Reads"). Volumes not stored here are read from their primary; the
-kernel's references to their inodes are counted here (``RemoteHandles``). Files with writes of
-this node in flight (``WriteBehind.unflushed``) are read from the primary, which has them.
+docs/CONSISTENCY.md §4, "Reads") — but never while this node has acknowledged an update its
+replica lacks (``behind``), nor from a replica that has nothing of the volume yet (a site of a
+volume just created). Volumes not stored here are read from their primary; the kernel's
+references to their inodes are counted here (``RemoteHandles``). Files with writes of this node
+in flight (``WriteBehind.unflushed``) are read from the primary, which has them.
+
+An inode of a stored volume that the kernel got from the primary (a lookup, readdir or update
+answered there) may not be in this node's replica yet: its volume is remembered
+(``RemoteHandles.learnt``) until the kernel forgets it, and its reads go to the primary until
+the replica has it.
+
+Every call is served within one deadline (``one_deadline``, ``dfs.cluster.deadline``).
 
 Mount points of volumes show the volume's root directory (``_covering``, ``_mounts_in``).
 """
@@ -23,6 +32,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import trio
 
 from dfs.cluster import fsops as F
+from dfs.cluster.deadline import call_deadline
 from dfs.cluster.forward import Forwarder
 from dfs.cluster.handles import RemoteHandles
 from dfs.cluster.remote import MAX_READ, Reader, unpack_attr
@@ -44,17 +54,33 @@ S = TypeVar("S", bound="ReadRouting")
 STALE_LOG_EVERY = 10.0
 
 
-def after_held_writes(
+def one_deadline(
     fn: Callable[Concatenate[S, P], Awaitable[T]],
 ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
-    """Run an operation only once every write this node holds (``WriteBehind``) is written:
-    whatever it reads or changes then sees them, as after a plain write."""
+    """A client call: whatever it waits for ends within one deadline, ``timeouts.call`` from
+    its start (``dfs.cluster.deadline``)."""
 
     @functools.wraps(fn)
     async def run(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        if self.writes.pending():
-            await self.writes.write_held()
-        return await fn(self, *args, **kwargs)
+        with call_deadline(self.call_timeout):
+            return await fn(self, *args, **kwargs)
+
+    return run
+
+
+def after_held_writes(
+    fn: Callable[Concatenate[S, P], Awaitable[T]],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+    """A client call (``one_deadline``) run only once every write this node holds
+    (``WriteBehind``) is written: whatever it reads or changes then sees them, as after a
+    plain write."""
+
+    @functools.wraps(fn)
+    async def run(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        with call_deadline(self.call_timeout):
+            if self.writes.pending():
+                await self.writes.write_held()
+            return await fn(self, *args, **kwargs)
 
     return run
 
@@ -71,6 +97,7 @@ class ReadRouting:
     _reader: Callable[[str], Reader] | None
     _view_volume: Callable[[InodeId], VolumeId | None] | None
     _last_stale: float
+    call_timeout: float  # the deadline of each client call (timeouts.call)
     checksum_failures: int  # blocks of this node's replica that failed their checksum
     read_repairs: int  # of those, rewritten from another replica
     # --- which volume, and where its reads go --------------------------------------------------
@@ -84,6 +111,9 @@ class ReadRouting:
         try:
             return self.vfs.getattr(ino).volume
         except NotFound:
+            learnt = self.handles.learnt.get(ino)
+            if learnt is not None:  # from the primary; not in this replica yet
+                return VolumeId(learnt)
             # Named through a host view (MOUNT/.../HOST/...), in a volume not stored here.
             vol = self._view_volume(ino) if self._view_volume is not None else None
             if vol is None:
@@ -113,12 +143,15 @@ class ReadRouting:
         self, vol: VolumeId, remote: Callable[[Reader], Awaitable[T]], local: Callable[[], T]
     ) -> T:
         """A read of a stored volume: local when current, else from the primary; when the
-        primary cannot be reached, from this node's replica after all (it may be stale)."""
+        primary cannot be reached, from this node's replica after all (it may be stale), unless
+        that would answer older state than this node acknowledged (``_may_be_stale``)."""
         if self._reads_here(vol):
             return local()
         try:
             return await remote(self._read(vol))
         except (PeerUnavailable, PeerTimeout) as exc:
+            if not self._may_be_stale(vol):
+                raise
             now = trio.current_time()
             if now - self._last_stale >= STALE_LOG_EVERY:
                 self._last_stale = now
@@ -129,6 +162,15 @@ class ReadRouting:
                     exc,
                 )
             return local()
+
+    def _may_be_stale(self, vol: VolumeId) -> bool:
+        """This node's replica of ``vol`` may answer a read that its primary cannot: not
+        while it lacks an update this node acknowledged (``behind``), nor when it has nothing
+        of the volume yet (a volume's first update makes its root directory; the root
+        volume's comes with every store)."""
+        if self.forwarder.behind(vol):
+            return False
+        return vol == ROOT_VOLUME or self.vfs.meta.seq(vol) > 0
 
     def _read(self, vol: VolumeId) -> Reader:
         """Where reads of ``vol`` go when not answered here: its primary."""
@@ -155,21 +197,16 @@ class ReadRouting:
     async def lookup(self, parent: InodeId, name: bytes) -> Attr:
         vol = self.volume_of(parent)
         if self.roles.stores(vol):
-            if self._reads_here(vol):
-                a = self.vfs.lookup(parent, name)
-            else:
-                got = await self._current_read(
-                    vol, lambda r: r.lookup(parent, name), lambda: self.vfs.peek(parent, name)
-                )
-                if got is None:
-                    raise NotFound()
-                a = got
-                self.vfs.remember(a.ino)  # stored here: this node's kernel references
+            got = await self._current_read(
+                vol, lambda r: r.lookup(parent, name), lambda: self.vfs.peek(parent, name)
+            )
+            if got is None:
+                raise NotFound()
+            a = got
             v = self._covering(vol, a)
             if v is not None:
-                self.vfs.forget([(a.ino, 1)])  # the kernel gets the volume's root instead
-                a = await self._root_attr(v)
-                self._counted_attr(a)
+                a = await self._root_attr(v)  # the kernel gets the volume's root instead
+            self._counted_attr(a)
             return await self._fresh(a) if self.writes.unflushed else a
         found = await self._read(vol).lookup(parent, name)
         if found is None:
@@ -190,12 +227,20 @@ class ReadRouting:
 
     async def _root_attr(self, v: Volume) -> Attr:
         if self.roles.stores(v.vol):
-            return self.vfs.getattr(v.root)
+            # A site that has just joined the volume may not have its root yet.
+            return await self._current_read(
+                v.vol, lambda r: r.getattr(v.root), lambda: self.vfs.getattr(v.root)
+            )
         return await self._read(v.vol).getattr(v.root)
 
     def _counted_attr(self, a: Attr) -> None:
+        """The kernel got ``a``: one reference, counted with this node's replica when it
+        stores the volume (remembering the volume of an inode the primary told of, which the
+        replica may not have yet), else with the remote handles."""
         if self.roles.stores(a.volume):
             self.vfs.remember(a.ino)
+            if not self._reads_here(a.volume):
+                self.handles.learnt[a.ino] = a.volume
         else:
             self.handles.count(a.ino, a.volume)
 
@@ -211,6 +256,7 @@ class ReadRouting:
             )
         return await self._read(vol).getattr(ino)
 
+    @one_deadline
     async def readlink(self, ino: InodeId) -> bytes:
         vol = self.volume_of(ino)
         if self.roles.stores(vol):
@@ -220,9 +266,19 @@ class ReadRouting:
         return await self._read(vol).readlink(ino)
 
     def opendir(self, ino: InodeId) -> int:
-        if self.roles.stores(self.volume_of(ino)):
+        if self.roles.stores(self.volume_of(ino)) and not self._arriving(ino):
             return self.vfs.opendir(ino)
         return self.handles.new(self.handles.dirs, ino)
+
+    def _arriving(self, ino: InodeId) -> bool:
+        """``ino`` came from the primary and is not in this node's replica yet."""
+        if ino not in self.handles.learnt:
+            return False
+        try:
+            self.vfs.getattr(ino)
+        except NotFound:
+            return True
+        return False
 
     def dir_of_handle(self, fh: int) -> InodeId:
         ino = self.handles.dirs.get(fh)
@@ -300,19 +356,20 @@ class ReadRouting:
 
     def remember(self, a: Attr) -> None:
         """The kernel accepted ``a`` from readdir: one reference."""
-        if self.roles.volumes is not None and not self.roles.stores(a.volume):
-            self.handles.count(a.ino, a.volume)
-        else:
+        if self.roles.volumes is None:
             self.vfs.remember(a.ino)
+        else:
+            self._counted_attr(a)
 
     def releasedir(self, fh: int) -> None:
         if self.handles.dirs.pop(fh, None) is None:
             self.vfs.releasedir(fh)
 
     def touch_atime(self, ino: InodeId) -> None:
-        if ino not in self.handles.counts:
+        if ino not in self.handles.counts and not self._arriving(ino):
             self.vfs.touch_atime(ino)
 
+    @one_deadline
     async def getxattr(self, ino: InodeId, name: bytes) -> bytes:
         vol = self.volume_of(ino)
         if self.roles.stores(vol):
@@ -321,6 +378,7 @@ class ReadRouting:
             )
         return await self._read(vol).getxattr(ino, name)
 
+    @one_deadline
     async def listxattr(self, ino: InodeId) -> list[bytes]:
         vol = self.volume_of(ino)
         if self.roles.stores(vol):
@@ -336,6 +394,11 @@ class ReadRouting:
         local = self.handles.forget(items)
         if local:
             self.vfs.forget(local)
+            learnt = self.handles.learnt
+            if learnt:
+                for ino, _n in local:
+                    if ino not in self.vfs.lookups:
+                        learnt.pop(ino, None)
 
     @after_held_writes
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -353,6 +416,8 @@ class ReadRouting:
             try:
                 return await self._read(vol).read(ino, off, size)
             except (PeerUnavailable, PeerTimeout):
+                if not self._may_be_stale(vol):
+                    raise
                 return await self._read_repairing(fh, ino, vol, off, size)
         data = await self.writes.forward(
             rf.vol, F.Read(rf.rfh, off, min(size, MAX_READ)), update=False

@@ -36,6 +36,7 @@ remote errno), within the peer's call deadline.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -43,11 +44,12 @@ from typing import Any, Protocol
 
 import trio
 
+from dfs.cluster.deadline import left
 from dfs.errors import FsError, Invalid, NameTooLong, NotFound
 from dfs.fs.vfs import DirEntry, Vfs
 from dfs.meta import schema as S
 from dfs.net.frames import Field
-from dfs.net.rpc import Methods
+from dfs.net.rpc import Methods, PeerTimeout
 from dfs.types import COUNTER_MASK, MAX_NODE_ID, NODE_SHIFT, ROOT_INODE, Attr, InodeId
 
 MAX_READ = 4 << 20  # bytes per r.read; a frame (16 MiB) holds it with room to spare
@@ -261,7 +263,11 @@ class RemoteReader:
         self.readdir_limit = readdir_limit
 
     async def _call(self, method: str, **args: Any) -> Any:
-        return await self.peer.call(method, args, timeout=self.timeout)
+        # Within the deadline of the client call being served, if any (dfs.cluster.deadline).
+        limit = left(math.inf if self.timeout is None else self.timeout)
+        if limit <= 0:
+            raise PeerTimeout(f"{method}: the call's deadline has passed")
+        return await self.peer.call(method, args, timeout=None if limit == math.inf else limit)
 
     async def lookup(self, parent: InodeId, name: bytes) -> Attr | None:
         _check_name(name, S.MAX_NAME, errno.ENAMETOOLONG)

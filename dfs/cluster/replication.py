@@ -4,8 +4,18 @@ The primary executes every update of the volume in one lmdb transaction that
 becomes journal record ``seq`` (a write-set plus the data-store changes, see
 dfs/meta/schema.py). ``Replicator`` (on the primary) ships the records to each
 storage site (``repl.apply``, oldest first, in batches; the site's side is
-``dfs.cluster.applier``); ``wait(seq)`` returns once every site *in sync* has
-applied ``seq`` — an update is acknowledged to its caller only then.
+``dfs.cluster.applier``); ``wait(seq)`` returns once a *majority* of the
+volume's sites (this primary counts) and every site *in sync* have applied
+``seq`` — an update is acknowledged to its caller only then.
+
+Majority: a volume of N sites needs N // 2 + 1 of them (2 of 3, 2 of 2, 3 of
+5) for an update to be acknowledged, so that any later majority — the one a
+new primary is chosen by — includes a site that has it. ``wait`` gives up
+after ``call_timeout`` with ``ETIMEDOUT`` when no majority applied the update
+(it is on this primary and maybe some sites: the outcome is unknown), and a
+primary that has had fewer than a majority of sites in sync for
+``call_timeout`` refuses updates before making them (``admit``: ``EROFS``),
+until enough sites are back in sync.
 
 Shipping to a site in sync is *streaming*: the commit hook (``committed``)
 sends the new record at once, from the committing task and with the record
@@ -54,15 +64,18 @@ from typing import Any, Protocol
 
 import trio
 
+from dfs.cluster.acks import Acknowledgement
 from dfs.cluster.applier import INLINE_APPLY_BYTES as INLINE_APPLY_BYTES
 from dfs.cluster.applier import Inval as Inval
 from dfs.cluster.applier import Notifier as Notifier
 from dfs.cluster.applier import ReplicaApplier as ReplicaApplier
 from dfs.cluster.applier import invalidations as invalidations
 from dfs.cluster.applier import register_site_methods as register_site_methods
+from dfs.cluster.epochs import EpochState
+from dfs.cluster.journal_items import Item, batch_after, journal_has, run_after
+from dfs.cluster.leases import LeaseKeeper as LeaseKeeper
 from dfs.data.store import DataStore
 from dfs.errors import FsError
-from dfs.meta.replica import decode_record
 from dfs.meta.store import MetaStore, WriteTxn
 from dfs.net.frames import Packed, pack_args
 from dfs.net.peer import Pending
@@ -71,12 +84,11 @@ from dfs.types import VolumeId
 
 log = logging.getLogger("dfs.cluster.replication")
 
-BATCH_RECORDS = 512
-BATCH_BYTES = 8 << 20
 WINDOW = 4  # requests in flight per streaming site
 LIVE_CACHE_BYTES = 256 << 20
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 2.0
+ROLLBACK_CALLS = 12  # a rollback's deadline, in call timeouts (it copies files)
 
 
 class Poster(Protocol):
@@ -118,21 +130,23 @@ class SiteLink:
     stream_gen: int = 0
     poster: Poster | None = None  # how this stream sends; None: a task per call
     failure: BaseException | None = None  # the stream failed: back off, then catch up
+    heard: float = -math.inf  # when the last ping it answered as our site was sent
+    diverged: bool = False  # it holds records of an older epoch that this primary has not
 
     def snapshot(self) -> dict[str, Any]:
         return {
             "site": self.name,
             "applied": self.acked,
             "in_sync": self.in_sync,
+            "diverged": self.diverged,
             "error": self.last_error,
         }
 
 
 Caller = Callable[[str, str, dict[str, Any], float], Any]
-Item = list[Any]  # [seq, packed record, [bytes of each data operation or None]]
 
 
-class Replicator:
+class Replicator(Acknowledgement):
     """The primary's side of one volume's replication (see the module docstring).
 
     ``call(site, method, args, timeout)`` makes one RPC; ``peer(site)``, when
@@ -151,7 +165,17 @@ class Replicator:
         call_timeout: float,
         lease: float,
         peer: Callable[[str], Poster | None] | None = None,
+        epoch: EpochState | None = None,
+        heartbeat: float | None = None,
+        newer: Callable[[int, str], object] | None = None,
+        not_before: float = -math.inf,
     ) -> None:
+        """``epoch``: what this primary follows (its epoch and its journal's history), sent with
+        every request and used to find sites that diverged; ``heartbeat``: how often each site
+        is pinged (None: never — a volume ordered here for good, as in core tests); ``newer``:
+        told of a site's answer naming a newer epoch and its primary (this node steps down);
+        ``not_before``: no update is acknowledged before this time (trio clock: a primary just
+        elected waits until every lease of the old epoch has ended)."""
         self.meta = meta
         self.data = data
         self.vol = vol
@@ -161,13 +185,23 @@ class Replicator:
         self.call_timeout = call_timeout
         self.lease = lease
         self._changed = trio.Event()
+        self.majority = (len(self.links) + 1) // 2 + 1  # sites, this primary included
         self._low = -1  # what every site in sync has applied, as last told to ``wait``
         self._synced = 0  # which sites were in sync then (bit i: the i-th of ``links``)
+        self._quorum = -1  # what a majority of the sites has applied, as last told to ``wait``
+        # Since when fewer than a majority of the sites are in sync (trio clock; None: enough
+        # are, or ``run`` has not started).
+        self._short_since: float | None = None
         # Records not yet applied by every site in sync, as sent (oldest first).
         self._items: dict[int, Item] = {}
         self._items_bytes = 0
         self._packed: tuple[int, int, Packed] | None = None  # the last request's args
         self._nursery: trio.Nursery | None = None
+        self.state = epoch
+        self.epoch = epoch.epoch if epoch is not None else 1
+        self.heartbeat = heartbeat
+        self._newer = newer
+        self.not_before = not_before
 
     def committed(self, txn: WriteTxn) -> None:
         """A transaction committed on this node (``CommitHook``): stream its record. While
@@ -194,17 +228,23 @@ class Replicator:
 
     def _progress(self) -> None:
         """A site answered or changed state: wake the updates waiting, if that can matter."""
-        low = self.meta.seq(self.vol)
+        top = self.meta.seq(self.vol)
+        low = top
         synced = 0
+        acked = [top]
         for i, lk in enumerate(self.links.values()):
+            acked.append(min(lk.acked, top))
             if lk.in_sync:
                 synced |= 1 << i
                 if lk.acked < low:
                     low = lk.acked
-        if low != self._low or synced != self._synced:
-            self._low, self._synced = low, synced
+        acked.sort(reverse=True)
+        quorum = acked[self.majority - 1]
+        if low != self._low or synced != self._synced or quorum != self._quorum:
+            self._low, self._synced, self._quorum = low, synced, quorum
             self._changed.set()
             self._changed = trio.Event()
+        self._count_in_sync()
         items = self._items
         while items:
             seq = next(iter(items))
@@ -213,44 +253,62 @@ class Replicator:
             _s, record, blobs = items.pop(seq)
             self._items_bytes -= len(record) + sum(len(b) for b in blobs if b is not None)
 
-    async def wait(self, seq: int | None = None, *, skip: str | None = None) -> None:
-        """Return once every site in sync has applied ``seq`` (default: the latest), and every
-        site that dropped out can no longer hold a lease. ``skip``: a site that waits for its
-        own replica itself (it forwarded the update: ``NodeFs._applied_here``)."""
-        if seq is None:
-            seq = self.meta.seq(self.vol)
-        while True:
-            if all(
-                not lk.in_sync or lk.acked >= seq or lk.name == skip for lk in self.links.values()
-            ):
-                break
-            await self._changed.wait()
-        now = trio.current_time()
-        late = max((lk.lease_until for lk in self.links.values() if not lk.in_sync), default=now)
-        if late > now:
-            await trio.sleep_until(late)
-
-    def grant(self, site: str) -> bool:
-        """A site asks for a read lease: granted while it is in sync."""
-        link = self.links.get(site)
-        if link is None or not link.in_sync:
-            return False
-        link.lease_until = trio.current_time() + self.lease
-        return True
-
     def snapshot(self) -> list[dict[str, Any]]:
-        return [lk.snapshot() for lk in self.links.values()]
+        """Each site as this primary sees it: applied, lag (updates behind), in sync,
+        diverged, lease left (seconds), last error."""
+        now = trio.current_time()
+        top = self.meta.seq(self.vol)
+        out = []
+        for lk in self.links.values():
+            d = lk.snapshot()
+            d["lag"] = top - lk.acked if lk.acked >= 0 else None
+            d["lease"] = round(max(0.0, lk.lease_until - now), 2)
+            out.append(d)
+        return out
 
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._count_in_sync()  # the sites have until ``call_timeout`` to be in sync
                 for link in self.links.values():
                     nursery.start_soon(self._sender, link)
+                    if self.heartbeat is not None:
+                        nursery.start_soon(self._pinger, link)
         finally:
             self._nursery = None
+            self._short_since = None
             for link in self.links.values():
                 self._stop(link, "replication stopped")
+
+    def stop(self) -> None:
+        """Stop replicating (this node is no longer the primary): ``run`` returns."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _pinger(self, link: SiteLink) -> None:
+        """Every heartbeat: is ``link`` still a site of this primary, in this epoch?"""
+        assert self.heartbeat is not None
+        args = {"vol": int(self.vol), "epoch": self.epoch}
+        while True:
+            sent = trio.current_time()
+            try:
+                got = await self._call(link.name, "repl.ping", args, self.heartbeat)
+            except (RpcError, FsError):
+                got = None
+            if isinstance(got, dict):
+                if got.get("ok") is True:
+                    link.heard = max(link.heard, sent)
+                else:
+                    epoch, primary = got.get("epoch"), got.get("primary")
+                    if (
+                        isinstance(epoch, int)
+                        and epoch > self.epoch
+                        and isinstance(primary, str)
+                        and self._newer is not None
+                    ):
+                        self._newer(epoch, primary)  # "": an election there won by nobody
+            await trio.sleep_until(sent + self.heartbeat)
 
     def kick(self, site: str) -> None:
         """A site announced itself (restart): try it now instead of after the backoff."""
@@ -265,7 +323,7 @@ class Replicator:
         top = self.meta.seq(self.vol)
         window = WINDOW if link.poster is not None else 1
         while link.streaming and link.sent < top and len(link.inflight) < window:
-            items = self._run(link.sent)
+            items = run_after(self.meta, self.data, self.vol, self._items, link.sent)
             if not items:  # not in the journal any more: the sender says so
                 self._stop(link, f"record {link.sent + 1} is not in the journal")
                 return
@@ -274,7 +332,7 @@ class Replicator:
     def _request(self, link: SiteLink, items: list[Item]) -> None:
         first, last = items[0][0], items[-1][0]
         req = _Request(first, last, trio.current_time() + self.call_timeout, link.stream_gen)
-        args: dict[str, Any] = {"vol": int(self.vol), "records": items}
+        args: dict[str, Any] = {"vol": int(self.vol), "records": items, "epoch": self.epoch}
         link.inflight.append(req)
         link.sent = last
         peer = link.poster
@@ -398,12 +456,12 @@ class Replicator:
                 if link.acked >= self.meta.seq(self.vol):
                     await link.wake.wait()
                 continue
-            batch = self._batch(link.acked)
+            batch = batch_after(self.meta, self.data, self.vol, self._items, link.acked)
             try:
                 reply = await self._call(
                     link.name,
                     "repl.apply",
-                    {"vol": int(self.vol), "records": batch},
+                    {"vol": int(self.vol), "records": batch, "epoch": self.epoch},
                     self.call_timeout,
                 )
                 have = reply.get("have") if isinstance(reply, dict) else None
@@ -419,9 +477,45 @@ class Replicator:
                 log.warning(
                     "site %s went back from %d to %d (restarted?)", link.name, link.acked, have
                 )
+            top = self.meta.seq(self.vol)
+            last = reply.get("last", 1)
+            if not isinstance(last, int) or isinstance(last, bool):
+                last = 1
+            end = self.state.end_of(last, top) if self.state is not None else top
+            if have > end:
+                link.acked = end  # the records up to there are this primary's
+                if not link.diverged:
+                    log.error(
+                        "site %s holds records %d..%d of volume %d (epoch %d) that this "
+                        "primary (epoch %d) does not have: never acknowledged; it must roll "
+                        "them back before it is a site again",
+                        link.name,
+                        end + 1,
+                        have,
+                        self.vol,
+                        last,
+                        self.epoch,
+                    )
+                link.diverged = True
+                link.last_error = f"diverged after update {end} (epoch {last})"
+                link.in_sync = False
+                self._progress()
+                try:  # dfs.cluster.rollback: it keeps them aside and takes this journal's
+                    await self._call(
+                        link.name,
+                        "repl.rollback",
+                        {"vol": int(self.vol), "epoch": self.epoch, "to": end},
+                        ROLLBACK_CALLS * self.call_timeout,
+                    )
+                except (RpcError, FsError) as exc:
+                    link.last_error = f"diverged after update {end}; rollback failed: {exc}"
+                    log.warning("site %s: %s", link.name, link.last_error)
+                    await self._backoff(link, backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            link.diverged = False
             link.acked = have
             link.last_error = ""
-            top = self.meta.seq(self.vol)
             if have > top:
                 log.error(
                     "site %s has applied %d updates of volume %d, more than this primary (%d); "
@@ -436,7 +530,7 @@ class Replicator:
                 self._progress()
                 await trio.sleep(BACKOFF_MAX * 5)
                 continue
-            if not batch and have < top and not self._journal_has(have + 1):
+            if not batch and have < top and not journal_has(self.meta, self.vol, have + 1):
                 link.last_error = f"needs records from {have + 1}, no longer in the journal"
                 log.error("site %s: %s; it needs a full resync", link.name, link.last_error)
                 link.in_sync = False
@@ -467,92 +561,3 @@ class Replicator:
             )
         link.acked = max(link.acked, -1)
         self._progress()
-
-    def _journal_has(self, seq: int) -> bool:
-        for s, _raw in self.meta.journal_entries(self.vol, seq - 1):
-            return s == seq
-        return False
-
-    def _run(self, after: int) -> list[Item]:
-        """Consecutive records after ``after``, within the batch limits: kept ones as they
-        are, the others from the journal."""
-        out: list[Item] = []
-        total = 0
-        items = self._items
-        seq = after + 1
-        while seq in items and len(out) < BATCH_RECORDS and total < BATCH_BYTES:
-            item = items[seq]
-            out.append(item)
-            total += len(item[1]) + sum(len(b) for b in item[2] if b is not None)
-            seq += 1
-        if out:
-            return out
-        return self._batch(after)
-
-    def _batch(self, after: int) -> list[Item]:
-        """Records after ``after`` (none to learn the site's position when it is unknown, or
-        when the journal no longer has the next one)."""
-        if after < 0:
-            return []
-        out: list[Item] = []
-        total = 0
-        for seq, raw in self.meta.journal_entries(self.vol, after):
-            if seq != (out[-1][0] if out else after) + 1:
-                break
-            item = self._items.get(seq)
-            if item is None:
-                item = [seq, raw, self._blobs(decode_record(raw).data)]
-            out.append(item)
-            total += len(item[1]) + sum(len(b) for b in item[2] if b is not None)
-            if len(out) >= BATCH_RECORDS or total >= BATCH_BYTES:
-                break
-        return out
-
-    def _blobs(self, ops: list[list[Any]]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for op in ops:
-            if op[0] != "w":
-                out.append(None)
-                continue
-            fd = self.data.open(op[1], create=False)
-            if fd is None:
-                out.append(None)
-                continue
-            try:
-                out.append(DataStore.pread(fd, op[2], op[3], op[2] + op[3]))
-            finally:
-                self.data.close(fd)
-        return out
-
-
-class LeaseKeeper:
-    """A site's read lease on a volume from its primary (see the module docstring)."""
-
-    def __init__(self, ask: Callable[[], Any], *, interval: float, lease: float) -> None:
-        self._ask = ask
-        self.interval = interval
-        self.lease = lease
-        self.until = -math.inf
-        self._granted = trio.Event()
-
-    def current(self) -> bool:
-        return trio.current_time() < self.until
-
-    async def wait_current(self, limit: float) -> bool:
-        with trio.move_on_after(limit):
-            while not self.current():
-                await self._granted.wait()
-        return self.current()
-
-    async def run(self) -> None:
-        while True:
-            start = trio.current_time()
-            try:
-                granted = await self._ask()
-            except (RpcError, FsError):
-                granted = False
-            if granted is True:
-                self.until = start + self.lease
-                self._granted.set()
-                self._granted = trio.Event()
-            await trio.sleep(self.interval)

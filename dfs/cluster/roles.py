@@ -14,8 +14,9 @@ A node's role in a volume (``Role``):
 - ``NONE``: it stores no replica; reads and updates go to the primary.
 
 The epoch of a volume is the term of its current primary: at most one primary accepts updates
-per epoch. Today every volume keeps the epoch it was created in (1), since primaries change
-only by reconfiguration; failover will move it forward (docs/ARCHITECTURE.md, "Failover").
+per epoch (``dfs.cluster.epochs``; ``dfs.cluster.failover`` elects a new primary in a new epoch
+and changes ``epochs``, which every answer here follows). Until a volume's first failover its
+primary is the one its record names, in epoch 1.
 
 A node alone (no ``VolumeTable``) orders every volume it has, in epoch 1.
 """
@@ -25,13 +26,15 @@ from __future__ import annotations
 import enum
 import errno
 
+from dfs.cluster.epochs import FIRST_EPOCH, EpochState
+from dfs.cluster.epochs import load as load_epochs
 from dfs.cluster.replication import LeaseKeeper, Replicator
 from dfs.cluster.volumes import Volume, VolumeTable
 from dfs.errors import FsError
 from dfs.meta.store import MetaStore
 from dfs.types import VolumeId
 
-FIRST_EPOCH = 1
+__all__ = ["FIRST_EPOCH", "Role", "VolumeRoles"]
 
 
 class Role(enum.Enum):
@@ -62,6 +65,9 @@ class VolumeRoles:
         self.volumes = volumes
         self.replicators: dict[VolumeId, Replicator] = {}
         self.leases: dict[VolumeId, LeaseKeeper] = {}
+        # What this node follows, per volume: the epoch and its primary (and its votes and
+        # journal's epochs for stored volumes). No entry: the volume record's primary, epoch 1.
+        self.epochs: dict[VolumeId, EpochState] = {}
         self._always_current = always_current
 
     @classmethod
@@ -76,6 +82,17 @@ class VolumeRoles:
     def clustered(self) -> bool:
         """Other nodes may change this node's files (it is part of a cluster)."""
         return self.volumes is not None or bool(self.replicators)
+
+    def state(self, vol: VolumeId) -> EpochState | None:
+        """What this node follows in ``vol``; for a volume stored here, read from its store the
+        first time it is asked (before the cluster service starts: start-up recovery must
+        not take this node for a primary it no longer is)."""
+        st = self.epochs.get(vol)
+        if st is None and self.volumes is not None and self.meta.has_volume(vol):
+            v = self.volumes.get(vol)
+            if v is not None and v.stored_on(self.me):
+                st = self.epochs[vol] = load_epochs(self.meta, vol, v.primary)
+        return st
 
     def volume(self, vol: VolumeId) -> Volume:
         v = self.volumes.get(vol) if self.volumes is not None else None
@@ -92,18 +109,43 @@ class VolumeRoles:
         """The node that orders ``vol`` now (ESTALE when the volume is not known here)."""
         if self.volumes is None:
             return self.me
+        st = self.state(vol)
+        if st is not None and st.primary:
+            return st.primary
         return self.volume(vol).primary
 
     def epoch(self, vol: VolumeId) -> int:
         """The epoch of ``vol``'s current primary."""
-        return FIRST_EPOCH
+        st = self.state(vol)
+        return st.epoch if st is not None and st.epoch else FIRST_EPOCH
 
     def orders(self, vol: VolumeId) -> bool:
         """This node is the primary of ``vol``: it applies updates itself."""
         if self.volumes is None:
             return True
+        st = self.state(vol)
+        if st is not None and st.epoch:
+            return st.primary == self.me
         v = self.volumes.get(vol)
         return v is not None and v.primary == self.me
+
+    def may_record(self, vol: VolumeId) -> bool:
+        """This node may journal an update of ``vol`` (``MetaStore.may_record``): it orders
+        it, or the volume is not in the table yet (being created here)."""
+        if self.volumes is None or self.volumes.get(vol) is None:
+            return True
+        return self.orders(vol)
+
+    def admits(self, vol: VolumeId) -> bool:
+        """This node orders ``vol`` and may make an update of it now: False when another
+        node orders it (forward the update there); ``EROFS`` when this primary has been
+        without a majority of the volume's sites in sync for too long (``Replicator.admit``)."""
+        if not self.orders(vol):
+            return False
+        repl = self.replicators.get(vol)
+        if repl is not None:
+            repl.admit()
+        return True
 
     def is_replica(self, vol: VolumeId) -> bool:
         """This node stores ``vol`` (or will) without ordering it (``Vfs(replica=...)``)."""

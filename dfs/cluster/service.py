@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
+from dfs.cluster import epochs as E
+from dfs.cluster.failover import Failover
 from dfs.cluster.node import ClusterNode
 from dfs.cluster.nodefs import NodeFs
 from dfs.cluster.opserver import OpServer
@@ -47,12 +50,14 @@ from dfs.cluster.replication import (
     register_site_methods,
 )
 from dfs.cluster.roles import Role, VolumeRoles
+from dfs.cluster.rollback import Rollback, list_rolled_back
 from dfs.cluster.views import HostViews
 from dfs.cluster.volcreate import VolumeCreation
 from dfs.cluster.volumes import Volume, VolumeTable, from_wire
 from dfs.config import ClusterConfig, NodeConfig
 from dfs.errors import FsError
 from dfs.fs.vfs import Vfs
+from dfs.meta import schema as S
 from dfs.net.frames import Field
 from dfs.net.peer import Peer, Pending
 from dfs.net.rpc import PeerUnavailable
@@ -96,6 +101,7 @@ class ClusterService:
         self.lease = LEASE_HEARTBEATS * config.timeouts.heartbeat
         self._nursery: trio.Nursery | None = None
         self._readers: dict[tuple[str, bool], Reader] = {}
+        self._adopted: set[VolumeId] = set()  # stored volumes whose epoch state is loaded
         self.views = self._views()
         self.fs = NodeFs(
             vfs,
@@ -113,15 +119,39 @@ class ClusterService:
         methods = cluster.methods
         self.ops.register(methods)
         # Only what this node's kernel holds needs dropping from its caches.
-        applier = ReplicaApplier(
+        self.applier = ReplicaApplier(
             vfs.meta,
             vfs.data,
             node.id,
             notify,
             known=lambda ino: ino == ROOT_INODE or ino in vfs.lookups,
             applied=self.fs.applied,
+            epochs=self._began,
         )
-        register_site_methods(methods, applier, self._primary_of)
+        t = config.timeouts
+        self.failover = Failover(
+            roles,
+            self._call,
+            self._changed,
+            nodes=[n.name for n in config.nodes],
+            heartbeat=t.heartbeat,
+            lease=self.lease,
+            failover_after=t.failover_after,
+            applying=self.applier.lock,
+        )
+        self.failover.register(methods)
+        register_site_methods(methods, self.applier, self._admit_records, self._last_epoch)
+        self.rollback = Rollback(
+            vfs.meta,
+            vfs.data,
+            self._call,
+            self._admit_records,
+            self._last_epoch,
+            self._forget,
+            notify,
+            timeout=t.call,
+        )
+        self.rollback.register(methods)
         register_read_methods(methods, vfs)
         vol_field = {"vol": Field(int, optional=True)}
         methods.add("repl.lease", vol_field, self._grant)
@@ -139,24 +169,56 @@ class ClusterService:
         )
         self.creation.register(methods, cluster.control_methods)
         cluster.control_methods.add("volume.list", {}, self._control_list)
+        cluster.control_methods.add("volume.rolledback", {}, self._control_rolled_back)
         methods.add("vol.list", {}, self._list)
         cluster.add_status("replication", self.status)
+        vfs.meta.may_record = roles.may_record
         for v in self.volumes.all():
             self._adopt(v)
 
     # --- the volumes this node takes part in ------------------------------------------------
 
     def _adopt(self, v: Volume) -> None:
-        """Start this node's part in ``v`` (idempotent)."""
+        """Start this node's part in ``v`` (idempotent): for a volume it stores, load what it
+        follows (``dfs.cluster.epochs``), then replicate it or follow its primary."""
         meta = self.vfs.meta
-        if v.primary == self.me:
+        if v.stored_on(self.me) and meta.has_volume(v.vol) and v.root:
+            meta.add_volume(v.vol, v.root, v.path)  # a record still without its root learns it
+        if v.stored_on(self.me) and v.vol not in self._adopted:
+            if not meta.has_volume(v.vol):
+                if v.primary == self.me:
+                    log.error(
+                        "volume %d (%s): this node is its primary but has no copy", v.vol, v.path
+                    )
+                    return
+                meta.add_volume(v.vol, v.root, v.path)
+            st = self.roles.state(v.vol)
+            if st is None:  # being created: not in the volume table yet
+                st = self.roles.epochs[v.vol] = E.load(meta, v.vol, v.primary)
+            self._adopted.add(v.vol)
+            self.applier.knows_epoch(v.vol, st.last_epoch())
+            if st.primary == self.me:
+                meta.epochs[v.vol] = st.epoch
+        self._take_part(v)
+
+    def _changed(self, vol: VolumeId) -> None:
+        """Failover changed whom this node follows in ``vol``."""
+        v = self.volumes.get(vol)
+        if v is not None:
+            self._take_part(v)
+
+    def _take_part(self, v: Volume) -> None:
+        """Replicate ``v`` if this node orders it, else follow its primary as a site."""
+        if not v.stored_on(self.me) or v.vol not in self.roles.epochs:
+            return
+        if self.roles.orders(v.vol):
+            keeper = self.roles.leases.pop(v.vol, None)
+            if keeper is not None:
+                keeper.stop()
             if v.vol in self.roles.replicators:
                 return
-            if not meta.has_volume(v.vol):
-                log.error("volume %d (%s): this node is its primary but has no copy", v.vol, v.path)
-                return
             repl = Replicator(
-                meta,
+                self.vfs.meta,
                 self.vfs.data,
                 v.vol,
                 [s for s in v.sites if s != self.me],
@@ -164,14 +226,23 @@ class ClusterService:
                 call_timeout=self.config.timeouts.call,
                 lease=self.lease,
                 peer=self._peer,
+                epoch=self.roles.epochs[v.vol],
+                heartbeat=self.config.timeouts.heartbeat,
+                newer=lambda epoch, primary: self.failover.newer(v.vol, epoch, primary),
+                not_before=self.failover.not_before.pop(v.vol, -math.inf),
             )
             self.roles.replicators[v.vol] = repl
             if self._nursery is not None:
                 self._nursery.start_soon(repl.run)
+                if self.roles.epoch(v.vol) > E.FIRST_EPOCH:
+                    self._purge_later(v.vol)  # the orphans the old primary had not purged
             return
-        if self.me not in v.sites or v.vol in self.roles.leases:
+        old = self.roles.replicators.pop(v.vol, None)
+        if old is not None:
+            log.warning("volume %d: no longer its primary", v.vol)
+            old.stop()
+        if v.vol in self.roles.leases:
             return
-        meta.add_volume(v.vol, v.root, v.path)
         keeper = LeaseKeeper(
             lambda: self._ask_lease(v),
             interval=self.config.timeouts.heartbeat,
@@ -182,14 +253,49 @@ class ClusterService:
             self._nursery.start_soon(keeper.run)
             self._nursery.start_soon(self._say_hello, self.roles.primary(v.vol))
 
-    def _primary_of(self, vol: int) -> str | None:
-        """Whose records of ``vol`` this node applies (repl.apply)."""
+    def _purge_later(self, vol: VolumeId) -> None:
+        meta = self.vfs.meta
+        with meta.read() as txn:
+            inos = [S.read_u64(k) for k in txn.cursor(db=meta.orphans).iternext(values=False)]
+        for ino in inos:
+            try:
+                if self.vfs.getattr(InodeId(ino)).volume == vol:
+                    self.purge.defer(InodeId(ino))
+            except FsError:
+                continue
+
+    def _admit_records(self, vol: int, peer: str, epoch: int | None) -> None:
+        """``repl.apply`` of ``vol`` from ``peer``: raises unless this node follows it."""
         v = self.volumes.get(VolumeId(vol))
-        if v is not None:
-            if self.me in v.sites and not self.vfs.meta.has_volume(v.vol):
-                self.vfs.meta.add_volume(v.vol, v.root, v.path)
-            return self.roles.primary(v.vol)
-        return self.creation.joining(VolumeId(vol))
+        if v is None:
+            if self.creation.joining(VolumeId(vol)) != peer:
+                raise FsError(errno.EPERM, f"{peer} is not the primary of volume {vol}")
+            return
+        if v.vol not in self._adopted:
+            self._adopt(v)
+        self.failover.admit_records(v.vol, peer, epoch)
+
+    def _last_epoch(self, vol: VolumeId) -> int:
+        st = self.roles.epochs.get(vol)
+        return st.last_epoch() if st is not None else E.FIRST_EPOCH
+
+    async def _forget(self, vol: VolumeId, to: int) -> None:
+        """Records after ``to`` were rolled back: the history forgets their epochs."""
+        st = self.roles.epochs.get(vol)
+        if st is None:
+            return
+        st.history = [(e, first) for e, first in st.history if first <= to]
+        self.applier.knows_epoch(vol, st.last_epoch())
+        await trio.to_thread.run_sync(E.save, self.vfs.meta, vol, st)
+
+    async def _began(self, vol: VolumeId, began: list[tuple[int, int]]) -> None:
+        """Records of newer epochs were applied here: note them in the history, durably."""
+        st = self.roles.epochs.get(vol)
+        if st is None:
+            return
+        for epoch, first in began:
+            st.began(epoch, first)
+        await trio.to_thread.run_sync(E.save, self.vfs.meta, vol, st)
 
     async def _fetch_volumes(self) -> bool:
         """A node that does not store the root volume asks one that does for the volumes."""
@@ -242,6 +348,7 @@ class ClusterService:
             nursery.start_soon(self.purge.run, self.vfs, self._ask_holds)
             nursery.start_soon(self.fs.writes.run)
             nursery.start_soon(self._watch)
+            nursery.start_soon(self.failover.run)
             for keeper in self.roles.leases.values():
                 nursery.start_soon(keeper.run)
             await self._catch_up()
@@ -310,12 +417,16 @@ class ClusterService:
             elif keeper is not None and role is Role.SITE:
                 d["lease"] = keeper.current()
             d["applied"] = self.vfs.meta.seq(v.vol)
+            d["primary"] = self.roles.primary(v.vol)
+            d.update(self.failover.status(v.vol))
             vols.append(d)
         root = vols[0] if vols and vols[0]["vol"] == ROOT_VOLUME else None
         out: dict[str, Any] = {
             "volumes": vols,
             "checksum_failures": self.fs.checksum_failures,
             "read_repairs": self.fs.read_repairs,
+            "elections": self.failover.elections,
+            "rollbacks": self.rollback.count,
         }
         if root is not None:  # the root volume's part, as before volumes existed
             out["role"] = root["role"]
@@ -370,7 +481,7 @@ class ClusterService:
 
     # --- served to the other nodes ---------------------------------------------------------
 
-    async def _grant(self, peer: str, args: dict[str, Any]) -> bool:
+    async def _grant(self, peer: str, args: dict[str, Any]) -> float | bool:
         repl = self.roles.replicators.get(VolumeId(args.get("vol", ROOT_VOLUME)))
         return repl is not None and repl.grant(peer)
 
@@ -396,6 +507,10 @@ class ClusterService:
                     )
                     held.update(i for i in got if isinstance(i, int))
         return held
+
+    async def _control_rolled_back(self, peer: str, args: dict[str, Any]) -> list[Any]:
+        """What this node rolled back (``dfs.cluster.rollback``), oldest first."""
+        return list_rolled_back(self.vfs.data.root.parent)
 
     async def _control_list(self, peer: str, args: dict[str, Any]) -> list[dict[str, Any]]:
         return list(self.status()["volumes"])

@@ -14,10 +14,15 @@ so a node need not wait for each one to be replicated:
   waiting (``fs.write``, served in arrival order) while fewer than ``WRITES_IN_FLIGHT`` are
   unanswered; its outcome is checked at flush/fsync/close and by the handle's next write. Until
   they are flushed, this node reads those files from the primary (``unflushed``), and nothing
-  this node forwards overtakes them (``drain``).
+  this node forwards overtakes them (``drain``). A posted write not answered within
+  ``call_timeout`` (a partition can hold a connection's messages without breaking it) is given
+  up: its handle's next write, flush, fsync or close fails with ETIMEDOUT (it may or may not
+  have been made), and ``drain`` never waits longer than that, nor past the deadline of the
+  call it serves (``dfs.cluster.deadline``).
 - **The primary's window.** On the primary, a write returns once applied locally; at most
   ``WRITE_WINDOW`` of them run ahead of the slowest site in sync, and flush/fsync wait for the
-  rest (``written``/``wait_acked``).
+  rest (``written``/``wait_acked``), within the call's deadline plus the sites' read lease
+  (``replicated``).
 
 A standalone node has the kernel's writeback cache doing all this already: it writes at once.
 """
@@ -33,6 +38,7 @@ from typing import Any
 import trio
 
 from dfs.cluster import fsops
+from dfs.cluster.deadline import until
 from dfs.cluster.forward import Forwarder
 from dfs.cluster.handles import RemoteHandles
 from dfs.cluster.roles import VolumeRoles
@@ -44,7 +50,7 @@ from dfs.types import InodeId, VolumeId
 
 log = logging.getLogger("dfs.cluster.fs")
 
-Post = Callable[[str, str, dict[str, Any], Callable[[Pending], None]], Any]
+Post = Callable[[str, str, dict[str, Any], Callable[[Pending], None]], Pending]
 """``post(node, method, args, on_done)``: send a request without waiting (``Peer.post``)."""
 
 WRITE_WINDOW = 16  # writes on a primary ahead of its slowest site in sync
@@ -75,6 +81,14 @@ class Stream:
     error: FsError | None = None  # the first that failed, reported at the next chance
 
 
+@dataclass(slots=True)
+class Posted:
+    """A write posted to a primary and not answered yet."""
+
+    stream: Stream
+    deadline: float  # given up then (trio clock)
+
+
 class WriteBehind:
     """See the module docstring."""
 
@@ -87,8 +101,11 @@ class WriteBehind:
         clock: Callable[[], int],
         volume_of: Callable[[InodeId], VolumeId],
         *,
+        call_timeout: float,
         post: Post | None = None,
     ) -> None:
+        """``call_timeout``: how long a posted write may go unanswered, and the longest any
+        wait here takes (within the deadline of the client call being served)."""
         self.files = files
         self.roles = roles
         self.fwd = forwarder
@@ -96,6 +113,7 @@ class WriteBehind:
         self.clock = clock
         self.volume_of = volume_of
         self.standalone = not roles.clustered
+        self.call_timeout = call_timeout
         self._post = post
         # Held writes: per handle, the one handle holding writes of each file, how many bytes,
         # the errors of held writes written on behalf of another operation, how many are
@@ -109,7 +127,7 @@ class WriteBehind:
         self._held_new = trio.Event()
         # Posted writes: how many are unanswered, each handle's stream, the inodes with
         # writes not yet flushed.
-        self._inflight = 0
+        self._posts: dict[Pending, Posted] = {}  # unanswered, oldest first
         self._answered = trio.Event()
         self.streams: dict[int, Stream] = {}
         self.unflushed: dict[InodeId, int] = {}
@@ -123,15 +141,48 @@ class WriteBehind:
         return bool(self._held or self._writing)
 
     async def drain(self) -> None:
-        """Wait until every write this node posted has been answered."""
-        while self._inflight:
-            await self._answered.wait()
+        """Wait until every write this node posted has been answered or given up (see the
+        module docstring); ETIMEDOUT if the call's deadline comes first (then a later call
+        would overtake them)."""
+        end = until(self.call_timeout)
+        while self._posts:
+            self._give_up_late()
+            if not self._posts:
+                return
+            if trio.current_time() >= end:
+                raise FsError(errno.ETIMEDOUT, "writes posted to the primary are not answered")
+            first = next(iter(self._posts.values()))
+            with trio.move_on_at(min(end, first.deadline)):
+                await self._answered.wait()
+
+    def _give_up_late(self) -> None:
+        """Give up the posted writes that were not answered in time: each one's handle is
+        told by its next write, flush, fsync or close."""
+        now = trio.current_time()
+        while self._posts:
+            pending, p = next(iter(self._posts.items()))
+            if p.deadline > now:
+                return
+            pending.abandon()
+            self._forget_post(pending)
+            if p.stream.error is None:
+                p.stream.error = FsError(
+                    errno.ETIMEDOUT,
+                    f"a write got no answer from the primary within {self.call_timeout:g} s "
+                    "(it may or may not have been made)",
+                )
+
+    def _forget_post(self, pending: Pending) -> None:
+        """``pending`` was answered or given up: it is not in flight any more."""
+        if self._posts.pop(pending, None) is not None:
+            self._answered.set()
+            self._answered = trio.Event()
 
     async def forward(
         self, vol: VolumeId, args: fsops._Args, ctx: Any = None, *, update: bool = True
     ) -> Any:
         """``Forwarder.call`` once every posted write was answered (nothing overtakes them)."""
-        if self._inflight:
+        if self._posts:
             await self.drain()
         return await self.fwd.call(vol, args, ctx, update=update)
 
@@ -216,15 +267,21 @@ class WriteBehind:
         for their handles."""
         while self._held:
             await self._write_for(next(iter(self._held)))
-        while self._writing:
-            await self._written_out.wait()
+        await self._held_written()
+
+    async def _held_written(self) -> None:
+        """Wait for the held writes other tasks are writing (within the call's deadline)."""
+        with trio.move_on_at(until(self.call_timeout)):
+            while self._writing:
+                await self._written_out.wait()
+        if self._writing:
+            raise FsError(errno.ETIMEDOUT, "held writes are still being written")
 
     async def held_of(self, fh: int) -> None:
         """Write what ``fh`` holds and raise the first error of its held writes."""
         if fh in self._held:
             await self._write_for(fh)
-        while self._writing:
-            await self._written_out.wait()
+        await self._held_written()
         err = self._errors.pop(fh, None)
         if err is not None:
             raise err
@@ -236,7 +293,7 @@ class WriteBehind:
         else:
             ino = self.files.inode_of(fh)
             vol = self.volume_of(ino)
-            if self.roles.orders(vol):
+            if self.roles.admits(vol):
                 n = await self.files.write(fh, off, data, when)
                 await self.written(fh, vol)
                 return n
@@ -263,15 +320,13 @@ class WriteBehind:
         if stream.error is not None:
             err, stream.error = stream.error, None
             raise err
-        if self._inflight >= WRITES_IN_FLIGHT:
+        if len(self._posts) >= WRITES_IN_FLIGHT:
             return False
         assert self._post is not None
         want = len(data)
 
         def done(p: Pending) -> None:
-            self._inflight -= 1
-            self._answered.set()
-            self._answered = trio.Event()
+            self._forget_post(p)
             try:
                 n = p.result()
                 if n != want:
@@ -281,10 +336,11 @@ class WriteBehind:
                     stream.error = FsError(exc.errno or errno.EIO, f"write failed: {exc}")
 
         try:
-            self._post(self.roles.primary(vol), "fs.write", {"w": [rfh, off, data]}, done)
+            pending = self._post(self.roles.primary(vol), "fs.write", {"w": [rfh, off, data]}, done)
         except PeerUnavailable:
             return False
-        self._inflight += 1
+        if not pending.done.is_set():  # else it failed at once (connection lost): done ran
+            self._posts[pending] = Posted(stream, trio.current_time() + self.call_timeout)
         if not stream.dirty:
             stream.dirty = True
             self.unflushed[ino] = self.unflushed.get(ino, 0) + 1
@@ -346,12 +402,24 @@ class WriteBehind:
         seq = self.files.meta.seq(vol)
         self._unacked[fh] = (vol, seq)
         if seq > WRITE_WINDOW:
-            await repl.wait(seq - WRITE_WINDOW)
+            await self.replicated(vol, seq - WRITE_WINDOW)
 
     async def wait_acked(self, fh: int) -> None:
         """The primary's flush: every write of ``fh`` is on every site in sync."""
         pending = self._unacked.pop(fh, None)
         if pending is not None:
-            repl = self.roles.replicator(pending[0])
-            if repl is not None:
-                await repl.wait(pending[1])
+            await self.replicated(*pending)
+
+    async def replicated(self, vol: VolumeId, seq: int | None = None) -> None:
+        """On the primary of ``vol``: return once every site in sync has applied update
+        ``seq`` (default: the latest). ETIMEDOUT (the update stays, and is replicated later)
+        if that takes longer than the call's deadline plus the sites' read lease: a site that
+        does not answer is given up after ``timeouts.call``, and an update is acknowledged
+        without it only once its lease has run out (``Replicator.wait``)."""
+        repl = self.roles.replicator(vol)
+        if repl is None:
+            return
+        with trio.move_on_at(until(self.call_timeout) + repl.lease):
+            await repl.wait(seq)
+            return
+        raise FsError(errno.ETIMEDOUT, f"volume {vol}: the storage sites did not acknowledge")

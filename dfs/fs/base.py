@@ -7,6 +7,7 @@ and reclaiming inodes (reclaim.py). Each part is a class over ``VfsBase``; ``Vfs
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import trio
 from dfs.clock import WallClock, system_time_ns
 from dfs.data.store import DataStore
 from dfs.errors import (
+    FsError,
     Invalid,
     NameTooLong,
     NotADir,
@@ -134,6 +136,11 @@ class VfsBase:
         return a
 
     def _add_entry(self, txn: WriteTxn, parent: int, name: bytes, child: int) -> None:
+        if txn.get(S.mount_key(parent), db=self.meta.mounts) is not None:
+            # A mount point stays empty (its volume's root is shown instead): a name made in
+            # it would be lost to sight. Only a node whose view of the tree is out of date
+            # (it has not got the mount yet) asks for it.
+            raise FsError(errno.ESTALE, "a volume is mounted on this directory")
         cookie = self.meta.new_cookie(txn)
         txn.put(S.dirent_key(parent, name), S.pack_dirent(child, cookie), db=self.meta.dirents)
         txn.put(S.dirpos_key(parent, cookie), name, db=self.meta.dirpos)

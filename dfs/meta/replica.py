@@ -52,6 +52,7 @@ class Record:
     ws: WriteSet
     data: list[list[Any]]  # [kind, ino, a, n]: the data-store changes, applied first
     origin: int  # the node the update came from; 0: the node that executed it
+    epoch: int = 1  # the epoch of the primary that made it (dfs/cluster/epochs.py)
 
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -64,6 +65,7 @@ class _WireRecord(msgspec.Struct, forbid_unknown_fields=True):
     ws: list[tuple[int, bytes, bytes | None]]
     d: list[tuple[Literal["w", "t", "rm"], NonNegative, NonNegative, NonNegative]] = []
     o: int = 0
+    e: Annotated[int, msgspec.Meta(ge=1)] = 1
 
 
 _decoder = msgspec.msgpack.Decoder(_WireRecord)
@@ -79,7 +81,7 @@ def decode_record(record: bytes) -> Record:
     for idx, key, _value in rec.ws:
         if idx not in _REPLICATED or len(key) < 8:
             raise ReplicaError(f"write-set entry for a non-replicated record: {idx}, {key!r:.40}")
-    return Record(rec.op, rec.ws, [list(op) for op in rec.d], rec.o)
+    return Record(rec.op, rec.ws, [list(op) for op in rec.d], rec.o, rec.e)
 
 
 def decode_writeset(record: bytes) -> tuple[str, WriteSet]:

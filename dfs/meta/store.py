@@ -11,6 +11,7 @@ against a machine crash and is what ``fsync``/``fsyncdir`` call.
 from __future__ import annotations
 
 import contextvars
+import errno
 import os
 import struct
 import uuid
@@ -23,7 +24,7 @@ import lmdb
 import msgpack
 
 from dfs.clock import WallClock, system_time_ns
-from dfs.errors import StoreError
+from dfs.errors import FsError, StoreError
 from dfs.meta import schema as S
 from dfs.meta.txn import ReadTxn, Txn, WriteTxn, lmdb_to_fs_error
 from dfs.types import ROOT_INODE, ROOT_VOLUME, Attr, InodeId, NodeId, VolumeId, make_inode_id
@@ -97,6 +98,13 @@ class MetaStore:
                 self._seq[vol] = S.read_u64(raw) if raw is not None else 0
         self._appends = 0
         self._on_commit: Callable[[WriteTxn], None] | None = None
+        # The epoch each volume's records are made in here (dfs/cluster/epochs.py): set by
+        # the cluster layer while this node is the volume's primary; absent: the first.
+        self.epochs: dict[int, int] = {}
+        # Whether this node may make records of a volume (it orders it): a last guard, so
+        # that an update that began before this node stopped being the primary fails
+        # instead of forking the journal. None: always (a node alone).
+        self.may_record: Callable[[VolumeId], bool] | None = None
 
     def subscribe(self, on_commit: Callable[[WriteTxn], None]) -> Callable[[], None]:
         """Call ``on_commit`` with each committed transaction that logged an update (its
@@ -311,8 +319,12 @@ class MetaStore:
         return vol in self._seq
 
     def add_volume(self, vol: VolumeId, root: InodeId, path: str) -> None:
-        """Start storing volume ``vol`` (no-op if it is stored already): its sequence is 0."""
+        """Start storing volume ``vol``: its sequence is 0. If it is stored already, only a
+        record without its root directory (0: a site that joined the volume while it was
+        being created, before its root existed) gets ``root``."""
         if vol in self._seq:
+            if root:
+                self._learn_root(vol, root)
             return
         with self.write(record=False) as txn:
             txn.put(
@@ -322,6 +334,19 @@ class MetaStore:
             )
         self._seq.setdefault(vol, 0)
 
+    def _learn_root(self, vol: VolumeId, root: InodeId) -> None:
+        with self.read() as txn:
+            raw = txn.get(S.volume_key(vol), db=self.volumes)
+        try:
+            rec = msgpack.unpackb(raw) if raw is not None else None
+        except (ValueError, msgpack.UnpackException):
+            return  # the checker reports it
+        if not isinstance(rec, dict) or rec.get("root"):
+            return
+        rec["root"] = int(root)
+        with self.write(record=False) as txn:
+            txn.put(S.volume_key(vol), msgpack.packb(rec), db=self.volumes)
+
     def stored_volumes(self) -> dict[VolumeId, dict[str, Any]]:
         """The volumes this node stores: vol -> {"root": ino, "path": str}."""
         out: dict[VolumeId, dict[str, Any]] = {}
@@ -330,6 +355,28 @@ class MetaStore:
                 v = msgpack.unpackb(raw)
                 out[VolumeId(S.read_u32(key))] = v if isinstance(v, dict) else {}
         return out
+
+    def volume_record(self, vol: VolumeId) -> dict[str, Any]:
+        """This node's ``volumes`` record of ``vol`` (empty if it stores no replica)."""
+        with self.read() as txn:
+            raw = txn.get(S.volume_key(vol), db=self.volumes)
+        v = msgpack.unpackb(raw) if raw is not None else None
+        return v if isinstance(v, dict) else {}
+
+    def update_volume_record(self, vol: VolumeId, **fields: Any) -> None:
+        """Merge ``fields`` into the ``volumes`` record of a stored volume, durably (on disk
+        when this returns: an epoch or a vote must not be forgotten by a crash)."""
+        if vol not in self._seq:
+            raise StoreError(f"volume {vol} is not stored here")
+        with self.write(record=False) as txn:
+            key = S.volume_key(vol)
+            raw = txn.get(key, db=self.volumes)
+            v = msgpack.unpackb(raw) if raw is not None else {}
+            if not isinstance(v, dict):
+                v = {}
+            v.update(fields)
+            txn.put(key, msgpack.packb(v), db=self.volumes)
+        self.sync()
 
     def reset_seq(self, vol: VolumeId, seq: int) -> None:
         """Set the cached counter back to what is stored (after an aborted transaction)."""
@@ -393,12 +440,17 @@ class MetaStore:
         if not txn.seq:
             self.log(txn, self._volume_of_writeset(txn), "")
         assert txn.vol is not None
+        if self.may_record is not None and not self.may_record(txn.vol):
+            raise FsError(errno.EROFS, f"this node no longer orders volume {txn.vol}")
         rec: dict[str, Any] = {"op": txn.op, "ws": [[i, k, v] for (i, k), v in txn.ws.items()]}
         if txn.data:
             rec["d"] = txn.data
         origin = ORIGIN.get()
         if origin:
             rec["o"] = origin
+        epoch = self.epochs.get(txn.vol, 1)
+        if epoch != 1:
+            rec["e"] = epoch
         record = self._pack(rec)
         self.store_record(txn._txn, txn.vol, txn.seq, record)
         txn.record = record

@@ -23,9 +23,11 @@ round of its own before it reaches the network (on byte streams that are not
 sockets, e.g. in tests, every frame goes through the writer task).
 
 ``Peer.post`` sends a request without waiting for it: a synchronous call,
-for callers that pipeline many requests (replication); its answer, or the
-loss of the connection, is handed to a callback from the receiver task, and
-the caller keeps its own deadlines (``abandon`` gives a request up).
+for callers that pipeline many requests (replication, posted writes); its
+answer, or the loss of the connection, is handed to a callback from the
+receiver task, and the caller keeps its own deadlines (a partition can hold a
+connection's frames without breaking it, so an answer may never come):
+``abandon`` (or ``Pending.abandon``) gives a request up.
 
 A peer that answers an id we never asked for, sends a message type other
 than RESPONSE/ERROR, or anything malformed is disconnected with a warning.
@@ -97,11 +99,17 @@ class PeerStatistics:
 class Pending:
     """Where the answer to one request lands (``Peer.post`` returns it)."""
 
-    __slots__ = ("done", "message", "failure", "rid", "peer", "on_done", "_conn")
+    __slots__ = ("done", "message", "failure", "rid", "peer", "on_done", "_conn", "_give_up")
 
     def __init__(
-        self, peer: str = "", rid: int = 0, on_done: Callable[[Pending], None] | None = None
+        self,
+        peer: str = "",
+        rid: int = 0,
+        on_done: Callable[[Pending], None] | None = None,
+        *,
+        give_up: Callable[[Pending], None] | None = None,
     ) -> None:
+        """``give_up``: what ``abandon`` tells the sender (``Peer.abandon``)."""
         self.done = trio.Event()
         self.message: Message | None = None
         self.failure: str | None = None
@@ -109,6 +117,7 @@ class Pending:
         self.rid = rid
         self.on_done = on_done
         self._conn: _Connection | None = None
+        self._give_up = give_up
 
     def answer(self, msg: Message) -> None:
         self.message = msg
@@ -121,6 +130,13 @@ class Pending:
         self.done.set()
         if self.on_done is not None:
             self.on_done(self)
+
+    def abandon(self) -> None:
+        """Give this request up: ``on_done`` is not called for it any more, and its late
+        answer is dropped (``Peer.abandon``)."""
+        self.on_done = None
+        if self._give_up is not None:
+            self._give_up(self)
 
     def result(self) -> Any:
         """The answer's result; ``RemoteError`` or ``PeerUnavailable`` as ``Peer.call`` raises
@@ -272,8 +288,10 @@ class Peer:
 
         ``on_done(pending)`` is called once, from the receiver task, when the answer
         arrives or the connection is lost (``pending.result()`` then returns the result
-        or raises like ``call``); it must not raise. There is no deadline here: a caller
-        that gives up calls ``abandon``. Raises ``PeerUnavailable`` at once, without
+        or raises like ``call``); it must not raise. There is no deadline here, and while a
+        partition holds the connection's frames no answer comes: every caller keeps a
+        deadline of its own and gives the request up with ``abandon`` (``Replicator``,
+        ``WriteBehind``). Raises ``PeerUnavailable`` at once, without
         calling ``on_done``, when there is no connection (``call`` opens one).
         """
         conn = self._conn
@@ -287,7 +305,7 @@ class Peer:
             data = encode_request(rid, method, args)
         else:
             data = encode(MessageType.REQUEST, rid, {"m": method, "a": dict(args)})
-        pending = Pending(self.name, rid, on_done)
+        pending = Pending(self.name, rid, on_done, give_up=self.abandon)
         pending._conn = conn
         conn.pending[rid] = pending
         self._send(conn, data)  # a failure fails ``pending`` (and calls on_done) at once

@@ -142,3 +142,61 @@ def test_posted_writes_are_ordered_read_back_and_flushed(tmp_path: Path) -> None
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))
+
+
+def test_a_posted_write_without_an_answer_fails_the_fsync_within_the_deadline(
+    tmp_path: Path,
+) -> None:
+    """A partition can hold a connection's frames without breaking it: a posted write then
+    gets no answer at all. fsync waited for it without a deadline (133 s in a run of the
+    seeded harness), and so did every later update of the node. Now a posted write is given
+    up after ``timeouts.call``: the fsync fails with ETIMEDOUT within that time (the data
+    may be lost, and the caller is told), and the node's later calls do not wait for it."""
+    primary = Node(tmp_path / "n1", 1)
+    site = Node(tmp_path / "n2", 2, replica=True)
+    methods = Methods()
+    root = Volume(ROOT_VOLUME, "/", ROOT_INODE, "n1", ("n1", "n2"), ROOT_INODE)
+    held: list[Pending] = []
+
+    async def forward(node: str, op: str, args: list[Any], ctx: list[Any]) -> Any:
+        return await methods._methods["fs.op"].handler("n2", {"op": op, "args": args, "ctx": ctx})
+
+    def post(
+        node: str, method: str, args: dict[str, Any], on_done: Callable[[Pending], None]
+    ) -> Pending:
+        p = Pending("n1", len(held) + 1, on_done)
+        held.append(p)  # the partition holds it: never delivered, never failed
+        return p
+
+    n2 = NodeFs(
+        site.vfs,
+        VolumeRoles("n2", site.meta, VolumeTable(site.meta, root), always_current=True),
+        send=forward,
+        reader=lambda node: LocalReader(primary.vfs),
+        post=post,
+        applied_timeout=5.0,
+    )
+    applier = ReplicaApplier(site.meta, site.data, NodeId(2), applied=n2.applied)
+    repl, _gate = replicating_to(primary, applier)
+    serve_ops(NodeFs(primary.vfs, VolumeRoles.alone(primary.meta, repl)), methods)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(repl.run)
+            await await_until("n2 in sync", lambda: repl.links["n2"].in_sync)
+            fh, _f = await n2.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, ROOT_CTX)
+            await n2.write(fh, 0, b"x" * 1000)
+            start = trio.current_time()
+            with pytest.raises(FsError) as exc:
+                await n2.fsync(fh, False)
+            assert exc.value.errno == errno.ETIMEDOUT
+            assert trio.current_time() - start <= 5.0
+            assert len(held) == 1 and held[0].on_done is None  # given up
+            # The node goes on: nothing waits for that write any more.
+            start = trio.current_time()
+            await n2.mkdir(ROOT_INODE, b"d", 0o755, ROOT_CTX)
+            assert trio.current_time() - start < 5.0
+            await n2.release(fh)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.02))

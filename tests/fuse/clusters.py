@@ -91,6 +91,12 @@ class Launcher:
             stdin=subprocess.DEVNULL,
         )
 
+    def dfs_tool(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Another ``dfs`` command (``dfs volume ...``), as a user runs it."""
+        return subprocess.run(
+            [*DFS, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+
     def up(self, nodes: int = 3) -> subprocess.CompletedProcess[str]:
         return self.dfs("up", "--nodes", str(nodes), "--base-port", str(self.base_port))
 

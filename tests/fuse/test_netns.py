@@ -9,6 +9,7 @@ test fails.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import subprocess
@@ -119,14 +120,26 @@ def test_partition_and_heal(cluster: Launcher) -> None:
     assert cluster.status()[1]["network"]["partition"] == [["n1"], ["n2", "n3"]]
     assert cluster.dfs("partition").stdout.strip() == "partition: n1 | n2,n3"
 
-    # n1 orders the root volume: it goes on taking updates while cut off (only its side
-    # has them). What the other side does meanwhile is not asserted here (no failover yet).
-    (mnt["n1"] / "during").write_text("made in a partition\n")
+    # The majority side (n2, n3) goes on: it elects a new primary if needed (n1 ordered the
+    # root volume) and takes updates; n1, cut off alone, refuses them (docs/CONSISTENCY.md
+    # §4b; tests/fuse/test_failover.py looks closer).
+    def made_on_n2() -> bool:
+        try:
+            (mnt["n2"] / "during").write_text("made in a partition\n")
+            return True
+        except OSError as exc:
+            assert exc.errno in (errno.EROFS, errno.ETIMEDOUT), exc
+            return False
+
+    wait_until("an update on the majority side", made_on_n2)
+    with pytest.raises(OSError) as e:
+        (mnt["n1"] / "refused").write_text("no majority here\n")
+    assert e.value.errno in (errno.EROFS, errno.ETIMEDOUT), e.value
 
     r = cluster.dfs("partition", "--heal")
     assert r.returncode == 0 and "partition: none" in r.stdout, r.stderr
     cluster.wait("every node reaching every other again", lambda n: _reaches(n) == EVERYONE)
-    for name in ("n2", "n3"):
+    for name in ("n1", "n3"):
         wait_until(
             f"the write made during the partition on {name}",
             (mnt[name] / "during").read_text,

@@ -159,10 +159,15 @@ class SimNet:
         return not c.broken
 
     def send(
-        self, c: _Conn, method: str, args: Any, on_done: Callable[[Pending], None] | None
+        self,
+        c: _Conn,
+        method: str,
+        args: Any,
+        on_done: Callable[[Pending], None] | None,
+        give_up: Callable[[Pending], None] | None = None,
     ) -> Pending:
         rid = next(self._rids)
-        p = Pending(c.dst, rid, on_done)
+        p = Pending(c.dst, rid, on_done, give_up=give_up)
         c.pending[rid] = p
         self.stats["sent"] += 1
         if self.rng.random() < self.faults.reset:
@@ -263,7 +268,7 @@ class SimPeer:
         c = self._live()
         if c is None:
             raise PeerUnavailable(f"node {self.name}: not connected")
-        return self.net.send(c, method, _args(args), on_done)
+        return self.net.send(c, method, _args(args), on_done, self.abandon)
 
     def abandon(self, pending: Pending) -> None:
         pending.on_done = None

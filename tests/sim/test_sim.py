@@ -6,7 +6,8 @@ reorders, duplicates and partitions, and nodes crash and restart; then heals, re
 everything, lets replication settle on the mock clock and checks the invariants listed in
 ``tests/sim/schedule.py``.
 
-CI runs seeds 1..DEFAULT_SEEDS; ``DFS_SIM_SEEDS=N`` runs 1..N; ``DFS_SIM_SEED=S`` replays one.
+CI runs seeds 1..DEFAULT_SEEDS; ``DFS_SIM_SEEDS=N`` runs 1..N; ``DFS_SIM_SEED=S`` replays one;
+``DFS_SIM_EAGER=1`` starts the clients as soon as the volumes are created (``run_schedule``).
 A failure prints the seed, its schedule and the command that replays it.
 """
 
@@ -23,30 +24,39 @@ from tests.sim.schedule import Report, run_schedule
 DEFAULT_SEEDS = 150
 
 # Seeds whose schedule breaks an invariant of today's code: kept, to be fixed in dfs/cluster
-# (strict: each must fail until then; a fix turns it into an XPASS failure: move it out).
+# (strict: each must fail until then; a fix turns it into an XPASS failure: move it to FIXED).
 # seed -> (eager, what breaks); ``eager``: clients start as soon as volume.create returned.
+KNOWN_BUGS: dict[int, tuple[bool, str]] = {}
+
 NEW_VOLUME = (
-    "a node that has not yet taken part in a just-created volume (its VolumeTable is "
-    "refreshed every heartbeat by ClusterService._watch; a new site's replica lacks the root) "
+    "a site of a just-created volume whose replica lacks the volume's root yet answered the "
+    "lookup of the mount point with ENOENT (no inode) instead of asking the primary"
 )
 OUT_OF_SYNC_FORWARD = (
-    "a site out of sync forwards a create: the primary answers seq 0 (OpServer waits only "
-    "for sites in sync), the site neither waits for its replica nor marks the volume behind, "
-    "opens the new inode locally, and the next fsync fails ENOENT (no inode)"
+    "a site out of sync forwarded a create: the primary answered seq 0, the site neither "
+    "waited for its replica nor marked the volume behind, opened the new inode locally, and "
+    "the next fsync failed ENOENT (no inode)"
 )
-KNOWN_BUGS: dict[int, tuple[bool, str]] = {
-    20: (True, NEW_VOLUME + "answers the lookup of the mount point with ENOENT (no inode)"),
-    29: (True, NEW_VOLUME + "answers the lookup of the mount point with ENOENT (no inode)"),
-    30: (True, NEW_VOLUME + "answers the lookup of the mount point with ENOENT (no inode)"),
+STALLED_POSTS = (
+    "posted writes on a connection a partition held were neither answered nor failed, and "
+    "WriteBehind.drain waited for them without a deadline: clients cut off never finished"
+)
+COVERED_MOUNT_POINT = (
+    "a storage site of the root volume that had not got the mount of a new volume yet read the "
+    "mount point from the primary as the plain directory it covers, and its creates there "
+    "were acknowledged: files lost to sight under the volume's root"
+)
+# Seeds that found bugs since fixed, replayed in the mode that found them (regressions).
+FIXED: dict[int, tuple[bool, str]] = {
+    20: (True, NEW_VOLUME),
+    29: (True, NEW_VOLUME),
+    30: (True, NEW_VOLUME),
     113: (False, OUT_OF_SYNC_FORWARD),
     120: (False, OUT_OF_SYNC_FORWARD),
     149: (False, OUT_OF_SYNC_FORWARD),
+    165: (False, STALLED_POSTS),
+    307: (True, COVERED_MOUNT_POINT),
 }
-# A checker finding in about every third schedule: a site that does not store the root volume
-# keeps root 0 in its ``volumes`` record of a volume it joined (VolumeCreation._join), so the
-# offline checker reports that volume's root directory as 'unreachable'. Filtered in the
-# sweep; test_checker_sees_volume_roots shows it unfiltered (xfail).
-KNOWN_FINDING = "directory has no name"
 
 
 def _tmp() -> str | None:
@@ -80,10 +90,11 @@ def _explain(r: Report, violations: list[str], replay: str = "") -> str:
 
 @pytest.mark.parametrize("seed", _seeds())
 def test_schedule(seed: int) -> None:
+    eager = os.environ.get("DFS_SIM_EAGER") == "1"
     with tempfile.TemporaryDirectory(prefix="dfs-sim-", dir=_tmp()) as d:
-        r = run_schedule(seed, Path(d))
-    bad = [v for v in r.violations if KNOWN_FINDING not in v]
-    assert not bad, _explain(r, bad)
+        r = run_schedule(seed, Path(d), eager=eager)
+    replay = f"DFS_SIM_EAGER=1 DFS_SIM_SEED={seed} .venv/bin/pytest tests/sim -k test_schedule"
+    assert not r.violations, _explain(r, r.violations, replay if eager else "")
     assert r.acked > 0 or r.failed > 0, "no client did anything"
 
 
@@ -97,14 +108,23 @@ def test_schedule(seed: int) -> None:
 def test_known_bug(seed: int) -> None:
     with tempfile.TemporaryDirectory(prefix="dfs-sim-", dir=_tmp()) as d:
         r = run_schedule(seed, Path(d), eager=KNOWN_BUGS[seed][0])
-    bad = [v for v in r.violations if KNOWN_FINDING not in v]
-    assert not bad, _explain(
-        r, bad, f".venv/bin/pytest 'tests/sim/test_sim.py::test_known_bug[{seed}]'"
+    assert not r.violations, _explain(
+        r, r.violations, f".venv/bin/pytest 'tests/sim/test_sim.py::test_known_bug[{seed}]'"
     )
 
 
-@pytest.mark.xfail(strict=True, reason="checker: a volume's root directory reads as unreachable")
+@pytest.mark.parametrize("seed", list(FIXED))
+def test_fixed_bug(seed: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="dfs-sim-", dir=_tmp()) as d:
+        r = run_schedule(seed, Path(d), eager=FIXED[seed][0])
+    assert not r.violations, _explain(
+        r, r.violations, f".venv/bin/pytest 'tests/sim/test_sim.py::test_fixed_bug[{seed}]'"
+    )
+
+
 def test_checker_sees_volume_roots() -> None:
+    """A site that joined a volume before its root existed records the root once it learns
+    it: the checker finds that volume's root directory reachable (seed 2 has such a site)."""
     with tempfile.TemporaryDirectory(prefix="dfs-sim-", dir=_tmp()) as d:
         r = run_schedule(2, Path(d))
     assert not r.violations, _explain(
