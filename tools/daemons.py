@@ -9,9 +9,12 @@ launcher. tools/launcher.py decides what to do with the answers.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -103,3 +106,33 @@ def tail(path: Path, lines: int = LOG_TAIL) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+class Started:
+    """state.json: the daemons a launcher started (name -> pid and start ticks), written
+    whole and replaced atomically; ``error(message)`` is what an unreadable file raises."""
+
+    def __init__(self, path: Path, config: Path, error: Callable[[str], Exception]) -> None:
+        self.path = path
+        self.config = config
+        self.error = error
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise self.error(f"{self.path}: unreadable ({exc}); remove it") from None
+        nodes = raw.get("nodes", {}) if isinstance(raw, dict) else {}
+        return {k: v for k, v in nodes.items() if isinstance(v, dict)}
+
+    def record(self, name: str, entry: dict[str, Any] | None) -> None:
+        nodes = self.entries()
+        if entry is None:
+            nodes.pop(name, None)
+        else:
+            nodes[name] = entry
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"config": str(self.config), "nodes": nodes}, indent=2) + "\n")
+        os.replace(tmp, self.path)

@@ -37,7 +37,6 @@ tools, not in the core package ``dfs``.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import sys
@@ -56,7 +55,15 @@ from dfs.errors import FsError
 from dfs.mounts import UnmountError, force_unmount, is_mounted
 
 from . import netns
-from .daemons import PROBE_TIMEOUT, mount_state, recorded_process, start_ticks, tail, wait_exit
+from .daemons import (
+    PROBE_TIMEOUT,
+    Started,
+    mount_state,
+    recorded_process,
+    start_ticks,
+    tail,
+    wait_exit,
+)
 
 CLUSTER_NAME = "local"
 DEFAULT_NODES = 3
@@ -199,6 +206,7 @@ class LocalCluster:
         self.mountd = list(mountd or mountd_command())
         self.say = say
         self._exit_status: dict[int, int] = {}  # of our children that we reaped
+        self.started = Started(self.state_path, self.config_path, ClusterError)
 
     def _collect(self, pid: int, timeout: float = 0) -> int | None:
         """Reap ``pid`` if it is our child and exits within ``timeout``; its exit status."""
@@ -258,36 +266,9 @@ class LocalCluster:
         finally:
             os.close(fd)
 
-    # --- state.json ----------------------------------------------------------------------------
-
-    def _state(self) -> dict[str, dict[str, Any]]:
-        try:
-            raw = json.loads(self.state_path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise ClusterError(f"{self.state_path}: unreadable ({exc}); remove it") from None
-        nodes = raw.get("nodes", {}) if isinstance(raw, dict) else {}
-        return {k: v for k, v in nodes.items() if isinstance(v, dict)}
-
-    def _save_state(self, nodes: dict[str, dict[str, Any]]) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"config": str(self.config_path), "nodes": nodes}, indent=2) + "\n"
-        )
-        os.replace(tmp, self.state_path)
-
-    def _record(self, name: str, entry: dict[str, Any] | None) -> None:
-        nodes = self._state()
-        if entry is None:
-            nodes.pop(name, None)
-        else:
-            nodes[name] = entry
-        self._save_state(nodes)
-
     def daemon_pid(self, node: LocalNode) -> int | None:
         """The PID of ``node``'s daemon if it is alive and is the one we recorded."""
-        entry = self._state().get(node.name)
+        entry = self.started.entries().get(node.name)
         if not entry:
             return None
         proc = recorded_process(entry.get("pid"), entry.get("start_time"))
@@ -379,7 +360,7 @@ class LocalCluster:
             start_time: int | None = start_ticks(psutil.Process(pid))
         except psutil.Error:  # gone already: _wait_up reports its exit status
             start_time = None
-        self._record(node.name, {"pid": pid, "start_time": start_time})
+        self.started.record(node.name, {"pid": pid, "start_time": start_time})
         return pid
 
     def up(
@@ -531,7 +512,7 @@ class LocalCluster:
         with self._locked():
             node = self.node(name)
             if self.daemon_pid(node) is None:
-                self._record(name, None)
+                self.started.record(name, None)
                 return False
             sig = signal.SIGKILL if kill else signal.SIGTERM
             self._stop_nodes([node], sig, timeout=timeout, unmount=not kill)
@@ -598,7 +579,7 @@ class LocalCluster:
                 time.sleep(POLL)
         for node in nodes:
             if node.name not in pids:
-                self._record(node.name, None)
+                self.started.record(node.name, None)
             if unmount and mount_state(node.mountpoint) in ("stale", "hung", "error"):
                 if node.name in pids or self.daemon_pid(node) is not None:
                     continue  # still served by a daemon we could not stop

@@ -90,7 +90,8 @@ def test_a_daemon_still_in_execve_is_ours(
     not set up the new command line yet): it was reported as a dead daemon under load."""
     c = L.LocalCluster(tmp_path)
     node = L.LocalNode("n1", "127.0.0.1", 7801, tmp_path / "n1")
-    c._record("n1", {"pid": child.pid, "start_time": D.start_ticks(psutil.Process(child.pid))})
+    ticks = D.start_ticks(psutil.Process(child.pid))
+    c.started.record("n1", {"pid": child.pid, "start_time": ticks})
     assert c.daemon_pid(node) is None  # a python that is not a dfs-mountd of this cluster
     monkeypatch.setattr(psutil.Process, "cmdline", lambda self: [])
     assert c.daemon_pid(node) == child.pid
