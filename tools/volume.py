@@ -118,6 +118,22 @@ def create(
         click.echo(f"updates need a majority of its {n} sites ({what}) in sync{hint}")
 
 
+def _node_tree(path: str | None, mount: str | None, data: Path | None) -> TreePath | None:
+    """Which node to ask: the one serving PATH, else the only (or --mount) dfs mount; None
+    with --data (its control socket is asked directly)."""
+    if path is not None:
+        return resolve(path, mount=mount, env=os.environ)
+    if data is not None:
+        return None
+    try:
+        return TreePath(choose_mount(mount, os.environ), "/")
+    except TreePathError as exc:
+        raise click.UsageError(
+            f"give a path in a dfs mount (any node's mount: each knows every volume), "
+            f"--mount MOUNT or --data DIR ({exc.message})"
+        ) from None
+
+
 @volume.command(name="list")
 @click.argument("path", required=False)
 @click.option("--mount", "mount", default=None, help="Mount for the /../HOST/path form.")
@@ -129,18 +145,7 @@ def list_(path: str | None, mount: str | None, data: Path | None, as_json: bool)
     Columns: volume id, path, primary, storage sites, this node's role (primary, site,
     none: reads it from the primary) and the last update this node applied.
     """
-    tree: TreePath | None = None
-    if path is not None:
-        tree = resolve(path, mount=mount, env=os.environ)
-    elif data is None:
-        try:
-            tree = TreePath(choose_mount(mount, os.environ), "/")
-        except TreePathError as exc:
-            raise click.UsageError(
-                f"give a path in a dfs mount (any node's mount: each knows every volume), "
-                f"--mount MOUNT or --data DIR ({exc.message})"
-            ) from None
-    vols = _ask(_control(data, tree), "volume.list", {}, timeout=10.0)
+    vols = _ask(_control(data, _node_tree(path, mount, data)), "volume.list", {}, timeout=10.0)
     if as_json:
         click.echo(json.dumps(vols, indent=2))
         return
@@ -184,16 +189,7 @@ def rolled_back(path: str | None, mount: str | None, data: Path | None, as_json:
     DATA/rolled-back/ (the records, copies of the files they touched, a manifest); this
     lists them: when, which volume and updates, the names they made (+) or removed (-).
     """
-    tree: TreePath | None = None
-    if path is not None:
-        tree = resolve(path, mount=mount, env=os.environ)
-    elif data is None:
-        try:
-            tree = TreePath(choose_mount(mount, os.environ), "/")
-        except TreePathError as exc:
-            raise click.UsageError(
-                f"give a path in a dfs mount, --mount or --data ({exc.message})"
-            ) from None
+    tree = _node_tree(path, mount, data)
     got = _ask(_control(data, tree), "volume.rolledback", {}, timeout=10.0)
     if as_json:
         click.echo(json.dumps(got, indent=2))
