@@ -1,4 +1,4 @@
-"""``dfs volume create|list``: the volumes of the tree.
+"""``dfs volume create|list|promote|rolled-back``: the volumes of the tree.
 
 Both talk to the daemon of a local mount through its control socket
 (``DATA_DIR/control.sock``, dfs/cluster/control.py). The daemon is found from
@@ -175,6 +175,34 @@ def list_(path: str | None, mount: str | None, data: Path | None, as_json: bool)
         )
     headers = ("VOLUME", "PATH", "PRIMARY", "EPOCH", "SITES", "ROLE", "APPLIED", "SITE STATE")
     echo(table(headers, rows, right=(0, 3, 6)))
+
+
+@volume.command()
+@click.argument("path")
+@click.argument("node")
+@click.option("--mount", "mount", default=None, help="Mount for the /../HOST/path form.")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Daemon data dir.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def promote(path: str, node: str, mount: str | None, data: Path | None, as_json: bool) -> None:
+    """Make NODE the primary of the volume at PATH: a planned switch-over.
+
+    NODE must be a storage site in sync (dfs volume list). The primary makes sure NODE has
+    every update, steps down and hands over; NODE is elected in the next epoch. Updates
+    made meanwhile wait (they are not refused), and nothing is lost; open files follow the
+    new primary. Exit: 0 done, 1 refused (the message says why), 2 usage.
+    """
+    tree = resolve(path, mount=mount, env=os.environ)
+    got = _ask(_control(data, tree), "volume.promote", {"path": tree.path, "to": node}, 60.0)
+    if as_json:
+        click.echo(json.dumps(got, indent=2))
+        return
+    if got["primary"] == got["was"]:
+        click.echo(f"volume {got['vol']} at {got['path']}: {node} is its primary already")
+        return
+    click.echo(
+        f"volume {got['vol']} at {got['path']}: primary {got['primary']} in epoch "
+        f"{got['epoch']} (was {got['was']}); updates waited {got['held']:.2f} s"
+    )
 
 
 @volume.command(name="rolled-back")

@@ -33,12 +33,13 @@ from __future__ import annotations
 import errno
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import trio
 
 from dfs.cluster import epochs as E
+from dfs.cluster.replication import Replicator, SiteLink
 from dfs.cluster.roles import VolumeRoles
 from dfs.errors import FsError
 from dfs.net.frames import Field
@@ -66,6 +67,7 @@ class Failover:
         lease: float,
         failover_after: float,
         applying: trio.Lock | None = None,
+        settle: Callable[[VolumeId], Awaitable[None]] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.roles = roles
@@ -80,6 +82,8 @@ class Failover:
         # The applier's lock: a vote is given while no record is being applied (after it,
         # records of the old epoch are refused), so the journal it compared is the one kept.
         self._applying = applying or trio.Lock()
+        # Journal the digests of the volume's files written here and still open (hand-over).
+        self._settle = settle
         # Per node, not per run: the random waits differ between nodes, and a simulated
         # cluster replays exactly (tests/sim).
         self.rng = rng or random.Random(f"failover:{roles.me}")
@@ -101,11 +105,14 @@ class Failover:
                 "last": Field(int),
                 "seq": Field(int),
                 "pre": Field(bool, optional=True),
+                "handed_by": Field(str, optional=True),
             },
             self._vote,
         )
         methods.add("vol.epoch", {**vol, "epoch": Field(int), "primary": Field(str)}, self._told)
         methods.add("vol.who", vol, self._who)
+        methods.add("vol.handover", {**vol, "to": Field(str, max_len=255)}, self._handover)
+        methods.add("vol.stand", {**vol, "leases": Field(list, max_len=1024)}, self._stand)
 
     # --- what this node follows ---------------------------------------------------------------
 
@@ -199,7 +206,8 @@ class Failover:
         why = ""
         if epoch < st.epoch or (not pre and epoch == st.epoch and st.voted not in ("", peer)):
             why = f"epoch {st.epoch}, voted for {st.voted or 'nobody'}"
-        elif self._hears_primary(vol):
+        elif self._hears_primary(vol) and args.get("handed_by") != st.primary:
+            # (unless the primary it hears hands the volume over to this candidate)
             why = f"it hears primary {self.roles.primary(vol)}"
         elif (args["last"], args["seq"]) < mine:
             why = f"its journal is further ({mine[0]}, {mine[1]})"
@@ -277,20 +285,33 @@ class Failover:
                 continue
 
     async def elect(
-        self, vol: VolumeId, n_sites: int, others: list[str], *, pre: bool = True
+        self,
+        vol: VolumeId,
+        n_sites: int,
+        others: list[str],
+        *,
+        pre: bool = True,
+        handed_by: str = "",
+        leases: dict[str, float] | None = None,
     ) -> bool:
         """Stand for primary of ``vol``; True if this node won. ``pre``: ask first whether a
-        majority would vote (no epoch is used up if not)."""
+        majority would vote (no epoch is used up if not). ``handed_by``: the primary hands
+        the volume over to this node (``hand_over``); ``leases`` are the read leases it
+        granted that have not ended, in seconds from when it stepped down: this node waits
+        for those of sites that did not vote for it (a vote drops a site's lease) before
+        its first update, instead of a whole lease."""
         st = self.roles.epochs[vol]
         majority = n_sites // 2 + 1
         self.heard[vol] = trio.current_time()  # the next try, if this one fails, waits again
-        ask = {
+        ask: dict[str, Any] = {
             "vol": int(vol),
             "epoch": st.epoch + 1,
             "last": st.last_epoch(),
             "seq": self.meta.seq(vol),
         }
-        if pre and await self._poll(ask | {"pre": True}, others, majority - 1) + 1 < majority:
+        if handed_by:
+            ask["handed_by"] = handed_by
+        if pre and len(await self._poll(ask | {"pre": True}, others, majority - 1)) + 1 < majority:
             return False
         self.elections += 1
         epoch = st.epoch = st.epoch + 1
@@ -303,13 +324,18 @@ class Failover:
             keeper.revoke()
         if was_primary:
             self._changed(vol)  # a candidate orders nothing: its replication stops
-        log.warning(
-            "volume %d: no word from primary for %.1fs: standing in epoch %d",
-            vol,
-            self.failover_after,
-            epoch,
-        )
-        votes = 1 + await self._poll(ask | {"epoch": epoch}, others, majority - 1)
+        if handed_by:
+            log.warning("volume %d: %s hands it over: standing in epoch %d", vol, handed_by, epoch)
+        else:
+            log.warning(
+                "volume %d: no word from primary for %.1fs: standing in epoch %d",
+                vol,
+                self.failover_after,
+                epoch,
+            )
+        leased = {s for s, left in (leases or {}).items() if left > 0 and s != self.me}
+        granted = await self._poll(ask | {"epoch": epoch}, others, majority - 1, leased)
+        votes = 1 + len(granted)
         if votes < majority or st.epoch != epoch or st.primary:
             log.info("volume %d: election of epoch %d lost (%d votes)", vol, epoch, votes)
             # Split votes: stand again after a longer, random wait than the others.
@@ -323,28 +349,33 @@ class Failover:
         # Every lease granted under the old primary, and its own claim to be current, end
         # within a lease of the votes: updates of this epoch are made from now on, but
         # acknowledged only after that (``Replicator(not_before=...)``).
-        self.not_before[vol] = trio.current_time() + self.lease
+        wait = self.lease
+        if leases is not None:
+            wait = max((leases[s] for s in leased - granted), default=0.0)
+        self.not_before[vol] = trio.current_time() + wait
         self._changed(vol)
         with self.meta.write() as txn:  # the epoch's first record: see the module docstring
             self.meta.log(txn, vol, "epoch")
         await self._announce(vol, epoch)
         return True
 
-    async def _poll(self, args: dict[str, Any], others: list[str], enough: int) -> int:
-        """How many of ``others`` grant ``args`` (a vote or a pre-vote); stops asking once
-        ``enough`` did (the others may be down: no reason to wait for their timeouts)."""
-        granted = 0
+    async def _poll(
+        self, args: dict[str, Any], others: list[str], enough: int, wanted: Collection[str] = ()
+    ) -> set[str]:
+        """Which of ``others`` grant ``args`` (a vote or a pre-vote); stops asking once
+        ``enough`` did, and every one of ``wanted`` (the others may be down: no reason to
+        wait for their timeouts)."""
+        granted: set[str] = set()
 
         async def one(site: str) -> None:
-            nonlocal granted
             try:
                 got = await self._call(site, "repl.vote", args, self.heartbeat)
             except (RpcError, FsError) as exc:
                 log.debug("vote of %s: %s", site, exc)
                 return
             if isinstance(got, dict) and got.get("granted") is True:
-                granted += 1
-                if granted >= enough:
+                granted.add(site)
+                if len(granted) >= enough and granted.issuperset(wanted):
                     nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
@@ -365,6 +396,117 @@ class Failover:
             for node in self.nodes:
                 if node != self.me:
                     nursery.start_soon(one, node)
+
+    # --- a planned hand-over (``dfs volume promote``) ---------------------------------------------
+
+    async def hand_over(self, vol: VolumeId, to: str, *, limit: float) -> dict[str, Any]:
+        """On the primary of ``vol``: make its site ``to`` the primary, in the next epoch,
+        losing nothing and refusing nothing (see ``_hand_over``). Returns the new epoch, the
+        primary and how long updates waited."""
+        if not self.roles.orders(vol):
+            raise FsError(
+                errno.EAGAIN,
+                f"{self.me} is not the primary of volume {vol}: {self.roles.primary(vol)} is",
+            )
+        if to == self.me:
+            return {"epoch": self.roles.epoch(vol), "primary": self.me, "held": 0.0}
+        v = self.roles.volume(vol)
+        if to not in v.sites:
+            raise FsError(
+                errno.EINVAL,
+                f"{to} is not a storage site of volume {vol} (its sites: {', '.join(v.sites)})",
+            )
+        repl = self.roles.replicator(vol)
+        link = repl.links.get(to) if repl is not None else None
+        if repl is None or link is None or not link.in_sync or link.diverged:
+            raise FsError(
+                errno.EAGAIN,
+                f"{to} is not in sync with volume {vol}'s primary {self.me}: promote it once "
+                "`dfs volume list` shows it in sync",
+            )
+        start = trio.current_time()
+        with self.roles.handing_over(vol):
+            got = await self._hand_over(vol, to, repl, link, limit)
+        got["held"] = round(trio.current_time() - start, 3)
+        return got
+
+    async def _hand_over(
+        self, vol: VolumeId, to: str, repl: Replicator, link: SiteLink, limit: float
+    ) -> dict[str, Any]:
+        """Client calls and updates from other nodes wait meanwhile (``VolumeRoles.steady``).
+        1. The files of the volume open here are settled (their digests journaled), and
+           every update made here is acknowledged and applied on ``to``.
+        2. This node steps down: it records nothing more (``MetaStore.may_record``), grants
+           no lease, and notes how long the leases it granted still run.
+        3. ``to`` stands in the next epoch without a pre-vote; the sites vote for it although
+           they still hear this primary (it asked), each dropping its lease as it votes; it
+           waits only for the leases of sites that did not vote, and tells every node.
+        If ``to`` does not win, the volume has no primary until its sites elect one, as
+        when a primary dies (within ``failover_after``)."""
+        with trio.move_on_after(limit):
+            if self._settle is not None:
+                await self._settle(vol)
+            seq = self.meta.seq(vol)
+            await repl.wait(seq)
+        seq = self.meta.seq(vol)
+        if not (link.in_sync and link.acked >= seq):
+            raise FsError(
+                errno.EAGAIN,
+                f"{to} did not apply update {seq} of volume {vol} within {limit:g}s: "
+                f"{self.me} stays its primary",
+            )
+        st = self.roles.epochs[vol]
+        st.primary = ""
+        now = trio.current_time()
+        leases = [
+            [lk.name, round(lk.lease_until - now, 3)]
+            for lk in repl.links.values()
+            if lk.lease_until > now
+        ]
+        log.warning("volume %d: handing it over to %s (update %d)", vol, to, seq)
+        try:
+            got = await self._call(to, "vol.stand", {"vol": int(vol), "leases": leases}, limit)
+            epoch, primary = int(got["epoch"]), str(got["primary"])
+        except (RpcError, FsError, KeyError, TypeError, ValueError) as exc:
+            log.error("volume %d: handing it over to %s failed: %s", vol, to, exc)
+            self._changed(vol)  # this node orders it no more: its replication stops
+            raise FsError(
+                errno.EAGAIN,
+                f"handing volume {vol} over to {to} failed ({exc}); its sites elect a "
+                f"primary by themselves within {self.failover_after:g}s",
+            ) from None
+        self.learn(vol, epoch, primary)
+        return {"epoch": epoch, "primary": primary, "waited": got.get("waited", 0.0)}
+
+    async def _handover(self, peer: str, args: dict[str, Any]) -> dict[str, Any]:
+        limit = max(self.heartbeat, 2 * self.lease)
+        return await self.hand_over(VolumeId(args["vol"]), args["to"], limit=limit)
+
+    async def _stand(self, peer: str, args: dict[str, Any]) -> dict[str, Any]:
+        """The primary ``peer`` hands ``vol`` over to this site (``_hand_over``)."""
+        vol = VolumeId(args["vol"])
+        st = self.roles.epochs.get(vol)
+        if st is None or not self.roles.stores(vol):
+            raise FsError(errno.EINVAL, f"{self.me} is not a storage site of volume {vol}")
+        if st.primary != peer:
+            raise FsError(
+                errno.EAGAIN,
+                f"{self.me} follows {st.primary or 'nobody'} in epoch {st.epoch} of volume "
+                f"{vol}, not {peer}",
+            )
+        leases: dict[str, float] = {}
+        for item in args["leases"]:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+                raise FsError(errno.EINVAL, "leases: [node, seconds] pairs expected")
+            leases[item[0]] = float(item[1])
+        v = self.roles.volume(vol)
+        others = [s for s in v.sites if s != self.me]
+        if not await self.elect(
+            vol, len(v.sites), others, pre=False, handed_by=peer, leases=leases
+        ):
+            raise FsError(errno.EAGAIN, f"{self.me} was not elected in epoch {st.epoch}")
+        waited = self.not_before.get(vol, trio.current_time()) - trio.current_time()
+        return {"epoch": st.epoch, "primary": self.me, "waited": round(max(0.0, waited), 3)}
 
     def status(self, vol: VolumeId) -> dict[str, Any]:
         st = self.roles.epochs.get(vol)

@@ -11,6 +11,10 @@ holds a read lease (it is in sync: the record is on its way) first waits, within
 deadline, for its replica to apply it (``applied_here``), so that its reads stay local; a site
 out of sync does not wait (it may be far behind; the primary catches it up).
 
+An update that the primary refused with EROFS because it stepped down meanwhile (this node
+learnt of its successor before the answer: ``vol.epoch`` is announced to every node before
+the old primary answers) is sent to the new primary once.
+
 A primary that cannot be reached refuses updates with EROFS (logged at most every
 ``REFUSAL_LOG_EVERY`` seconds); the call's deadline (``dfs.cluster.deadline``) passing first is
 ETIMEDOUT (the primary may or may not have carried the update out).
@@ -31,7 +35,7 @@ from dfs.cluster.roles import VolumeRoles
 from dfs.errors import FsError
 from dfs.fs.ctx import Ctx
 from dfs.meta.store import MetaStore
-from dfs.net.rpc import PeerTimeout, PeerUnavailable
+from dfs.net.rpc import PeerTimeout, PeerUnavailable, RemoteError
 from dfs.types import VolumeId
 
 log = logging.getLogger("dfs.cluster.fs")
@@ -66,21 +70,30 @@ class Forwarder:
         op = fsops.name_of(args)
         if self._send is None:
             raise FsError(errno.EROFS, f"no primary for volume {vol} is known here")
-        primary = self.roles.primary(vol)
         answer: Any = _NO_ANSWER
-        try:
-            with trio.move_on_at(until(self.call_timeout)):
-                answer = await self._send(primary, op, fsops.wire(args), fsops.pack_ctx(ctx))
-            if answer is _NO_ANSWER:
-                raise PeerTimeout(f"node {primary}: {op} got no answer within the call's deadline")
-        except PeerUnavailable as exc:
-            if not update:
+        for again in (False, True):
+            primary = self.roles.primary(vol)
+            try:
+                with trio.move_on_at(until(self.call_timeout)):
+                    answer = await self._send(primary, op, fsops.wire(args), fsops.pack_ctx(ctx))
+                if answer is _NO_ANSWER:
+                    raise PeerTimeout(
+                        f"node {primary}: {op} got no answer within the call's deadline"
+                    )
+                break
+            except PeerUnavailable as exc:
+                if not update:
+                    raise
+                self.refused(op, exc)
+                raise FsError(errno.EROFS, f"primary unreachable: {exc}") from None
+            except PeerTimeout as exc:
+                self.refused(op, exc)
                 raise
-            self.refused(op, exc)
-            raise FsError(errno.EROFS, f"primary unreachable: {exc}") from None
-        except PeerTimeout as exc:
-            self.refused(op, exc)
-            raise
+            except RemoteError as exc:
+                # It stepped down meanwhile (a hand-over, or it learnt of a newer epoch): an
+                # update it refused with EROFS was not made; the new primary is asked once.
+                if again or exc.errno != errno.EROFS or self.roles.primary(vol) == primary:
+                    raise
         if not (isinstance(answer, list) and len(answer) == 2 and isinstance(answer[1], int)):
             raise FsError(errno.EIO, f"malformed {op} answer from the primary")
         result, seq = answer

@@ -2,6 +2,8 @@
 
 - ``on_primary``: a file of a volume stored here, opened for writing: the local handle (reads
   are local) and the handle the primary opened for this node (writes, fsync, release go there).
+  A handle the primary of an earlier epoch opened is replaced by one the current primary opens
+  (open files follow a new primary: ``WriteBehind.primary_handle``).
 - ``files`` / ``dirs``: files and directories of volumes not stored here: every operation goes
   to the primary (numbers from ``REMOTE_FH`` up, apart from the local ones).
 - ``counts``: the kernel's references to inodes of volumes not stored here (``lookup`` counts
@@ -14,21 +16,33 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from dfs.types import InodeId, VolumeId
 
 REMOTE_FH = 1 << 61
+WRITE_ACCESS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+EPOCH_SHIFT = 40  # a primary's handle on the wire: epoch << EPOCH_SHIFT | its handle number
+
+
+def handle_epoch(wire: int) -> int:
+    """The epoch of the primary that opened the handle ``wire`` (``OpServer``): a handle of an
+    earlier epoch is refused by every primary, and the file is opened again on the current
+    one (``WriteBehind.primary_handle``)."""
+    return wire >> EPOCH_SHIFT
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteFile:
-    """A handle on a file of a volume this node does not store: its primary's handle."""
+    """A handle on a file of a volume this node does not store: its primary's handle, and the
+    flags it was opened with (to open it again on a new primary)."""
 
     vol: VolumeId
     ino: InodeId
     rfh: int
+    flags: int
 
 
 @dataclass

@@ -40,7 +40,7 @@ from dfs.cluster import fsops as F
 from dfs.cluster.commits import CommitHook
 from dfs.cluster.deadline import fresh_deadline
 from dfs.cluster.forward import Forwarder, Send
-from dfs.cluster.handles import RemoteFile, RemoteHandles
+from dfs.cluster.handles import WRITE_ACCESS, RemoteFile, RemoteHandles, handle_epoch
 from dfs.cluster.reads import ReadRouting, after_held_writes, one_deadline
 from dfs.cluster.remote import Reader, unpack_attr
 from dfs.cluster.replication import Notifier
@@ -53,8 +53,6 @@ from dfs.types import ROOT_INODE, ROOT_VOLUME, Attr, FileHandle, InodeId, Volume
 
 log = logging.getLogger("dfs.cluster.fs")
 T = TypeVar("T")
-
-WRITE_ACCESS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 
 
 class NodeFs(ReadRouting):
@@ -264,7 +262,7 @@ class NodeFs(ReadRouting):
             raise FsError(errno.EIO, "malformed create answer from the primary")
         a = self._counted(wire[1])
         if not self.roles.stores(vol):
-            rf = RemoteFile(vol, a.ino, wire[0])
+            rf = RemoteFile(vol, a.ino, wire[0], flags)
             return FileHandle(self.handles.new(self.handles.files, rf)), a
         fh = self.files.open(a.ino, flags, a)
         self.handles.on_primary[fh] = wire[0]
@@ -285,7 +283,7 @@ class NodeFs(ReadRouting):
         if not isinstance(rfh, int):
             raise FsError(errno.EIO, "malformed open answer from the primary")
         if not stored:
-            rf = RemoteFile(vol, ino, rfh)
+            rf = RemoteFile(vol, ino, rfh, flags)
             return FileHandle(self.handles.new(self.handles.files, rf))
         try:
             fh = self.files.open(ino, flags, await self._arriving_attr(vol, ino))
@@ -336,18 +334,24 @@ class NodeFs(ReadRouting):
         if stream is not None:
             await self.writes.flush_stream(fh, F.Fsync(stream.rfh, datasync))
             return
-        rf = self.handles.files.get(fh)
-        if rf is not None:
-            await self._fwd(rf.vol, F.Fsync(rf.rfh, datasync))
+        if fh not in self.handles.files:
+            vol = self._handle_volume(fh)
+
+            async def here() -> None:  # not an update: it fails if its writes reach no majority
+                await self.files.fsync(fh, datasync)
+                await self._replicated(vol)
+
+            if self.roles.orders(vol):
+                await here()
+                return
+            if fh not in self.handles.on_primary and not self._writable(fh):
+                return  # opened here read-only: nothing of it to sync
+            await self.writes.on_primary(fh, lambda rfh: F.Fsync(rfh, datasync), here=here)
             return
-        vol = self._handle_volume(fh)
-        if self.roles.orders(vol):  # not an update: it fails if its writes reach no majority
-            await self.files.fsync(fh, datasync)
-            await self._replicated(vol)
-            return
-        rfh = self.handles.on_primary.get(fh)
-        if rfh is not None:
-            await self._fwd(vol, F.Fsync(rfh, datasync))
+        await self.writes.on_primary(fh, lambda rfh: F.Fsync(rfh, datasync))
+
+    def _writable(self, fh: int) -> bool:
+        return bool(self.files.handle(fh).flags & WRITE_ACCESS)
 
     @after_held_writes
     async def fsyncdir(self, ino: InodeId = ROOT_INODE) -> None:
@@ -386,6 +390,8 @@ class NodeFs(ReadRouting):
                 await self._release_remote(vol, rfh)
 
     async def _release_remote(self, vol: VolumeId, rfh: int) -> None:
+        if handle_epoch(rfh) < self.roles.epoch(vol):
+            return  # opened by an earlier primary, which closed it when it stepped down
         try:
             with fresh_deadline(self.call_timeout):
                 await self._fwd(vol, F.Release(rfh))

@@ -28,6 +28,7 @@ from typing import Any
 
 from dfs.cluster import fsops as F
 from dfs.cluster.commits import CommitHook
+from dfs.cluster.handles import EPOCH_SHIFT
 from dfs.cluster.remote import MAX_READ, pack_attr
 from dfs.cluster.roles import VolumeRoles
 from dfs.cluster.writebehind import WriteBehind
@@ -40,7 +41,6 @@ from dfs.net.rpc import Methods
 from dfs.types import InodeId, NodeId, VolumeId
 
 Result = tuple[VolumeId | None, Any]
-EPOCH_SHIFT = 40  # a handle on the wire: epoch << EPOCH_SHIFT | this node's handle number
 Handler = Callable[[str, Any, Ctx], Awaitable[Result]]
 
 
@@ -94,11 +94,20 @@ class OpServer:
         )
         methods.add("fs.write", {"w": Field(list, max_len=3)}, self._posted, in_order=True)
 
-    async def _op(self, peer: str, args: dict[str, Any]) -> Any:
+    async def local(self, me: str, op: str, args: list[Any], ctx: list[Any]) -> Any:
+        """An operation this node forwarded to itself: it became the primary while the call
+        was on its way (``Forwarder`` asks the new primary once more)."""
+        return await self._op(me, {"op": op, "args": args, "ctx": ctx}, mine=True)
+
+    async def _op(self, peer: str, args: dict[str, Any], *, mine: bool = False) -> Any:
+        """``mine``: the update comes from this node's own kernel (``local``), which must not
+        be sent invalidations while it waits for the answer (as for any update made here)."""
         op = args["op"]
         a = F.decode(op, args["args"])
         ctx = F.unpack_ctx(args["ctx"])
-        ORIGIN.set(int(self.node_id(peer)))
+        await self.roles.steady()  # a hand-over of a volume's primary is under way
+        if not mine:
+            ORIGIN.set(int(self.node_id(peer)))
         self.commits.start_request()
         vol, result = await self._handlers[type(a)](peer, a, ctx)
         if isinstance(a, F.Read):
@@ -133,6 +142,7 @@ class OpServer:
         replication (the writer's flush/fsync waits)."""
         a = F.decode("write", args["w"])
         assert isinstance(a, F.Write)
+        await self.roles.steady()
         ORIGIN.set(int(self.node_id(peer)))
         self.commits.start_request()
         fh, vol = self._handle(peer, a.fh)
@@ -183,6 +193,17 @@ class OpServer:
         del self.held[fh]
         await self.files.release(fh)
         return vol, None
+
+    async def release_volume(self, vol: VolumeId) -> None:
+        """Close every handle opened here for other nodes on files of ``vol``: this node no
+        longer orders it (they open their files again on the new primary)."""
+        for fh in list(self.held):
+            try:
+                gone = self.vfs.getattr(self.files.inode_of(fh)).volume == vol
+            except FsError:
+                gone = True
+            if gone and self.held.pop(fh, None) is not None:
+                await self.files.release(fh)
 
     async def release_node(self, peer: str) -> None:
         """Close every handle opened for ``peer`` (it restarted: its handles are gone)."""

@@ -63,6 +63,7 @@ def one_deadline(
     @functools.wraps(fn)
     async def run(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
         with call_deadline(self.call_timeout):
+            await self.roles.steady()
             return await fn(self, *args, **kwargs)
 
     return run
@@ -78,6 +79,7 @@ def after_held_writes(
     @functools.wraps(fn)
     async def run(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
         with call_deadline(self.call_timeout):
+            await self.roles.steady()
             if self.writes.pending():
                 await self.writes.write_held()
             return await fn(self, *args, **kwargs)
@@ -419,8 +421,8 @@ class ReadRouting:
                 if not self._may_be_stale(vol):
                     raise
                 return await self._read_repairing(fh, ino, vol, off, size)
-        data = await self.writes.forward(
-            rf.vol, F.Read(rf.rfh, off, min(size, MAX_READ)), update=False
+        data = await self.writes.on_primary(
+            fh, lambda rfh: F.Read(rfh, off, min(size, MAX_READ)), update=False
         )
         if not isinstance(data, bytes) or len(data) > size:
             raise FsError(errno.EIO, "malformed read answer from the primary")

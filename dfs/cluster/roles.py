@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import enum
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
 
 from dfs.cluster.epochs import FIRST_EPOCH, EpochState
 from dfs.cluster.epochs import load as load_epochs
@@ -69,6 +73,9 @@ class VolumeRoles:
         # journal's epochs for stored volumes). No entry: the volume record's primary, epoch 1.
         self.epochs: dict[VolumeId, EpochState] = {}
         self._always_current = always_current
+        # Volumes whose primary (this node) is handing over to another site: client calls and
+        # updates from other nodes wait (``steady``) until the new primary orders them.
+        self._moving: dict[VolumeId, trio.Event] = {}
 
     @classmethod
     def alone(cls, meta: MetaStore, *replicators: Replicator) -> VolumeRoles:
@@ -93,6 +100,25 @@ class VolumeRoles:
             if v is not None and v.stored_on(self.me):
                 st = self.epochs[vol] = load_epochs(self.meta, vol, v.primary)
         return st
+
+    @contextmanager
+    def handing_over(self, vol: VolumeId) -> Iterator[None]:
+        """While this node hands ``vol`` over to another primary (``Failover.hand_over``)."""
+        if vol in self._moving:
+            raise FsError(errno.EAGAIN, f"volume {vol} is being handed over already")
+        done = self._moving[vol] = trio.Event()
+        try:
+            yield
+        finally:
+            del self._moving[vol]
+            done.set()
+
+    async def steady(self) -> None:
+        """Return once no hand-over is under way here (each takes at most a call's timeout);
+        every client call and every update from another node passes here first, so that none
+        is made by the old primary after it stepped down, nor refused for it."""
+        while self._moving:
+            await next(iter(self._moving.values())).wait()
 
     def volume(self, vol: VolumeId) -> Volume:
         v = self.volumes.get(vol) if self.volumes is not None else None

@@ -52,10 +52,11 @@ from dfs.cluster.replication import (
 from dfs.cluster.roles import Role, VolumeRoles
 from dfs.cluster.rollback import Rollback, list_rolled_back
 from dfs.cluster.views import HostViews
-from dfs.cluster.volcreate import VolumeCreation
+from dfs.cluster.volcreate import MAX_PATH, VolumeCreation
 from dfs.cluster.volumes import Volume, VolumeTable, from_wire
 from dfs.config import ClusterConfig, NodeConfig
 from dfs.errors import FsError
+from dfs.fs.recovery import rechecksum
 from dfs.fs.vfs import Vfs
 from dfs.meta import schema as S
 from dfs.net.frames import Field
@@ -138,6 +139,7 @@ class ClusterService:
             lease=self.lease,
             failover_after=t.failover_after,
             applying=self.applier.lock,
+            settle=vfs.files.settle_volume,
         )
         self.failover.register(methods)
         register_site_methods(methods, self.applier, self._admit_records, self._last_epoch)
@@ -170,6 +172,11 @@ class ClusterService:
         self.creation.register(methods, cluster.control_methods)
         cluster.control_methods.add("volume.list", {}, self._control_list)
         cluster.control_methods.add("volume.rolledback", {}, self._control_rolled_back)
+        cluster.control_methods.add(
+            "volume.promote",
+            {"path": Field(str, max_len=MAX_PATH), "to": Field(str, max_len=255)},
+            self._control_promote,
+        )
         methods.add("vol.list", {}, self._list)
         cluster.add_status("replication", self.status)
         vfs.meta.may_record = roles.may_record
@@ -236,11 +243,14 @@ class ClusterService:
                 self._nursery.start_soon(repl.run)
                 if self.roles.epoch(v.vol) > E.FIRST_EPOCH:
                     self._purge_later(v.vol)  # the orphans the old primary had not purged
+                    self._nursery.start_soon(self._settle_inherited, v.vol)
             return
         old = self.roles.replicators.pop(v.vol, None)
         if old is not None:
             log.warning("volume %d: no longer its primary", v.vol)
             old.stop()
+            if self._nursery is not None:  # other nodes open their files on the new one
+                self._nursery.start_soon(self.ops.release_volume, v.vol)
         if v.vol in self.roles.leases:
             return
         keeper = LeaseKeeper(
@@ -263,6 +273,28 @@ class ClusterService:
                     self.purge.defer(InodeId(ino))
             except FsError:
                 continue
+
+    async def _settle_inherited(self, vol: VolumeId) -> None:
+        """This node became the primary of ``vol``: the files its predecessor wrote and never
+        settled (it died, or its settle record was not acknowledged and was rolled back) came
+        with a ``dirty`` intent and no digests for the blocks written. Their digests are
+        computed from the contents, as start-up recovery does, and journaled here; files
+        open here are settled by their handles instead."""
+        meta = self.vfs.meta
+        with meta.read() as txn:
+            inos = [S.read_u64(k) for k in txn.cursor(db=meta.dirty).iternext(values=False)]
+        for raw in inos:
+            ino = InodeId(raw)
+            try:
+                if self.vfs.files.is_open(ino) or self.vfs.getattr(ino).volume != vol:
+                    continue
+                await trio.to_thread.run_sync(
+                    rechecksum, meta, self.vfs.data, ino, self.roles.is_replica
+                )
+            except FsError as exc:  # gone meanwhile, or this node stepped down again
+                log.info("volume %d: inode %#x not settled: %s", vol, ino, exc)
+                continue
+            log.info("volume %d: settled inode %#x, left unsettled by the old primary", vol, ino)
 
     def _admit_records(self, vol: int, peer: str, epoch: int | None) -> None:
         """``repl.apply`` of ``vol`` from ``peer``: raises unless this node follows it."""
@@ -377,6 +409,8 @@ class ClusterService:
                 )
 
     async def _say_hello(self, primary: str) -> None:
+        if primary == self.me:
+            return
         try:
             await self._call(primary, "repl.hello", {}, self.config.timeouts.call)
         except FsError as exc:
@@ -443,6 +477,10 @@ class ClusterService:
     async def _call(self, node: str, method: str, args: dict[str, Any], limit: float) -> Any:
         if self.cluster.pool is None:
             raise FsError(errno.EHOSTDOWN, "the cluster is not started")
+        if node == self.me:
+            # Whom a volume's primary is, asked while nobody is (an election, a hand-over
+            # under way): the record's primary, maybe this node, is the default answer.
+            raise PeerUnavailable(f"{method}: no other node orders that volume now")
         return await self.cluster.pool.peer(node).call(method, args, timeout=limit)
 
     def _post(
@@ -450,6 +488,8 @@ class ClusterService:
     ) -> Pending:
         if self.cluster.pool is None:
             raise PeerUnavailable("the cluster is not started")
+        if node == self.me:
+            raise PeerUnavailable(f"{method}: no other node orders that volume now")
         return self.cluster.pool.peer(node).post(method, args, on_done)
 
     def _peer(self, node: str) -> Peer | None:
@@ -457,6 +497,8 @@ class ClusterService:
         return self.cluster.pool.peer(node) if self.cluster.pool is not None else None
 
     async def _forward(self, node: str, op: str, args: list[Any], ctx: list[Any]) -> Any:
+        if node == self.me:
+            return await self.ops.local(self.me, op, args, ctx)
         return await self._call(
             node, "fs.op", {"op": op, "args": args, "ctx": ctx}, self.config.timeouts.call
         )
@@ -467,7 +509,7 @@ class ClusterService:
         r = self._readers.get((node, raw))
         if r is None:
             r = self._readers[node, raw] = RemoteReader(
-                _PeerCaller(self.cluster, node), timeout=self.config.timeouts.call, raw=raw
+                _PeerCaller(self.cluster, node, self.me), timeout=self.config.timeouts.call, raw=raw
             )
         return r
 
@@ -482,8 +524,10 @@ class ClusterService:
     # --- served to the other nodes ---------------------------------------------------------
 
     async def _grant(self, peer: str, args: dict[str, Any]) -> float | bool:
-        repl = self.roles.replicators.get(VolumeId(args.get("vol", ROOT_VOLUME)))
-        return repl is not None and repl.grant(peer)
+        vol = VolumeId(args.get("vol", ROOT_VOLUME))
+        repl = self.roles.replicators.get(vol)
+        # (not once this primary stepped down to hand the volume over: ``Failover.hand_over``)
+        return repl is not None and self.roles.orders(vol) and repl.grant(peer)
 
     async def _hello(self, peer: str, args: dict[str, Any]) -> None:
         await self.ops.release_node(peer)
@@ -512,6 +556,35 @@ class ClusterService:
         """What this node rolled back (``dfs.cluster.rollback``), oldest first."""
         return list_rolled_back(self.vfs.data.root.parent)
 
+    async def _control_promote(self, peer: str, args: dict[str, Any]) -> dict[str, Any]:
+        """``dfs volume promote``: the primary of the volume at ``path`` hands it over."""
+        path = args["path"].rstrip("/") or "/"
+        vols = [
+            v
+            for v in self.volumes.all()
+            if v.path == "/" or path == v.path or path.startswith(v.path.rstrip("/") + "/")
+        ]
+        if not vols:
+            raise FsError(errno.ENOENT, f"no volume at {path}")
+        v = max(vols, key=lambda v: len(v.path))
+        if path != v.path:
+            raise FsError(
+                errno.EINVAL,
+                f"{path} is not a volume: it is in volume {v.vol} at {v.path} (dfs volume list)",
+            )
+        to = args["to"]
+        if to not in {n.name for n in self.config.nodes}:
+            raise FsError(errno.EINVAL, f"unknown node {to}")
+        limit = 2 * self.config.timeouts.call
+        primary = self.roles.primary(v.vol)
+        if primary == self.me:
+            got = await self.failover.hand_over(v.vol, to, limit=limit)
+        else:
+            got = await self._call(primary, "vol.handover", {"vol": int(v.vol), "to": to}, limit)
+        if not isinstance(got, dict):
+            raise FsError(errno.EIO, "malformed answer to vol.handover")
+        return {"vol": int(v.vol), "path": v.path, "was": primary, **got}
+
     async def _control_list(self, peer: str, args: dict[str, Any]) -> list[dict[str, Any]]:
         return list(self.status()["volumes"])
 
@@ -519,9 +592,10 @@ class ClusterService:
 class _PeerCaller:
     """A peer of the cluster's pool, looked up at call time (the pool exists once started)."""
 
-    def __init__(self, cluster: ClusterNode, name: str) -> None:
+    def __init__(self, cluster: ClusterNode, name: str, me: str) -> None:
         self.cluster = cluster
         self.name = name
+        self.me = me
 
     async def call(
         self,
@@ -532,4 +606,6 @@ class _PeerCaller:
     ) -> Any:
         if self.cluster.pool is None:
             raise FsError(errno.EHOSTDOWN, "the cluster is not started")
+        if self.name == self.me:
+            raise PeerUnavailable(f"{method}: no other node orders that volume now")
         return await self.cluster.pool.peer(self.name).call(method, dict(args), timeout=timeout)

@@ -31,16 +31,18 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgspec
 import trio
 
 from dfs.cluster import fsops
 from dfs.cluster.deadline import until
 from dfs.cluster.forward import Forwarder
-from dfs.cluster.handles import RemoteHandles
+from dfs.cluster.handles import WRITE_ACCESS, RemoteHandles, handle_epoch
 from dfs.cluster.roles import VolumeRoles
 from dfs.errors import FsError
 from dfs.fs.files import FileIO
@@ -79,6 +81,9 @@ class Stream:
     ino: InodeId
     dirty: bool = False  # posted writes not flushed yet
     error: FsError | None = None  # the first that failed, reported at the next chance
+    # Posted writes refused because the primary changed (its handle is of an earlier
+    # epoch: nothing was written): sent again, in order, on the new primary's handle.
+    redo: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -287,26 +292,133 @@ class WriteBehind:
             raise err
 
     async def write_now(self, fh: int, off: int, data: bytes, when: int | None = None) -> int:
-        rf = self.handles.files.get(fh)
-        if rf is not None:
-            vol, rfh, ino = rf.vol, rf.rfh, rf.ino
-        else:
-            ino = self.files.inode_of(fh)
-            vol = self.volume_of(ino)
-            if self.roles.admits(vol):
-                n = await self.files.write(fh, off, data, when)
-                await self.written(fh, vol)
-                return n
-            got = self.handles.on_primary.get(fh)
-            if got is None:
-                raise FsError(errno.EBADF, "file not open for writing")
-            rfh = got
+        await self.roles.steady()
+        where = await self.primary_handle(fh)
+        if where is None:
+            vol = self.volume_of(self.files.inode_of(fh))
+            n = await self.files.write(fh, off, data, when)
+            await self.written(fh, vol)
+            return n
+        vol, rfh, ino = where
         if self._post is not None and self._posted(fh, vol, rfh, ino, off, data):
             return len(data)
-        n = await self.forward(vol, fsops.Write(rfh, off, data))
+        n = await self._write_there(fh, vol, rfh, off, data)
         if not isinstance(n, int):
             raise FsError(errno.EIO, "malformed write answer from the primary")
         return n
+
+    async def _write_there(self, fh: int, vol: VolumeId, rfh: int, off: int, data: bytes) -> Any:
+        try:
+            return await self.forward(vol, fsops.Write(rfh, off, data))
+        except FsError as exc:
+            if exc.errno != errno.EBADF or not self._stale(vol, rfh):
+                raise
+        # The primary changed meanwhile: a handle of an earlier epoch wrote nothing.
+
+        async def here() -> int:
+            n = await self.files.write(fh, off, data)
+            await self.written(fh, vol)
+            return n
+
+        return await self.on_primary(fh, lambda rfh: fsops.Write(rfh, off, data), here=here)
+
+    async def on_primary(
+        self,
+        fh: int,
+        args: Callable[[int], fsops._Args],
+        *,
+        update: bool = True,
+        here: Callable[[], Awaitable[Any]] | None = None,
+    ) -> Any:
+        """Send ``args(primary's handle)`` for ``fh`` (a handle whose file's primary is another
+        node) to the current primary; once more if the primary changed meanwhile. ``here()``
+        does it when this node is (or became) the primary."""
+        for last in (False, True):
+            where = await self.primary_handle(fh)
+            if where is None:
+                if here is None:
+                    raise FsError(errno.EAGAIN, "this node became the file's primary meanwhile")
+                return await here()
+            vol, rfh, _ino = where
+            try:
+                return await self.forward(vol, args(rfh), update=update)
+            except FsError as exc:
+                if last or exc.errno != errno.EBADF or not self._stale(vol, rfh):
+                    raise
+        raise AssertionError("unreachable")
+
+    # --- open files follow the primary ----------------------------------------------------------
+
+    def _stale(self, vol: VolumeId, rfh: int) -> bool:
+        """``rfh`` was opened by a primary of ``vol`` of an earlier epoch than the current."""
+        return handle_epoch(rfh) < self.roles.epoch(vol)
+
+    async def primary_handle(self, fh: int) -> tuple[VolumeId, int, InodeId] | None:
+        """Where the writes, flush and fsync of ``fh`` go: its volume, the primary's handle and
+        the inode; None when this node orders the volume (they are made here). A handle that
+        an earlier primary opened is replaced by one the current primary opens (with the
+        same flags, less O_CREAT, O_EXCL and O_TRUNC): open files follow a new primary. A
+        local handle not opened for writing has no primary handle: EBADF."""
+        rf = self.handles.files.get(fh)
+        if rf is not None:
+            if self._stale(rf.vol, rf.rfh):
+                rf = replace(rf, rfh=await self._reopen(rf.vol, rf.ino, rf.flags))
+                self.handles.files[fh] = rf
+                await self._restream(fh, rf.rfh)
+            return rf.vol, rf.rfh, rf.ino
+        ino = self.files.inode_of(fh)
+        vol = self.volume_of(ino)
+        if self.roles.admits(vol):
+            if self.handles.on_primary.pop(fh, None) is not None:
+                await self._restream(fh, None)  # this node is the primary now
+            return None
+        rfh = self.handles.on_primary.get(fh)
+        if rfh is None or self._stale(vol, rfh):
+            flags = self.files.handle(fh).flags
+            if not flags & WRITE_ACCESS:
+                raise FsError(errno.EBADF, "file not open for writing")
+            rfh = self.handles.on_primary[fh] = await self._reopen(vol, ino, flags)
+            await self._restream(fh, rfh)
+        return vol, rfh, ino
+
+    async def _reopen(self, vol: VolumeId, ino: InodeId, flags: int) -> int:
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+        got = await self.fwd.call(vol, fsops.Open(ino, flags), update=bool(flags & WRITE_ACCESS))
+        if not isinstance(got, int):
+            raise FsError(errno.EIO, "malformed open answer from the primary")
+        log.info(
+            "inode %d: open again on %s, the primary of volume %d in epoch %d",
+            ino,
+            self.roles.primary(vol),
+            vol,
+            self.roles.epoch(vol),
+        )
+        return got
+
+    async def _restream(self, fh: int, rfh: int | None) -> None:
+        """``fh``'s writes go to the primary's handle ``rfh`` from now on (None: this node is
+        the primary now and makes them): those posted to an earlier primary and refused are
+        made again first, in order."""
+        stream = self.streams.get(fh)
+        if stream is None:
+            return
+        if self._posts:
+            await self.drain()
+        if rfh is not None:
+            stream.rfh = rfh
+        redo, stream.redo = stream.redo, []
+        try:
+            for off, data in redo:
+                if rfh is None:
+                    n = await self.files.write(fh, off, data)
+                    await self.written(fh, stream.vol)
+                else:
+                    n = await self.fwd.call(stream.vol, fsops.Write(rfh, off, data))
+                if n != len(data):
+                    raise FsError(errno.EIO, f"short write on the primary ({n!r:.20})")
+        except FsError as exc:
+            if stream.error is None:
+                stream.error = FsError(exc.errno or errno.EIO, f"write failed: {exc}")
 
     def _posted(
         self, fh: int, vol: VolumeId, rfh: int, ino: InodeId, off: int, data: bytes
@@ -332,7 +444,9 @@ class WriteBehind:
                 if n != want:
                     raise FsError(errno.EIO, f"short write on the primary ({n!r:.20} of {want})")
             except FsError as exc:  # RemoteError, PeerUnavailable
-                if stream.error is None:
+                if exc.errno == errno.EBADF and self._stale(stream.vol, stream.rfh):
+                    stream.redo.append((off, data))  # see ``_restream``
+                elif stream.error is None:
                     stream.error = FsError(exc.errno or errno.EIO, f"write failed: {exc}")
 
         try:
@@ -350,12 +464,20 @@ class WriteBehind:
 
     async def flush_stream(self, fh: int, args: fsops.Flush | fsops.Fsync) -> bool:
         """flush/fsync of a handle with posted writes: forwarded once every posted write was
-        answered; True if it was done here."""
+        answered (to the current primary: ``primary_handle``); True if it was done here."""
         stream = self.streams.get(fh)
         if stream is None:
             return False
         try:
-            await self.forward(stream.vol, args)
+            if self._posts:
+                await self.drain()
+
+            async def here() -> None:  # this node became the primary: the writes were made here
+                if isinstance(args, fsops.Fsync):
+                    await self.files.fsync(fh, args.datasync)
+                await self.wait_acked(fh)
+
+            await self.on_primary(fh, lambda rfh: msgspec.structs.replace(args, fh=rfh), here=here)
         finally:
             self._clean(stream)
         if stream.error is not None:

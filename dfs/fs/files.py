@@ -538,6 +538,18 @@ class FileIO:
             with self.meta.write() as txn:
                 txn.delete(S.dirty_key(ino), db=self.meta.dirty)
 
+    async def settle_volume(self, vol: VolumeId) -> None:
+        """Settle every open file of ``vol`` that was written: its primary hands it over, and
+        the digests must be in its journal before it steps down (its successor cannot know
+        which blocks its writes left unsettled)."""
+        for st in list(self._inodes.values()):
+            if not st.written and not st.intent:
+                continue
+            with self.meta.read() as txn:
+                raw = txn.get(S.inode_key(st.ino), db=self.meta.inodes)
+            if raw is not None and S.unpack_inode(st.ino, raw).volume == vol:
+                await self.settle(st)
+
     def settle_all(self) -> None:
         """At shutdown: settle every open inode whose release the kernel never sent."""
         for st in list(self._inodes.values()):

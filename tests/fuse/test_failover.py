@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,65 @@ def test_a_primary_cut_off_is_replaced_and_rolls_back_what_it_could_not_replicat
     finally:
         left, _links = _ours(root_dir)
         assert not left, left
+
+
+def test_promote_switches_the_primary_while_files_are_written(cluster: Launcher) -> None:
+    """``dfs volume promote``: a planned switch-over while a file is held open for writing on
+    a site and another node makes updates in a loop: no update fails, the file's writes go on
+    through the new primary, nothing is lost, and ``dfs volume list`` shows the new epoch."""
+    assert cluster.up().returncode == 0
+    m = {n: _mnt(cluster, n) for n in ("n1", "n2", "n3")}
+    failures: list[OSError] = []
+    made: list[str] = []
+    stop = threading.Event()
+
+    def updates() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                os.mkdir(m["n3"] / f"d{i}")
+                made.append(f"d{i}")
+            except OSError as exc:
+                failures.append(exc)
+            i += 1
+
+    with open(m["n2"] / "held", "wb") as f:
+        f.write(b"before\n")
+        f.flush()
+        os.fsync(f.fileno())
+        worker = threading.Thread(target=updates)
+        worker.start()
+        try:
+            wait_until("updates under way", lambda: len(made) > 5, limit=30)
+            r = cluster.dfs_tool("volume", "promote", str(m["n1"]), "n3", "--json")
+            assert r.returncode == 0, r.stderr
+            done = json.loads(r.stdout)
+            count = len(made)
+            wait_until("updates go on", lambda: len(made) > count + 5, limit=30)
+        finally:
+            stop.set()
+            worker.join()
+        f.write(b"after\n")
+        f.flush()
+        os.fsync(f.fileno())
+    assert done["primary"] == "n3" and done["was"] == "n1" and done["epoch"] == 2, done
+    assert not failures, failures[:3]
+    for n in ("n1", "n2", "n3"):
+        wait_until(f"{n} follows n3", lambda n=n: _root(cluster, n)["primary"] == "n3", limit=30)
+    assert _root(cluster, "n1")["role"] == "site"
+    table = cluster.dfs_tool("volume", "list", "--mount", str(m["n2"]))
+    assert table.returncode == 0, table.stderr
+    row = next(line.split() for line in table.stdout.splitlines() if line.split()[:2] == ["1", "/"])
+    assert row[2:4] == ["n3", "2"], table.stdout  # PRIMARY, EPOCH
+    for n in ("n1", "n2", "n3"):
+        wait_until(
+            f"{n} has the whole file",
+            lambda n=n: (m[n] / "held").read_bytes() == b"before\nafter\n",
+            limit=30,
+        )
+        assert set(made) <= {p.name for p in m[n].iterdir()}
+    assert_same_everywhere(m, "n3")
+    # Refused, with the reason, and nothing changes.
+    bad = cluster.dfs_tool("volume", "promote", str(m["n1"]), "n9")
+    assert bad.returncode == 1 and "unknown node n9" in bad.stderr, bad.stderr
+    assert _root(cluster, "n2")["primary"] == "n3"

@@ -293,6 +293,8 @@ class SimPool:
         self.peers: dict[str, SimPeer] = {}
 
     def peer(self, name: str) -> SimPeer:
+        if name == self.me:  # as ``dfs.net.peer.PeerPool.peer``
+            raise KeyError(f"{name!r} is this node; call it locally")
         p = self.peers.get(name)
         if p is None:
             p = self.peers[name] = SimPeer(self.net, self.me, name, self.connect_timeout)

@@ -150,6 +150,7 @@ class Schedule:
                     self._running += 1
                     node.nursery.start_soon(self._client, c, random.Random(rng.getrandbits(64)))
                 cn.start_soon(self._faults, nursery)
+                cn.start_soon(self._promotions)
             # Clients run in their node's process (a crash ends them); all must be done
             # before the network heals (those cut off time out).
             while self._running:
@@ -239,6 +240,39 @@ class Schedule:
                 self.event(f"restart {node.name}")
                 await node.start(nursery)
         # Clients on nodes that are down are gone; the others finish their operations.
+
+    async def _promotions(self) -> None:
+        """Planned switch-overs (``dfs volume promote``) among the faults: asked of a node
+        that is up, of any volume, to any of its sites. Refused (not in sync, unreachable, no
+        primary...) or done; either way nothing acknowledged may be lost, and the request is
+        answered in bounded time. Its own random numbers: the other faults' schedule of a
+        seed stays what it was."""
+        rng = random.Random(f"promote:{self.seed}")
+        for _ in range(rng.randint(0, 3)):
+            await trio.sleep(rng.uniform(0.5, 8.0))
+            path = rng.choice(sorted(self.volumes))
+            to = rng.choice(self.volumes[path][1])
+            up = [n for n in self.nodes.values() if n.up and n.nursery is not None]
+            if not up:
+                continue
+            node = rng.choice(up)
+            assert node.nursery is not None
+            node.nursery.start_soon(self._promote, node, path, to)
+
+    async def _promote(self, node: SimNode, path: bytes, to: str) -> None:
+        where = "/" + path.decode()
+        start = trio.current_time()
+        try:
+            got = await node.control("volume.promote", {"path": where, "to": to})
+            self.event(f"promote {where} to {to} on {node.name}: epoch {got['epoch']}")
+        except RuntimeError as exc:
+            self.event(f"promote {where} to {to} on {node.name}: refused ({exc})"[:160])
+            if "internal error" in str(exc):
+                self.violation(f"promote {where} to {to} on {node.name}: {exc}")
+        took = trio.current_time() - start
+        bound = 2 * self.timeouts.call + LEASE_HEARTBEATS * self.timeouts.heartbeat
+        if took > bound:
+            self.violation(f"promote {where} to {to} on {node.name} took {took:.3f} s")
 
     async def _heal_all(self, nursery: trio.Nursery) -> None:
         self.net.heal()

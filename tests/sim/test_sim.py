@@ -46,6 +46,16 @@ COVERED_MOUNT_POINT = (
     "mount point from the primary as the plain directory it covers, and its creates there "
     "were acknowledged: files lost to sight under the volume's root"
 )
+TWO_HANDOVERS = (
+    "two promotions of one volume at once: the second replaced the first's hand-over gate, "
+    "the first's end removed it, the second's end failed (internal error) and calls waiting "
+    "on its gate waited for their deadline"
+)
+INHERITED_DIRTY = (
+    "a primary died with a file written and not settled (its settle record was never "
+    "acknowledged and was rolled back): its successors never computed the digests, and a "
+    "site that caught up later had blocks with data and no checksum"
+)
 # Seeds that found bugs since fixed, replayed in the mode that found them (regressions).
 FIXED: dict[int, tuple[bool, str]] = {
     20: (True, NEW_VOLUME),
@@ -56,6 +66,8 @@ FIXED: dict[int, tuple[bool, str]] = {
     149: (False, OUT_OF_SYNC_FORWARD),
     165: (False, STALLED_POSTS),
     307: (True, COVERED_MOUNT_POINT),
+    360: (False, TWO_HANDOVERS),
+    593: (False, INHERITED_DIRTY),
 }
 
 
@@ -98,19 +110,21 @@ def test_schedule(seed: int) -> None:
     assert r.acked > 0 or r.failed > 0, "no client did anything"
 
 
-@pytest.mark.parametrize(
-    "seed",
-    [
-        pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=why))
-        for s, (_, why) in KNOWN_BUGS.items()
-    ],
-)
-def test_known_bug(seed: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="dfs-sim-", dir=_tmp()) as d:
-        r = run_schedule(seed, Path(d), eager=KNOWN_BUGS[seed][0])
-    assert not r.violations, _explain(
-        r, r.violations, f".venv/bin/pytest 'tests/sim/test_sim.py::test_known_bug[{seed}]'"
+if KNOWN_BUGS:  # (none known now: no empty test that would only be skipped)
+
+    @pytest.mark.parametrize(
+        "seed",
+        [
+            pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=why))
+            for s, (_, why) in KNOWN_BUGS.items()
+        ],
     )
+    def test_known_bug(seed: int) -> None:
+        with tempfile.TemporaryDirectory(prefix="dfs-sim-", dir=_tmp()) as d:
+            r = run_schedule(seed, Path(d), eager=KNOWN_BUGS[seed][0])
+        assert not r.violations, _explain(
+            r, r.violations, f".venv/bin/pytest 'tests/sim/test_sim.py::test_known_bug[{seed}]'"
+        )
 
 
 @pytest.mark.parametrize("seed", list(FIXED))
