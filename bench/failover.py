@@ -1,6 +1,6 @@
 """How long updates stop when a volume's primary dies or vanishes from the network.
 
-    .venv/bin/python -m bench.failover [--rounds N] [--json FILE] [--dir DIR]
+    .venv/bin/python -m bench.failover [--rounds N] [--kinds kill,partition,promote] [--json FILE]
 
 A 3-node local cluster (``dfs cluster up --netns``: each node in its own network namespace,
 so "vanishes from the network" is a real partition). Each round finds the root volume's
@@ -9,8 +9,13 @@ primary, then either
 - **kill**: ``kill -9`` of its daemon (``dfs cluster stop NODE --kill``), or
 - **partition**: cuts it off from the other two (``dfs cluster partition``),
 
-and measures, on each surviving node's mount, the time from that moment to the first
-``mkdir`` that succeeds (tried every 50 ms; each try fails at once with ``EROFS`` or after
+- **promote**: a planned switch-over to another site (``dfs volume promote``) while every
+  node makes updates in a loop: the figure is the longest any update took (per node) over a
+  window around the switch, and every update must succeed (the issue's target: at most a
+  second of unavailability);
+
+and measures (kill, partition), on each surviving node's mount, the time from that moment to
+the first ``mkdir`` that succeeds (tried every 50 ms; each try fails at once with ``EROFS`` or after
 ``timeouts.call`` with ``ETIMEDOUT``, so the figure includes the tail of one try). Then the
 old primary comes back (restarted, or the partition healed), and the next round waits until
 every node is in sync again. The issue's target: updates work again within 10 s with the
@@ -115,20 +120,70 @@ def _round(c: LocalCluster, kind: str, r: int) -> dict[str, Any]:
     return {"old_primary": p, "seconds": out}
 
 
+def _updates(mnt: Path, tag: str, stop: threading.Event, out: dict[str, Any], node: str) -> None:
+    """mkdir in a loop until ``stop``: the slowest one and any failure."""
+    slowest, failed, k = 0.0, [], 0
+    while not stop.is_set():
+        k += 1
+        t = time.monotonic()
+        try:
+            os.mkdir(mnt / f"{tag}-{node}-{k}")
+        except OSError as exc:
+            failed.append(exc.strerror)
+        slowest = max(slowest, time.monotonic() - t)
+    out[node] = {"slowest_s": round(slowest, 3), "updates": k, "failed": failed}
+
+
+def _promote_round(c: LocalCluster, r: int) -> dict[str, Any]:
+    _settled(c)
+    p = _primary(c, NODES)
+    to = [n for n in NODES if n != p][r % 2]
+    out: dict[str, Any] = {}
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=_updates, args=(c.node(n).mountpoint, f"promote{r}", stop, out, n))
+        for n in NODES
+    ]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        got = request(
+            c.node(p).control_path, "volume.promote", {"path": "/", "to": to}, timeout=30.0
+        )
+        took = time.monotonic() - t0
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return {
+        "old_primary": p,
+        "new_primary": to,
+        "command_s": round(took, 3),
+        "answer": got,
+        "seconds": {n: v["slowest_s"] for n, v in out.items()},
+        "nodes": out,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    ap.add_argument("--kinds", default="kill,partition,promote", help="comma-separated")
     args = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="dfs-failover-bench-", dir=args.dir))
     c = LocalCluster(root, say=lambda m: print(m, file=sys.stderr))
-    results: dict[str, list[dict[str, Any]]] = {"kill": [], "partition": []}
+    ap_kinds = args.kinds.split(",")
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in ap_kinds}
     try:
         c.up(nodes=3, in_netns=True)
         for r in range(args.rounds):
-            for kind in ("kill", "partition"):
-                got = _round(c, kind, r)
+            for kind in ap_kinds:
+                got = _promote_round(c, r) if kind == "promote" else _round(c, kind, r)
                 results[kind].append(got)
                 print(f"{kind} round {r + 1}: {got}", file=sys.stderr)
     finally:

@@ -143,6 +143,7 @@ class Failover:
         self._save(vol)
         if was != primary:
             log.info("volume %d: primary %s in epoch %d (was %s)", vol, primary, epoch, was or "?")
+        self.roles.release(vol)  # a hand-over this node voted in is over
         self.heard[vol] = trio.current_time()
         self._changed(vol)
         return True
@@ -219,6 +220,8 @@ class Failover:
         if keeper is not None:
             keeper.revoke()
         self.heard[vol] = trio.current_time()  # give the candidate time to win
+        if args.get("handed_by"):  # calls here wait for the winner's word (``learn``)
+            self.roles.hold(vol, trio.current_time() + self.heartbeat)
         log.info("volume %d: voted for %s in epoch %d", vol, peer, epoch)
         self._changed(vol)  # an old primary that grants a vote steps down
         return {"granted": True, "epoch": epoch}
@@ -501,11 +504,17 @@ class Failover:
             leases[item[0]] = float(item[1])
         v = self.roles.volume(vol)
         others = [s for s in v.sites if s != self.me]
-        if not await self.elect(
-            vol, len(v.sites), others, pre=False, handed_by=peer, leases=leases
-        ):
+        self.roles.hold(vol, trio.current_time() + 2 * self.heartbeat)  # calls here wait
+        try:
+            won = await self.elect(
+                vol, len(v.sites), others, pre=False, handed_by=peer, leases=leases
+            )
+        finally:
+            self.roles.release(vol)
+        if not won:
             raise FsError(errno.EAGAIN, f"{self.me} was not elected in epoch {st.epoch}")
-        waited = self.not_before.get(vol, trio.current_time()) - trio.current_time()
+        repl = self.roles.replicator(vol)
+        waited = repl.not_before - trio.current_time() if repl is not None else 0.0
         return {"epoch": st.epoch, "primary": self.me, "waited": round(max(0.0, waited), 3)}
 
     def status(self, vol: VolumeId) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -75,7 +76,7 @@ class VolumeRoles:
         self._always_current = always_current
         # Volumes whose primary (this node) is handing over to another site: client calls and
         # updates from other nodes wait (``steady``) until the new primary orders them.
-        self._moving: dict[VolumeId, trio.Event] = {}
+        self._moving: dict[VolumeId, tuple[trio.Event, float]] = {}
 
     @classmethod
     def alone(cls, meta: MetaStore, *replicators: Replicator) -> VolumeRoles:
@@ -106,19 +107,36 @@ class VolumeRoles:
         """While this node hands ``vol`` over to another primary (``Failover.hand_over``)."""
         if vol in self._moving:
             raise FsError(errno.EAGAIN, f"volume {vol} is being handed over already")
-        done = self._moving[vol] = trio.Event()
+        self.hold(vol, math.inf)
         try:
             yield
         finally:
-            del self._moving[vol]
-            done.set()
+            self.release(vol)
+
+    def hold(self, vol: VolumeId, until: float) -> None:
+        """Calls wait (``steady``) until ``release(vol)``, or at the latest until ``until``
+        (trio clock): a hand-over of ``vol`` is under way and this node takes part in it (the
+        old primary, the candidate, a voter): its answer of who orders ``vol`` is about to
+        change."""
+        if vol not in self._moving:
+            self._moving[vol] = (trio.Event(), until)
+
+    def release(self, vol: VolumeId) -> None:
+        got = self._moving.pop(vol, None)
+        if got is not None:
+            got[0].set()
 
     async def steady(self) -> None:
-        """Return once no hand-over is under way here (each takes at most a call's timeout);
-        every client call and every update from another node passes here first, so that none
-        is made by the old primary after it stepped down, nor refused for it."""
+        """Return once no hand-over that this node takes part in is under way (each takes at
+        most a call's timeout); every client call and every update from another node passes
+        here first, so that none is made by an old primary after it stepped down, nor refused
+        for want of a primary while the new one is being elected."""
         while self._moving:
-            await next(iter(self._moving.values())).wait()
+            vol, (done, until) = next(iter(self._moving.items()))
+            with trio.move_on_at(until):
+                await done.wait()
+            if self._moving.get(vol, (None, 0.0))[0] is done:
+                self.release(vol)  # it outlived its limit (the candidate lost)
 
     def volume(self, vol: VolumeId) -> Volume:
         v = self.volumes.get(vol) if self.volumes is not None else None
