@@ -82,11 +82,24 @@ def volume() -> None:
     default="",
     help="Storage sites, comma-separated (the primary is always one).",
 )
+@click.option(
+    "--failover-after",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds without its primary before its sites elect another "
+    "(default: the cluster's [timeouts] failover_after).",
+)
 @click.option("--mount", "mount", default=None, help="Mount for the /../HOST/path form.")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Daemon data dir.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new volume as JSON.")
 def create(
-    path: str, primary: str, sites: str, mount: str | None, data: Path | None, as_json: bool
+    path: str,
+    primary: str,
+    sites: str,
+    failover_after: float | None,
+    mount: str | None,
+    data: Path | None,
+    as_json: bool,
 ) -> None:
     """Make the empty directory PATH of the root volume a new volume.
 
@@ -97,12 +110,10 @@ def create(
     tree = resolve(path, mount=mount, env=os.environ)
     names = [s.strip() for s in sites.split(",") if s.strip()]
     sock = _control(data, tree)
-    got = _ask(
-        sock,
-        "volume.create",
-        {"path": tree.path, "primary": primary, "sites": names},
-        timeout=60.0,
-    )
+    args: dict[str, Any] = {"path": tree.path, "primary": primary, "sites": names}
+    if failover_after is not None:
+        args["failover_after"] = float(failover_after)
+    got = _ask(sock, "volume.create", args, timeout=60.0)
     if as_json:
         click.echo(json.dumps(got, indent=2))
         return
@@ -116,6 +127,10 @@ def create(
         what = "all of them" if need == n else f"{need} of them"
         hint = "; with one down it is read-only: 3 sites survive a failure" if n == 2 else ""
         click.echo(f"updates need a majority of its {n} sites ({what}) in sync{hint}")
+        if got.get("failover_after") is not None:
+            click.echo(
+                f"its sites elect a new primary after {got['failover_after']:g} s without one"
+            )
 
 
 def _node_tree(path: str | None, mount: str | None, data: Path | None) -> TreePath | None:

@@ -234,7 +234,15 @@ class Failover:
         st = self.roles.epochs.get(vol)
         if st is None or not st.primary:
             return False
-        return trio.current_time() - self.heard.get(vol, -1e9) < self.failover_after
+        return trio.current_time() - self.heard.get(vol, -1e9) < self.after(vol)
+
+    def after(self, vol: VolumeId) -> float:
+        """How long ``vol``'s sites go without its primary before electing another: the
+        volume's own ``failover_after`` if it was created with one, else the cluster's."""
+        v = self.roles.volumes.get(vol) if self.roles.volumes is not None else None
+        if v is not None and v.failover_after is not None:
+            return v.failover_after
+        return self.failover_after
 
     async def _told(self, peer: str, args: dict[str, Any]) -> None:
         self.learn(VolumeId(args["vol"]), args["epoch"], args["primary"])
@@ -269,7 +277,7 @@ class Failover:
                     if self.roles.orders(vol) or len(v.sites) < 2:
                         continue
                     since = trio.current_time() - self.heard.setdefault(vol, trio.current_time())
-                    if since > self.failover_after + self.rng.random() * self.heartbeat:
+                    if since > self.after(vol) + self.rng.random() * self.heartbeat:
                         await self.elect(vol, len(v.sites), [s for s in v.sites if s != self.me])
                 elif not v.stored_on(self.me):
                     await self._ask_who(vol, list(v.sites))
@@ -333,7 +341,7 @@ class Failover:
             log.warning(
                 "volume %d: no word from primary for %.1fs: standing in epoch %d",
                 vol,
-                self.failover_after,
+                self.after(vol),
                 epoch,
             )
         leased = {s for s, left in (leases or {}).items() if left > 0 and s != self.me}
@@ -342,7 +350,7 @@ class Failover:
         if votes < majority or st.epoch != epoch or st.primary:
             log.info("volume %d: election of epoch %d lost (%d votes)", vol, epoch, votes)
             # Split votes: stand again after a longer, random wait than the others.
-            self.heard[vol] = trio.current_time() + self.rng.random() * self.failover_after
+            self.heard[vol] = trio.current_time() + self.rng.random() * self.after(vol)
             return False
         st.primary = self.me
         st.began(epoch, self.meta.seq(vol) + 1)

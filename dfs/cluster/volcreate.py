@@ -32,7 +32,7 @@ import trio
 from dfs.cluster.remote import pack_attr, unpack_attr
 from dfs.cluster.replication import Notifier
 from dfs.cluster.roles import VolumeRoles
-from dfs.cluster.volumes import Volume, VolumeTable, encode_mount, from_wire
+from dfs.cluster.volumes import MAX_FAILOVER_AFTER, Volume, VolumeTable, encode_mount, from_wire
 from dfs.config import ClusterConfig
 from dfs.errors import FsError, NotFound
 from dfs.fs.vfs import Vfs
@@ -54,6 +54,7 @@ CREATE_ARGS = {
     "path": Field(str, max_len=MAX_PATH),
     "primary": Field(str, max_len=64),
     "sites": Field(list, max_len=64),
+    "failover_after": Field(float, optional=True),
 }
 
 
@@ -121,9 +122,21 @@ class VolumeCreation:
             raise FsError(errno.EINVAL, f"unknown node(s) {', '.join(unknown)}")
         return out
 
+    def _check_failover_after(self, after: Any) -> float | None:
+        if after is None:
+            return None
+        least = 2 * self.config.timeouts.heartbeat
+        if not least <= float(after) <= MAX_FAILOVER_AFTER:
+            raise FsError(
+                errno.EINVAL,
+                f"failover_after: {after} s is not between two heartbeats ({least:g} s) "
+                f"and {MAX_FAILOVER_AFTER:g} s",
+            )
+        return float(after)
+
     async def _control_create(self, peer: str, args: dict[str, Any]) -> dict[str, Any]:
         """``dfs volume create`` on this node: done by the root volume's primary."""
-        args = {"path": args["path"], "primary": args["primary"], "sites": args["sites"]}
+        args = {k: args[k] for k in CREATE_ARGS if k in args}
         limit = 4 * self.config.timeouts.call
         if self.roles.orders(ROOT_VOLUME):
             got = await self._create(self.me, args)
@@ -145,6 +158,7 @@ class VolumeCreation:
             raise FsError(errno.EROFS, "not the primary of the root volume")
         path = args["path"]
         sites = self._check_nodes(args["primary"], args["sites"])
+        after = self._check_failover_after(args.get("failover_after"))
         async with self._creating:
             parent, name, mdir = self._resolve(path)
             template = [int(mdir.parent), S.pack_inode(mdir)]
@@ -166,7 +180,7 @@ class VolumeCreation:
             else:
                 raise FsError(errno.EEXIST, "no free volume id")
             root = unpack_attr(wire)
-            v = Volume(vol, path, root.ino, sites[0], sites, mdir.ino, parent)
+            v = Volume(vol, path, root.ino, sites[0], sites, mdir.ino, parent, after)
             token = ORIGIN.set(0)  # every node's kernel must drop what it has of the name
             try:
                 self.vfs.cover(parent, name, encode_mount(v))

@@ -27,6 +27,7 @@ from dfs.meta.store import MetaStore
 from dfs.types import ROOT_VOLUME, InodeId, VolumeId
 
 MAX_VOLUME_ID = (1 << 31) - 1
+MAX_FAILOVER_AFTER = 3600.0
 
 
 @dataclass(frozen=True)
@@ -38,18 +39,24 @@ class Volume:
     sites: tuple[str, ...]  # storage sites, the primary included
     mount_dir: InodeId  # the root volume's directory it covers (ROOT_INODE for the root)
     mount_parent: InodeId = InodeId(0)  # that directory's parent (mount points never move)
+    # Seconds without its primary before its sites elect another (None: the cluster's
+    # ``[timeouts] failover_after``). Set at creation.
+    failover_after: float | None = None
 
     def stored_on(self, node: str) -> bool:
         return node == self.primary or node in self.sites
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "vol": int(self.vol),
             "path": self.path,
             "root": int(self.root),
             "primary": self.primary,
             "sites": list(self.sites),
         }
+        if self.failover_after is not None:
+            d["failover_after"] = self.failover_after
+        return d
 
     def wire(self) -> dict[str, Any]:
         """``as_dict`` plus where it is mounted (``vol.list``)."""
@@ -67,6 +74,7 @@ class MountRecord(msgspec.Struct, omit_defaults=True):
     sites: list[str]
     parent: Annotated[int, msgspec.Meta(ge=0)] = 0
     dir: int | None = None
+    failover_after: Annotated[float, msgspec.Meta(gt=0, le=MAX_FAILOVER_AFTER)] | None = None
 
 
 def from_wire(d: Any) -> Volume:
@@ -83,7 +91,15 @@ def from_wire(d: Any) -> Volume:
 def encode_mount(v: Volume) -> bytes:
     """The ``mounts`` record of ``v`` (schema.py)."""
     return _encoder.encode(
-        MountRecord(int(v.vol), int(v.root), v.path, v.primary, list(v.sites), int(v.mount_parent))
+        MountRecord(
+            int(v.vol),
+            int(v.root),
+            v.path,
+            v.primary,
+            list(v.sites),
+            int(v.mount_parent),
+            failover_after=v.failover_after,
+        )
     )
 
 
@@ -105,6 +121,7 @@ def _volume(mount_dir: int, r: MountRecord) -> Volume:
         tuple(r.sites),
         InodeId(mount_dir),
         InodeId(r.parent),
+        r.failover_after,
     )
 
 

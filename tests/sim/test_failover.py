@@ -29,7 +29,7 @@ import trio.testing
 from dfs.cluster.rollback import list_rolled_back
 from dfs.errors import FsError
 from dfs.fs.ctx import ROOT_CTX
-from dfs.types import ROOT_INODE, ROOT_VOLUME
+from dfs.types import ROOT_INODE, ROOT_VOLUME, VolumeId
 from tests.sim.cluster import SimNode, default_timeouts, make_config
 from tests.sim.net import Faults, SimNet
 from tests.sim.schedule import _replicated, deterministic
@@ -234,3 +234,55 @@ def test_a_site_cut_off_alone_does_not_disturb_the_volume(tmp_path: Path) -> Non
                 n.crash()
 
     _run(main)
+
+
+def test_a_volume_created_with_its_own_failover_after_waits_that_long(tmp_path: Path) -> None:
+    """``dfs volume create --failover-after 8``: with the primary of both the root volume
+    (cluster default, 3 s) and that volume killed, the root volume elects a new primary
+    after about 3 s and the other volume only after 8 s."""
+    net, nodes = _cluster(tmp_path)
+    seen: dict[str, float] = {}
+
+    def elected(vol: int) -> bool:
+        return any(
+            n.service is not None and n.service.roles.orders(VolumeId(vol)) and n.name != "n1"
+            for n in nodes.values()
+        )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for n in nodes.values():
+                await n.start(nursery)
+            await _in_sync(nodes, "n1")
+            svc1 = nodes["n1"].service
+            assert svc1 is not None
+            await svc1.fs.mkdir(ROOT_INODE, b"slow", 0o755, ROOT_CTX)
+            got = await nodes["n2"].control(
+                "volume.create",
+                {"path": "/slow", "primary": "n1", "sites": NAMES, "failover_after": 8.0},
+            )
+            assert got["failover_after"] == 8.0, got
+            vol = int(got["vol"])
+            await _until(
+                "every node knows /slow",
+                lambda: all(
+                    n.service is not None and n.service.volumes.get(VolumeId(vol)) is not None
+                    for n in nodes.values()
+                ),
+            )
+            await trio.sleep(2.0)  # every site in sync with n1 in both volumes
+            nodes["n1"].crash()
+            start = trio.current_time()
+            while not (elected(1) and elected(vol)):
+                await trio.sleep(0.1)
+                for v in (1, vol):
+                    if elected(v) and str(v) not in seen:
+                        seen[str(v)] = trio.current_time() - start
+                assert trio.current_time() - start < 30, seen
+            for n in nodes.values():
+                n.crash()
+
+    _run(main)
+    del net
+    assert 3.0 <= seen["1"] < 6.0, seen
+    assert 8.0 <= min(t for k, t in seen.items() if k != "1") < 11.0, seen
