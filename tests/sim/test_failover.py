@@ -73,6 +73,13 @@ def _primary(nodes: dict[str, SimNode]) -> tuple[str, int] | None:
     return found[0] if len(found) == 1 else None
 
 
+async def _start_all(nodes: dict[str, SimNode], nursery: trio.Nursery) -> None:
+    """Start every node; return once every site is in sync with n1, the first primary."""
+    for n in nodes.values():
+        await n.start(nursery)
+    await _in_sync(nodes, "n1")
+
+
 async def _in_sync(nodes: dict[str, SimNode], primary: str) -> None:
     def ok() -> bool:
         svc = nodes[primary].service
@@ -101,9 +108,7 @@ def test_a_killed_primary_is_replaced_within_10_s_and_nothing_acknowledged_is_lo
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            for n in nodes.values():
-                await n.start(nursery)
-            await _in_sync(nodes, "n1")
+            await _start_all(nodes, nursery)
             acked = []
             for i, name in enumerate(["n1", "n2", "n3"] * 2):
                 svc = nodes[name].service
@@ -153,9 +158,7 @@ def test_an_old_primary_cut_off_loses_its_unacknowledged_update_to_the_majority(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            for n in nodes.values():
-                await n.start(nursery)
-            await _in_sync(nodes, "n1")
+            await _start_all(nodes, nursery)
             svc1 = nodes["n1"].service
             assert svc1 is not None
             await svc1.fs.mkdir(ROOT_INODE, b"acked", 0o755, ROOT_CTX)
@@ -218,9 +221,7 @@ def test_a_site_cut_off_alone_does_not_disturb_the_volume(tmp_path: Path) -> Non
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            for n in nodes.values():
-                await n.start(nursery)
-            await _in_sync(nodes, "n1")
+            await _start_all(nodes, nursery)
             net.partition([frozenset({"n1", "n2"}), frozenset({"n3"})])
             await trio.sleep(20)
             net.heal()
@@ -251,9 +252,7 @@ def test_a_volume_created_with_its_own_failover_after_waits_that_long(tmp_path: 
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            for n in nodes.values():
-                await n.start(nursery)
-            await _in_sync(nodes, "n1")
+            await _start_all(nodes, nursery)
             svc1 = nodes["n1"].service
             assert svc1 is not None
             await svc1.fs.mkdir(ROOT_INODE, b"slow", 0o755, ROOT_CTX)

@@ -22,7 +22,15 @@ from dfs.errors import FsError
 from dfs.fs.ctx import ROOT_CTX
 from dfs.types import ROOT_INODE, ROOT_VOLUME, FileHandle
 from tests.sim.cluster import SimNode
-from tests.sim.test_failover import _cluster, _in_sync, _primary, _run, _until, replicated
+from tests.sim.test_failover import (
+    _cluster,
+    _in_sync,
+    _primary,
+    _run,
+    _start_all,
+    _until,
+    replicated,
+)
 
 CHUNK = b"0123456789" * 40
 
@@ -71,9 +79,7 @@ def test_a_promotion_under_load_holds_updates_briefly_and_loses_nothing(tmp_path
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            for n in nodes.values():
-                await n.start(nursery)
-            await _in_sync(nodes, "n1")
+            await _start_all(nodes, nursery)
             handles = {}
             for name in ("n1", "n2"):  # on the primary itself, and on a site through it
                 svc = nodes[name].service
@@ -126,9 +132,7 @@ def test_a_promotion_that_cannot_be_done_is_refused_and_nothing_changes(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            for n in nodes.values():
-                await n.start(nursery)
-            await _in_sync(nodes, "n1")
+            await _start_all(nodes, nursery)
             if why == "not in sync":
                 nodes["n3"].crash()
                 svc1 = nodes["n1"].service
@@ -186,9 +190,7 @@ def test_files_held_open_follow_a_primary_elected_after_a_kill(tmp_path: Path) -
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            for n in nodes.values():
-                await n.start(nursery)
-            await _in_sync(nodes, "n1")
+            await _start_all(nodes, nursery)
             async with trio.open_nursery() as work:
                 for name in ("n2", "n3"):
                     work.start_soon(write_on, name)
