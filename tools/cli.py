@@ -21,6 +21,7 @@ from dfs.check.scan import Progress
 
 from .cluster import cluster
 from .output import ProgressBar, is_terminal
+from .status import status
 from .volume import volume
 from .where import where
 
@@ -33,6 +34,7 @@ def main() -> None:
 main.add_command(cluster)
 main.add_command(where)
 main.add_command(volume)
+main.add_command(status)
 
 
 def _finding_line(f: Finding) -> str:

@@ -26,6 +26,7 @@ from .launcher import (
     default_dir,
 )
 from .output import echo, table
+from .status import peers_text
 
 _DIR_HELP = "Cluster directory (default: $DFS_RUN/cluster, else ./run/cluster)."
 
@@ -152,6 +153,7 @@ def up_cmd(
     site = sites[-1] if sites else second.name
     tries = [
         (f"{dfs} cluster status{d}", "nodes, PIDs, mounts, replication state"),
+        (f"{dfs} status --mount {first.mountpoint}", "the cluster as a node sees it"),
         (f"echo hello > {second.mountpoint}/hello.txt", "write on one node..."),
         (f"cat {first.mountpoint}/hello.txt", "...read on another: one tree"),
         (f"{dfs} cluster stop {site} --kill{d}", "crash a storage site: updates go on"),
@@ -209,14 +211,7 @@ def _volumes_text(st: NodeStatus) -> str:
 def _peers_text(st: NodeStatus) -> str:
     if st.control_error:
         return f"control socket: {st.control_error}"
-    parts = []
-    for p in st.peers:
-        if p.get("state") == "reachable":
-            parts.append(f"{p['name']} ok")
-        else:
-            kind = p.get("error_kind") or p.get("state")
-            parts.append(f"{p['name']} UNREACHABLE ({kind})")
-    return ", ".join(parts) or "-"
+    return peers_text(st.peers)
 
 
 @cluster.command("status")

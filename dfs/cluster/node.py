@@ -19,8 +19,11 @@ RPC methods (authenticated nodes of the cluster; both take no arguments):
   ``dfs.cluster.health``) and ``rpc`` (the server's counters).
 
 The control socket (``dfs.cluster.control``, ``DATA_DIR/control.sock``) offers
-``status`` to local tools. Replication will register its methods on
-``methods`` and use ``pool`` and ``health``.
+``status`` to local tools, and ``cluster.status``: this node's status and every
+other node's, asked at once (``dfs.cluster.survey``; what ``dfs status`` shows).
+The admin tools may also call ``status`` over the network, as the guest
+``survey.ADMIN``. Replication registers its methods on ``methods`` and uses
+``pool`` and ``health``.
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ from typing import Any
 
 import trio
 
+from dfs.cluster import survey
 from dfs.cluster.control import ControlServer, socket_path
 from dfs.cluster.health import HealthTable, Heartbeat
 from dfs.config import ClusterConfig
 from dfs.net.peer import PeerPool
-from dfs.net.rpc import Methods
+from dfs.net.rpc import Methods, PeerUnavailable
 from dfs.net.server import RpcServer
 
 log = logging.getLogger("dfs.cluster.node")
@@ -95,7 +99,12 @@ class ClusterNode:
         self.methods.add("status", {}, self._status)
         self.control_methods = Methods()
         self.control_methods.add("status", {}, self._status)
-        self.server = RpcServer.from_config(config, node_name, secret, self.methods)
+        self.control_methods.add("cluster.status", {}, self._cluster_status)
+        admin = Methods()  # what the admin tools may call over the network
+        admin.add("status", {}, self._status)
+        self.server = RpcServer.from_config(
+            config, node_name, secret, self.methods, guests={survey.ADMIN: admin}
+        )
         self.health = HealthTable(
             (n.name, n.address, n.port) for n in config.nodes if n.name != node_name
         )
@@ -147,6 +156,23 @@ class ClusterNode:
 
     async def _status(self, peer: str, args: dict[str, Any]) -> dict[str, Any]:
         return self.status()
+
+    async def _cluster_status(self, peer: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Every node's status as this node sees the cluster (``dfs.cluster.survey``)."""
+
+        async def call(node: str, method: str, a: Mapping[str, Any], limit: float) -> Any:
+            if self.pool is None:
+                raise PeerUnavailable("the cluster is not started")
+            return await self.pool.peer(node).call(method, a, timeout=limit)
+
+        reports = await survey.gather(
+            [n.name for n in self.config.nodes],
+            call,
+            me=self.me.name,
+            local=self.status,
+            each=probe_timeout(self.config),
+        )
+        return {"asked": self.me.name, "nodes": reports}
 
     # --- lifecycle ----------------------------------------------------------------------------
 
