@@ -119,8 +119,19 @@ def cluster() -> None:
     is_flag=True,
     help="New cluster: each node in a network namespace of its own (for `partition`).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65000),
+    default=None,
+    help="New cluster: node i serves Prometheus metrics on this port + i - 1.",
+)
 def up_cmd(
-    root: Path | None, nodes: int | None, base_port: int | None, timeout: float, in_netns: bool
+    root: Path | None,
+    nodes: int | None,
+    base_port: int | None,
+    timeout: float,
+    in_netns: bool,
+    metrics_port: int | None,
 ) -> None:
     """Start the local cluster and wait until every node is mounted and sees the others.
 
@@ -133,7 +144,9 @@ def up_cmd(
     """
     c = _cluster(root)
     try:
-        result = c.up(nodes, base_port, timeout=timeout, in_netns=in_netns)
+        result = c.up(
+            nodes, base_port, timeout=timeout, in_netns=in_netns, metrics_port=metrics_port
+        )
     except ClusterError as exc:
         _fail(exc)
         return

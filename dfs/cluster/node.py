@@ -24,6 +24,10 @@ other node's, asked at once (``dfs.cluster.survey``; what ``dfs status`` shows).
 The admin tools may also call ``status`` over the network, as the guest
 ``survey.ADMIN``. Replication registers its methods on ``methods`` and uses
 ``pool`` and ``health``.
+
+With ``metrics`` (a ``dfs.metrics.NodeMetrics``, when cluster.toml asks for it:
+``ClusterConfig.metrics_at``) the node serves Prometheus metrics over HTTP,
+among them what ``status`` says, taken at each scrape.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from dfs.cluster import survey
 from dfs.cluster.control import ControlServer, socket_path
 from dfs.cluster.health import HealthTable, Heartbeat
 from dfs.config import ClusterConfig
+from dfs.metrics import MetricsServer, NodeMetrics
 from dfs.net.peer import PeerPool
 from dfs.net.rpc import Methods, PeerUnavailable
 from dfs.net.server import RpcServer
@@ -86,6 +91,7 @@ class ClusterNode:
         *,
         data_dir: Path,
         mountpoint: Path,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.config = config
         self.me = config.node(node_name)
@@ -105,6 +111,9 @@ class ClusterNode:
         self.server = RpcServer.from_config(
             config, node_name, secret, self.methods, guests={survey.ADMIN: admin}
         )
+        self.metrics = metrics
+        self.metrics_at = config.metrics_at(node_name) if metrics is not None else None
+        self._metrics_server: MetricsServer | None = None
         self.health = HealthTable(
             (n.name, n.address, n.port) for n in config.nodes if n.name != node_name
         )
@@ -134,6 +143,9 @@ class ClusterNode:
             "pid": os.getpid(),
             "uptime": round(trio.current_time() - self.started_at, 3),
             "mount": str(self.mountpoint),
+            "metrics": None
+            if self.metrics_at is None
+            else f"http://{_host(self.metrics_at[0])}:{self.metrics_at[1]}/metrics",
             "volumes": [
                 {"path": v.path, "primary": v.primary, "sites": list(v.sites)}
                 for v in self.config.volumes
@@ -206,6 +218,19 @@ class ClusterNode:
                 f"cannot create the control socket {self.control_path}: {exc.strerror or exc}"
             ) from None
         self._serving.append(scope)
+        if self.metrics is not None and self.metrics_at is not None:
+            self.metrics.watch_status(self.status)
+            try:
+                self._metrics_server = await MetricsServer.start(self.metrics, *self.metrics_at)
+            except OSError as exc:
+                self.stop_serving()
+                await self.aclose()
+                address, port = self.metrics_at
+                raise StartError(
+                    f"node {me.name}: cannot serve metrics on {address}:{port}: "
+                    f"{exc.strerror or exc}"
+                    + (" (another process uses this port)" if exc.errno == errno.EADDRINUSE else "")
+                ) from None
         heartbeat = Heartbeat(
             self.health,
             self._probe,
@@ -226,9 +251,16 @@ class ClusterNode:
         self._serving.clear()
 
     async def aclose(self) -> None:
-        """Stop the heartbeat and close every connection to peers."""
+        """Stop the heartbeat and the metrics server, close every connection to peers."""
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
+        if self._metrics_server is not None:
+            server, self._metrics_server = self._metrics_server, None
+            await server.stop()
         if self.pool is not None:
             await self.pool.aclose()
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
