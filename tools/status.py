@@ -376,6 +376,8 @@ def status(
     """
     if config is not None and (mount is not None or data is not None):
         raise click.UsageError("give --config, or --mount/--data, not both")
+    if count is not None and not watch:
+        raise click.UsageError("--count goes with --watch")
     sock = None if config is not None else _control(mount, data)
     colour = is_terminal() and not as_json
     rounds = 0

@@ -283,5 +283,7 @@ def test_usage() -> None:
     assert r.exit_code == 2 and "not both" in r.output
     r = runner.invoke(main, ["status", "--config", "/nonexistent/cluster.toml"])
     assert r.exit_code == 2 and "no such configuration file" in r.output
+    r = runner.invoke(main, ["status", "--count", "2"])
+    assert r.exit_code == 2 and "--count goes with --watch" in r.output
     r = runner.invoke(main, ["status", "--mount", "/"], env={"DFS_MOUNT": ""})
     assert r.exit_code == 2 and "--config" in r.output
