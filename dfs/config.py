@@ -25,6 +25,15 @@ Example (what ``dfs init`` writes)::
     primary = "n1"
     sites = ["n1", "n2", "n3"]
 
+    [metrics]                      # optional: Prometheus metrics, off without it
+    port = 9480                    # every node serves http://ADDRESS:9480/metrics
+    address = ""                   # "": the node's own address; "0.0.0.0": every interface
+
+A node's own ``metrics_port`` (in its ``[[nodes]]`` entry) overrides the port, and
+turns metrics on for that node even without a ``[metrics]`` table: nodes that share
+an address (a cluster on one machine) need one each. ``ClusterConfig.metrics_at``
+says where a node serves them.
+
 The file's layout is the msgspec Structs below (frozen, unknown fields
 refused), so types, missing keys and unknown keys are checked by msgspec;
 what a type cannot say (ranges, duplicates, nodes a volume names) is checked
@@ -74,13 +83,21 @@ class Timeouts(_Table, frozen=True, forbid_unknown_fields=True):
     failover_after: float = 3.0
 
 
-class NodeConfig(_Table, frozen=True, forbid_unknown_fields=True):
+class NodeConfig(_Table, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """One ``[[nodes]]`` entry."""
 
     name: str
     address: str
     port: int
     id: NodeId
+    metrics_port: int | None = None  # overrides ``[metrics] port`` for this node
+
+
+class MetricsConfig(_Table, frozen=True, forbid_unknown_fields=True):
+    """``[metrics]``: where every node serves Prometheus metrics (dfs/metrics.py)."""
+
+    port: int
+    address: str = ""  # "": each node's own address
 
 
 class VolumeConfig(_Table, frozen=True, forbid_unknown_fields=True):
@@ -107,6 +124,7 @@ class _File(_Table, frozen=True, forbid_unknown_fields=True):
     nodes: tuple[NodeConfig, ...]
     timeouts: Timeouts = Timeouts()
     volumes: tuple[VolumeConfig, ...] = ()
+    metrics: MetricsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +137,16 @@ class ClusterConfig:
     volumes: tuple[VolumeConfig, ...]
     timeouts: Timeouts = field(default_factory=Timeouts)
     path: Path | None = None  # the file it was read from
+    metrics: MetricsConfig | None = None
+
+    def metrics_at(self, name: str) -> tuple[str, int] | None:
+        """Where node ``name`` serves its metrics (address, port), or None: not at all."""
+        n = self.node(name)
+        m = self.metrics
+        port = n.metrics_port if n.metrics_port is not None else m.port if m else None
+        if port is None:
+            return None
+        return (m.address if m is not None and m.address else n.address), port
 
     def node(self, name: str) -> NodeConfig:
         for n in self.nodes:
@@ -202,7 +230,8 @@ def parse(raw: dict[str, Any], *, base: Path, path: Path | None = None) -> Clust
         raise ConfigError("nodes: at least one node is needed")
     for i, n in enumerate(nodes):
         where = f"nodes[{i}]"
-        if not n.name or "/" in n.name or n.name in (".", "..", "..."):
+        if not n.name or "/" in n.name or n.name in (".", "..", "...") or n.name[0] == "@":
+            # "@...": the names of the admin tools (dfs.cluster.survey.ADMIN)
             raise ConfigError(f"{where}.name: {n.name!r} is not a valid node name")
         try:
             ipaddress.ip_address(n.address)
@@ -213,6 +242,8 @@ def parse(raw: dict[str, Any], *, base: Path, path: Path | None = None) -> Clust
             raise ConfigError(f"{where}.port: {n.port} out of range")
         if not 0 < n.id <= MAX_NODE_ID:
             raise ConfigError(f"{where}.id: {n.id} out of range 1..{MAX_NODE_ID}")
+        if n.metrics_port is not None and not 0 < n.metrics_port < 65536:
+            raise ConfigError(f"{where}.metrics_port: {n.metrics_port} out of range")
     _no_duplicates("nodes", "name", [n.name for n in nodes])
     _no_duplicates("nodes", "id", [n.id for n in nodes])
     _no_duplicates("nodes", "address:port", [f"{n.address}:{n.port}" for n in nodes])
@@ -238,9 +269,46 @@ def parse(raw: dict[str, Any], *, base: Path, path: Path | None = None) -> Clust
         # The root volume: first node primary, the first `replicas` nodes as sites.
         sites = tuple(n.name for n in nodes[: cl.replicas])
         volumes.append(VolumeConfig("/", nodes[0].name, sites))
-    return ClusterConfig(
-        cl.name, cl.id, secret_file, cl.replicas, nodes, tuple(volumes), timeouts, path
+    cfg = ClusterConfig(
+        cl.name,
+        cl.id,
+        secret_file,
+        cl.replicas,
+        nodes,
+        tuple(volumes),
+        timeouts,
+        path,
+        doc.metrics,
     )
+    _check_metrics(cfg)
+    return cfg
+
+
+def _check_metrics(cfg: ClusterConfig) -> None:
+    """Every metrics endpoint can be bound: a valid address, a port in range, and no two
+    endpoints (nor an endpoint and a node's RPC port) on the same address and port."""
+    m = cfg.metrics
+    if m is not None:
+        if not 0 < m.port < 65536:
+            raise ConfigError(f"metrics.port: {m.port} out of range")
+        if m.address:
+            try:
+                ipaddress.ip_address(m.address)
+            except ValueError:
+                raise ConfigError(f"metrics.address: {m.address!r} is not an address") from None
+    # Nodes at one address are on one machine: their ports must all differ.
+    taken = {(n.address, n.port): f"the RPC port of node {n.name}" for n in cfg.nodes}
+    for n in cfg.nodes:
+        at = cfg.metrics_at(n.name)
+        if at is None:
+            continue
+        clash = taken.get((n.address, at[1]))
+        if clash is not None:
+            raise ConfigError(
+                f"node {n.name} would serve metrics on port {at[1]} of {n.address}, already "
+                f"{clash}: give nodes that share an address a metrics_port each"
+            )
+        taken[n.address, at[1]] = f"the metrics port of node {n.name}"
 
 
 def _no_duplicates(where: str, what: str, items: list[Any]) -> None:
@@ -273,6 +341,8 @@ def render(cfg: ClusterConfig, secret_name: str) -> str:
         },
         "timeouts": msgspec.structs.asdict(cfg.timeouts),
     }
+    if cfg.metrics is not None:
+        head["metrics"] = msgspec.structs.asdict(cfg.metrics)
     parts = [HEADER + tomli_w.dumps(head)]
     for kind, entries in (("nodes", cfg.nodes), ("volumes", cfg.volumes)):
         for e in entries:
@@ -287,16 +357,24 @@ def init(
     name: str = "dfs",
     replicas: int = DEFAULT_REPLICAS,
     force: bool = False,
+    metrics_port: int | None = None,
 ) -> ClusterConfig:
     """Write a new configuration for ``nodes`` (name, address, port) and a fresh secret.
 
     The secret goes to ``<path stem>.secret`` beside the file, created with
-    mode 0600 before any byte is written.
+    mode 0600 before any byte is written. ``metrics_port``: every node serves
+    metrics there (``[metrics] port``) — or, when nodes share an address, each
+    node at its own port from ``metrics_port`` on (``metrics_port`` per node).
     """
     if path.exists() and not force:
         raise ConfigError(f"{path}: already exists (use --force to overwrite)")
     secret_path = path.with_suffix(".secret")
-    node_cfgs = tuple(NodeConfig(n, a, p, NodeId(i + 1)) for i, (n, a, p) in enumerate(nodes))
+    shared = len({a for _, a, _ in nodes}) < len(nodes)
+    each = metrics_port is not None and shared
+    node_cfgs = tuple(
+        NodeConfig(n, a, p, NodeId(i + 1), metrics_port + i if each and metrics_port else None)
+        for i, (n, a, p) in enumerate(nodes)
+    )
     raw_cfg = ClusterConfig(
         name=name,
         id=str(uuid.uuid4()),
@@ -304,6 +382,7 @@ def init(
         replicas=replicas,
         nodes=node_cfgs,
         volumes=(),
+        metrics=MetricsConfig(metrics_port) if metrics_port is not None and not shared else None,
     )
     # Validate through the same parser users' files go through.
     text = render(raw_cfg, secret_path.name)

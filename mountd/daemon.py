@@ -45,6 +45,7 @@ from dfs.errors import StoreError
 from dfs.fs.vfs import Vfs
 from dfs.lockfile import DataDirLock
 from dfs.meta.store import STANDALONE_NODE, MetaStore
+from dfs.metrics import NodeMetrics
 from mountd import sdnotify
 from mountd.fuse_convert import Counters
 from mountd.fuse_ops import DfsOperations
@@ -283,6 +284,13 @@ class _Node:
         self.meta = meta
         self.vfs = vfs
         self.fuse_options = options
+        # Prometheus metrics, when cluster.toml gives this node an endpoint (dfs/metrics.py).
+        setup = opts.cluster
+        self.metrics = (
+            NodeMetrics()
+            if setup is not None and setup.config.metrics_at(setup.node.name) is not None
+            else None
+        )
         self.was_mounted = False
         self._fuse_running = False
         self._stopping = False
@@ -312,7 +320,9 @@ class _Node:
         if self._stopping or self._startup.cancelled_caught:  # a signal during the start
             return EXIT_OK
         try:
-            ops = DfsOperations(fs, views=views)
+            ops = DfsOperations(
+                fs, views=views, metrics=None if self.metrics is None else self.metrics.fuse
+            )
             pyfuse3.init(ops, str(opts.mountpoint), self.fuse_options)
         except RuntimeError as exc:
             log.error("%s: mount failed: %s", opts.mountpoint, exc)
@@ -349,9 +359,17 @@ class _Node:
             setup.secret,
             data_dir=self.opts.data_dir,
             mountpoint=self.opts.mountpoint,
+            metrics=self.metrics,
         )
         service = ClusterService(
-            setup.config, setup.node, cluster, self.vfs, invalidator, self.roles, self.purge
+            setup.config,
+            setup.node,
+            cluster,
+            self.vfs,
+            invalidator,
+            self.roles,
+            self.purge,
+            None if self.metrics is None else self.metrics.replication,
         )
         stack.push_async_callback(_shielded, cluster.aclose)
         stack.callback(service.fs.detach)

@@ -3,6 +3,8 @@
 Every handler is wrapped by ``fuse_errors``: an ``FsError`` becomes a
 ``FUSEError`` with its errno; anything else is a bug, logged with its
 traceback, counted, and answered with EIO (tests fail on such a log line).
+With metrics on (the handlers' object has ``fuse_metrics``: dfs/metrics.py),
+it also times every request and counts its errors, by operation.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import time
 from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 
 from dfs.errors import BUG_MARKER, FsError
 from dfs.fs.ctx import Ctx
+from dfs.metrics import FuseMetrics
 from dfs.types import Attr
 
 log = logging.getLogger("dfs.fuse")
@@ -25,25 +29,51 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+class Handlers(Protocol):
+    """What ``fuse_errors`` needs of the object whose methods it wraps."""
+
+    fuse_metrics: FuseMetrics | None
+
+
+H = TypeVar("H", bound=Handlers)
+
+
 class Counters:
     """Unexpected-exception count, shown in the daemon's exit log."""
 
     bugs = 0
 
 
-def fuse_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+def fuse_errors(
+    fn: Callable[Concatenate[H, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[H, P], Coroutine[Any, Any, R]]:
+    op = fn.__name__
+
+    async def answer(self: H, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except FsError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
         except pyfuse3.FUSEError:
             raise
         except Exception:
             Counters.bugs += 1
-            log.exception("%s in %s; answering EIO", BUG_MARKER, fn.__name__)
+            log.exception("%s in %s; answering EIO", BUG_MARKER, op)
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    @functools.wraps(fn)
+    async def wrapper(self: H, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        m = self.fuse_metrics
+        if m is None:
+            return await answer(self, *args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return await answer(self, *args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            m.failed(op, exc.errno)
+            raise
+        finally:
+            m.observe(op, time.perf_counter() - start)
 
     return wrapper
 

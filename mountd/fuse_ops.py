@@ -20,6 +20,7 @@ from dfs.cluster.nodefs import NodeFs
 from dfs.cluster.views import VIEW_DIR_NAME, HostViews, is_view
 from dfs.errors import FsError, NotFound
 from dfs.fs.ctx import SetAttrs
+from dfs.metrics import FuseMetrics
 from dfs.types import InodeId, VolumeId
 from mountd.fuse_convert import ctx_of, entry, fuse_errors, negative_entry
 
@@ -39,9 +40,14 @@ class DfsOperations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(
-        self, fs: NodeFs, timeout: float = CACHE_TIMEOUT, views: HostViews | None = None
+        self,
+        fs: NodeFs,
+        timeout: float = CACHE_TIMEOUT,
+        views: HostViews | None = None,
+        metrics: FuseMetrics | None = None,
     ) -> None:
         super().__init__()
+        self.fuse_metrics = metrics  # requests timed and counted by ``fuse_errors``
         self.vfs = fs
         self.timeout = timeout
         self.views = views

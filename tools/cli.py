@@ -21,6 +21,7 @@ from dfs.check.scan import Progress
 
 from .cluster import cluster
 from .output import ProgressBar, is_terminal
+from .status import status
 from .volume import volume
 from .where import where
 
@@ -33,6 +34,7 @@ def main() -> None:
 main.add_command(cluster)
 main.add_command(where)
 main.add_command(volume)
+main.add_command(status)
 
 
 def _finding_line(f: Finding) -> str:
@@ -170,6 +172,13 @@ def _node_spec(spec: str, index: int, base_port: int) -> tuple[str, str, int]:
     help="Storage sites of the root volume.",
 )
 @click.option("--base-port", type=click.IntRange(1, 65000), default=7801, show_default=True)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65000),
+    default=None,
+    help="Serve Prometheus metrics on this port ([metrics]; nodes sharing an address get "
+    "this port and the following ones). Default: no metrics.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing configuration.")
 def init_cmd(
     nodes: tuple[str, ...],
@@ -177,6 +186,7 @@ def init_cmd(
     name: str,
     replicas: int,
     base_port: int,
+    metrics_port: int | None,
     force: bool,
 ) -> None:
     """Write a new cluster configuration for NODES with a fresh random secret.
@@ -191,13 +201,22 @@ def init_cmd(
 
     specs = [_node_spec(s, i, base_port) for i, s in enumerate(nodes)]
     try:
-        cfg = C.init(config_path, specs, name=name, replicas=replicas, force=force)
+        cfg = C.init(
+            config_path,
+            specs,
+            name=name,
+            replicas=replicas,
+            force=force,
+            metrics_port=metrics_port,
+        )
     except C.ConfigError as exc:
         click.echo(f"dfs init: {exc}", err=True)
         sys.exit(2)
     click.echo(f"wrote {config_path} (cluster {cfg.name}, id {cfg.id})")
     click.echo(f"wrote {cfg.secret_file} (mode 0600: copy it to every node, keep it private)")
     for n in cfg.nodes:
-        click.echo(f"  node {n.name}: {n.address}:{n.port} (id {n.id})")
+        at = cfg.metrics_at(n.name)
+        metrics = f", metrics on port {at[1]}" if at is not None else ""
+        click.echo(f"  node {n.name}: {n.address}:{n.port} (id {n.id}{metrics})")
     for v in cfg.volumes:
         click.echo(f"  volume {v.path}: primary {v.primary}, sites {', '.join(v.sites)}")

@@ -26,6 +26,7 @@ from .launcher import (
     default_dir,
 )
 from .output import echo, table
+from .status import peers_text
 
 _DIR_HELP = "Cluster directory (default: $DFS_RUN/cluster, else ./run/cluster)."
 
@@ -118,8 +119,19 @@ def cluster() -> None:
     is_flag=True,
     help="New cluster: each node in a network namespace of its own (for `partition`).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65000),
+    default=None,
+    help="New cluster: node i serves Prometheus metrics on this port + i - 1.",
+)
 def up_cmd(
-    root: Path | None, nodes: int | None, base_port: int | None, timeout: float, in_netns: bool
+    root: Path | None,
+    nodes: int | None,
+    base_port: int | None,
+    timeout: float,
+    in_netns: bool,
+    metrics_port: int | None,
 ) -> None:
     """Start the local cluster and wait until every node is mounted and sees the others.
 
@@ -132,7 +144,9 @@ def up_cmd(
     """
     c = _cluster(root)
     try:
-        result = c.up(nodes, base_port, timeout=timeout, in_netns=in_netns)
+        result = c.up(
+            nodes, base_port, timeout=timeout, in_netns=in_netns, metrics_port=metrics_port
+        )
     except ClusterError as exc:
         _fail(exc)
         return
@@ -152,6 +166,7 @@ def up_cmd(
     site = sites[-1] if sites else second.name
     tries = [
         (f"{dfs} cluster status{d}", "nodes, PIDs, mounts, replication state"),
+        (f"{dfs} status --mount {first.mountpoint}", "the cluster as a node sees it"),
         (f"echo hello > {second.mountpoint}/hello.txt", "write on one node..."),
         (f"cat {first.mountpoint}/hello.txt", "...read on another: one tree"),
         (f"{dfs} cluster stop {site} --kill{d}", "crash a storage site: updates go on"),
@@ -209,14 +224,7 @@ def _volumes_text(st: NodeStatus) -> str:
 def _peers_text(st: NodeStatus) -> str:
     if st.control_error:
         return f"control socket: {st.control_error}"
-    parts = []
-    for p in st.peers:
-        if p.get("state") == "reachable":
-            parts.append(f"{p['name']} ok")
-        else:
-            kind = p.get("error_kind") or p.get("state")
-            parts.append(f"{p['name']} UNREACHABLE ({kind})")
-    return ", ".join(parts) or "-"
+    return peers_text(st.peers)
 
 
 @cluster.command("status")

@@ -301,7 +301,9 @@ class LocalCluster:
 
     # --- starting ------------------------------------------------------------------------------
 
-    def _create(self, nodes: int, base_port: int, *, in_netns: bool) -> None:
+    def _create(
+        self, nodes: int, base_port: int, *, in_netns: bool, metrics_port: int | None = None
+    ) -> None:
         if nodes < 1:
             raise ClusterError("--nodes must be at least 1")
         if base_port + nodes - 1 > 65535:
@@ -312,7 +314,7 @@ class LocalCluster:
                 addresses = netns.create(self.root, nodes)
         specs = [(f"n{i + 1}", addresses[i], base_port + i) for i in range(nodes)]
         try:
-            init(self.config_path, specs, name=CLUSTER_NAME)
+            init(self.config_path, specs, name=CLUSTER_NAME, metrics_port=metrics_port)
         except ConfigError as exc:
             if in_netns:
                 netns.state_path(self.root).unlink(missing_ok=True)
@@ -370,15 +372,21 @@ class LocalCluster:
         timeout: float = UP_TIMEOUT,
         *,
         in_netns: bool = False,
+        metrics_port: int | None = None,
     ) -> UpResult:
         """Start every node that is not running and wait until all are up and see each other.
 
-        ``in_netns`` (for a new cluster) puts each node in a network namespace of its own.
+        ``in_netns`` (for a new cluster) puts each node in a network namespace of its own;
+        ``metrics_port`` (for a new cluster) makes node i serve Prometheus metrics on port
+        ``metrics_port + i - 1`` (on loopback; in a namespace, all on that port).
         """
         with self._locked():
             if not self.exists():
                 self._create(
-                    nodes or DEFAULT_NODES, base_port or DEFAULT_BASE_PORT, in_netns=in_netns
+                    nodes or DEFAULT_NODES,
+                    base_port or DEFAULT_BASE_PORT,
+                    in_netns=in_netns,
+                    metrics_port=metrics_port,
                 )
             else:
                 have = len(self.config().nodes)
@@ -386,6 +394,16 @@ class LocalCluster:
                     raise ClusterError(
                         f"{self.root} holds a cluster of {have} nodes; for another size, "
                         f"`dfs cluster down` and remove {self.root} (or use another --dir)"
+                    )
+                cfg = self.config()
+                if metrics_port is not None and cfg.metrics_at(cfg.nodes[0].name) != (
+                    cfg.nodes[0].address,
+                    metrics_port,
+                ):
+                    raise ClusterError(
+                        f"{self.root} holds a cluster made without --metrics-port {metrics_port}: "
+                        "it is read from its cluster.toml (edit it, or `dfs cluster down` and "
+                        f"remove {self.root})"
                     )
                 if in_netns and self.network() is None:
                     raise ClusterError(

@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from dfs.cluster.clusterview import site_mark
 from dfs.cluster.control import ControlError, request, socket_path
 from dfs.mounts import mount_at, read_mounts
 from dfs.net.rpc import RemoteError
@@ -171,9 +172,7 @@ def list_(path: str | None, mount: str | None, data: Path | None, as_json: bool)
             role += " (lease)" if v.get("lease") else " (no lease)"
         sites = []
         for st in v.get("sites_state", []):  # as the primary sees them
-            mark = (
-                "diverged" if st.get("diverged") else "in sync" if st.get("in_sync") else "behind"
-            )
+            mark = site_mark(st)
             lag = st.get("lag")
             sites.append(f"{st['site']}: {mark}" + (f" -{lag}" if lag else ""))
         rows.append(

@@ -19,8 +19,15 @@ RPC methods (authenticated nodes of the cluster; both take no arguments):
   ``dfs.cluster.health``) and ``rpc`` (the server's counters).
 
 The control socket (``dfs.cluster.control``, ``DATA_DIR/control.sock``) offers
-``status`` to local tools. Replication will register its methods on
-``methods`` and use ``pool`` and ``health``.
+``status`` to local tools, and ``cluster.status``: this node's status and every
+other node's, asked at once (``dfs.cluster.survey``; what ``dfs status`` shows).
+The admin tools may also call ``status`` over the network, as the guest
+``survey.ADMIN``. Replication registers its methods on ``methods`` and uses
+``pool`` and ``health``.
+
+With ``metrics`` (a ``dfs.metrics.NodeMetrics``, when cluster.toml asks for it:
+``ClusterConfig.metrics_at``) the node serves Prometheus metrics over HTTP,
+among them what ``status`` says, taken at each scrape.
 """
 
 from __future__ import annotations
@@ -35,11 +42,13 @@ from typing import Any
 
 import trio
 
+from dfs.cluster import survey
 from dfs.cluster.control import ControlServer, socket_path
 from dfs.cluster.health import HealthTable, Heartbeat
 from dfs.config import ClusterConfig
+from dfs.metrics import MetricsServer, NodeMetrics
 from dfs.net.peer import PeerPool
-from dfs.net.rpc import Methods
+from dfs.net.rpc import Methods, PeerUnavailable
 from dfs.net.server import RpcServer
 
 log = logging.getLogger("dfs.cluster.node")
@@ -82,6 +91,7 @@ class ClusterNode:
         *,
         data_dir: Path,
         mountpoint: Path,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.config = config
         self.me = config.node(node_name)
@@ -95,7 +105,15 @@ class ClusterNode:
         self.methods.add("status", {}, self._status)
         self.control_methods = Methods()
         self.control_methods.add("status", {}, self._status)
-        self.server = RpcServer.from_config(config, node_name, secret, self.methods)
+        self.control_methods.add("cluster.status", {}, self._cluster_status)
+        admin = Methods()  # what the admin tools may call over the network
+        admin.add("status", {}, self._status)
+        self.server = RpcServer.from_config(
+            config, node_name, secret, self.methods, guests={survey.ADMIN: admin}
+        )
+        self.metrics = metrics
+        self.metrics_at = config.metrics_at(node_name) if metrics is not None else None
+        self._metrics_server: MetricsServer | None = None
         self.health = HealthTable(
             (n.name, n.address, n.port) for n in config.nodes if n.name != node_name
         )
@@ -125,6 +143,9 @@ class ClusterNode:
             "pid": os.getpid(),
             "uptime": round(trio.current_time() - self.started_at, 3),
             "mount": str(self.mountpoint),
+            "metrics": None
+            if self.metrics_at is None
+            else f"http://{_host(self.metrics_at[0])}:{self.metrics_at[1]}/metrics",
             "volumes": [
                 {"path": v.path, "primary": v.primary, "sites": list(v.sites)}
                 for v in self.config.volumes
@@ -147,6 +168,23 @@ class ClusterNode:
 
     async def _status(self, peer: str, args: dict[str, Any]) -> dict[str, Any]:
         return self.status()
+
+    async def _cluster_status(self, peer: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Every node's status as this node sees the cluster (``dfs.cluster.survey``)."""
+
+        async def call(node: str, method: str, a: Mapping[str, Any], limit: float) -> Any:
+            if self.pool is None:
+                raise PeerUnavailable("the cluster is not started")
+            return await self.pool.peer(node).call(method, a, timeout=limit)
+
+        reports = await survey.gather(
+            [n.name for n in self.config.nodes],
+            call,
+            me=self.me.name,
+            local=self.status,
+            each=probe_timeout(self.config),
+        )
+        return {"asked": self.me.name, "nodes": reports}
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -180,6 +218,19 @@ class ClusterNode:
                 f"cannot create the control socket {self.control_path}: {exc.strerror or exc}"
             ) from None
         self._serving.append(scope)
+        if self.metrics is not None and self.metrics_at is not None:
+            self.metrics.watch_status(self.status)
+            try:
+                self._metrics_server = await MetricsServer.start(self.metrics, *self.metrics_at)
+            except OSError as exc:
+                self.stop_serving()
+                await self.aclose()
+                address, port = self.metrics_at
+                raise StartError(
+                    f"node {me.name}: cannot serve metrics on {address}:{port}: "
+                    f"{exc.strerror or exc}"
+                    + (" (another process uses this port)" if exc.errno == errno.EADDRINUSE else "")
+                ) from None
         heartbeat = Heartbeat(
             self.health,
             self._probe,
@@ -200,9 +251,16 @@ class ClusterNode:
         self._serving.clear()
 
     async def aclose(self) -> None:
-        """Stop the heartbeat and close every connection to peers."""
+        """Stop the heartbeat and the metrics server, close every connection to peers."""
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
+        if self._metrics_server is not None:
+            server, self._metrics_server = self._metrics_server, None
+            await server.stop()
         if self.pool is not None:
             await self.pool.aclose()
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address

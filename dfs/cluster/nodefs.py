@@ -109,6 +109,11 @@ class NodeFs(ReadRouting):
         """This node's replica applied records (``ReplicaApplier`` calls this)."""
         self.forwarder.applied()
 
+    def open_files(self) -> dict[str, int]:
+        """Open handles: ``local`` on files stored here (this kernel's, and those held for
+        other nodes' writes on a primary), ``remote`` on files read from their primary."""
+        return {"local": self.files.open_count(), "remote": len(self.handles.files)}
+
     # --- updates: here on the primary, else forwarded -------------------------------------------
 
     async def _replicated(self, vol: VolumeId) -> None:

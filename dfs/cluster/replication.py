@@ -77,6 +77,7 @@ from dfs.cluster.leases import LeaseKeeper as LeaseKeeper
 from dfs.data.store import DataStore
 from dfs.errors import FsError
 from dfs.meta.store import MetaStore, WriteTxn
+from dfs.metrics import VolumeReplicationMetrics
 from dfs.net.frames import Packed, pack_args
 from dfs.net.peer import Pending
 from dfs.net.rpc import PeerTimeout, PeerUnavailable, RpcError
@@ -89,6 +90,7 @@ LIVE_CACHE_BYTES = 256 << 20
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 2.0
 ROLLBACK_CALLS = 12  # a rollback's deadline, in call timeouts (it copies files)
+COMMIT_TIMES_MAX = 4096  # commit times kept for the acknowledgement latency metric
 
 
 class Poster(Protocol):
@@ -109,6 +111,7 @@ class _Request:
     gen: int  # the link's ``stream_gen`` when it was sent
     pending: Pending | None = None
     peer: Poster | None = None
+    sent: float = 0.0  # when (trio clock), for the replication latency metric
 
 
 @dataclass(eq=False)
@@ -169,13 +172,15 @@ class Replicator(Acknowledgement):
         heartbeat: float | None = None,
         newer: Callable[[int, str], object] | None = None,
         not_before: float = -math.inf,
+        metrics: VolumeReplicationMetrics | None = None,
     ) -> None:
         """``epoch``: what this primary follows (its epoch and its journal's history), sent with
         every request and used to find sites that diverged; ``heartbeat``: how often each site
         is pinged (None: never — a volume ordered here for good, as in core tests); ``newer``:
         told of a site's answer naming a newer epoch and its primary (this node steps down);
         ``not_before``: no update is acknowledged before this time (trio clock: a primary just
-        elected waits until every lease of the old epoch has ended)."""
+        elected waits until every lease of the old epoch has ended); ``metrics``: where the
+        updates ordered here and the replication latencies are counted (dfs/metrics.py)."""
         self.meta = meta
         self.data = data
         self.vol = vol
@@ -202,13 +207,22 @@ class Replicator(Acknowledgement):
         self.heartbeat = heartbeat
         self._newer = newer
         self.not_before = not_before
+        self.metrics = metrics
+        # Commit times of records not yet on a majority, oldest first (only with metrics).
+        self._commit_times: deque[tuple[int, float]] = deque(maxlen=COMMIT_TIMES_MAX)
 
     def committed(self, txn: WriteTxn) -> None:
         """A transaction committed on this node (``CommitHook``): stream its record. While
         ``run`` is not running (before it starts, or at shutdown, when recovery may commit
         outside trio), the record is only journaled: each site's sender catches up from the
         journal when it runs."""
-        if txn.vol != self.vol or self._nursery is None:
+        if txn.vol != self.vol:
+            return
+        if self.metrics is not None and txn.record:
+            self.metrics.updated()
+            if self._nursery is not None and self.majority > 1:
+                self._commit_times.append((txn.seq, trio.current_time()))
+        if self._nursery is None:
             return
         seq = txn.seq
         if not txn.record or not any(lk.in_sync or lk.streaming for lk in self.links.values()):
@@ -240,6 +254,11 @@ class Replicator(Acknowledgement):
                     low = lk.acked
         acked.sort(reverse=True)
         quorum = acked[self.majority - 1]
+        times = self._commit_times
+        if times and times[0][0] <= quorum and self.metrics is not None:
+            now = trio.current_time()
+            while times and times[0][0] <= quorum:
+                self.metrics.acknowledged(now - times.popleft()[1])
         if low != self._low or synced != self._synced or quorum != self._quorum:
             self._low, self._synced, self._quorum = low, synced, quorum
             self._changed.set()
@@ -331,7 +350,8 @@ class Replicator(Acknowledgement):
 
     def _request(self, link: SiteLink, items: list[Item]) -> None:
         first, last = items[0][0], items[-1][0]
-        req = _Request(first, last, trio.current_time() + self.call_timeout, link.stream_gen)
+        now = trio.current_time()
+        req = _Request(first, last, now + self.call_timeout, link.stream_gen, sent=now)
         args: dict[str, Any] = {"vol": int(self.vol), "records": items, "epoch": self.epoch}
         link.inflight.append(req)
         link.sent = last
@@ -383,6 +403,8 @@ class Replicator(Acknowledgement):
             return
         if have > link.acked:
             link.acked = have
+        if self.metrics is not None:
+            self.metrics.site_applied(link.name, trio.current_time() - req.sent)
         if have < req.last:
             # An earlier request did not arrive in time: catch up one call at a time.
             self._stop(link, f"applied {have} of records {req.first}..{req.last}")

@@ -59,6 +59,7 @@ from dfs.errors import FsError
 from dfs.fs.recovery import rechecksum
 from dfs.fs.vfs import Vfs
 from dfs.meta import schema as S
+from dfs.metrics import ReplicationMetrics
 from dfs.net.frames import Field
 from dfs.net.peer import Peer, Pending
 from dfs.net.rpc import PeerUnavailable
@@ -88,8 +89,10 @@ class ClusterService:
         notify: Notifier,
         roles: VolumeRoles,
         purge: OrphanPurge,
+        metrics: ReplicationMetrics | None = None,
     ) -> None:
-        """``vfs`` was made with ``replica=roles.is_replica`` and ``defer_purge=purge.defer``."""
+        """``vfs`` was made with ``replica=roles.is_replica`` and ``defer_purge=purge.defer``;
+        ``metrics``: where each volume's ``Replicator`` counts (dfs/metrics.py), if at all."""
         assert roles.volumes is not None, "a cluster node knows the volumes"
         self.config = config
         self.me = node.name
@@ -99,6 +102,7 @@ class ClusterService:
         self.roles = roles
         self.volumes: VolumeTable = roles.volumes
         self.purge = purge
+        self.metrics = metrics
         self.lease = LEASE_HEARTBEATS * config.timeouts.heartbeat
         self._nursery: trio.Nursery | None = None
         self._readers: dict[tuple[str, bool], Reader] = {}
@@ -179,6 +183,7 @@ class ClusterService:
         )
         methods.add("vol.list", {}, self._list)
         cluster.add_status("replication", self.status)
+        cluster.add_status("files", self.fs.open_files)
         vfs.meta.may_record = roles.may_record
         for v in self.volumes.all():
             self._adopt(v)
@@ -237,6 +242,7 @@ class ClusterService:
                 heartbeat=self.config.timeouts.heartbeat,
                 newer=lambda epoch, primary: self.failover.newer(v.vol, epoch, primary),
                 not_before=self.failover.not_before.pop(v.vol, -math.inf),
+                metrics=None if self.metrics is None else self.metrics.for_volume(v.vol),
             )
             self.roles.replicators[v.vol] = repl
             if self._nursery is not None:

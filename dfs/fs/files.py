@@ -167,6 +167,10 @@ class FileIO:
     def is_open(self, ino: InodeId) -> bool:
         return ino in self._inodes
 
+    def open_count(self) -> int:
+        """How many handles are open."""
+        return len(self._handles)
+
     def inode_of(self, fh: int) -> InodeId:
         return self.handle(fh).inode.ino
 

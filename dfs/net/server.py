@@ -15,13 +15,19 @@ A request that has been read is carried out even if its connection goes
 away meanwhile (its answer is dropped): the caller saw ``PeerUnavailable``
 or ``PeerTimeout``, which both mean "outcome unknown". Only stopping the
 server (cancelling ``run``) cancels handlers.
+
+Besides the cluster's nodes, a server may admit *guests*: clients that prove
+the same secret under a name that is not a node's (``guests``: name -> the
+methods it may call, a registry of its own). The admin tools use this
+(``dfs status --config``, as ``dfs.cluster.survey.ADMIN``): they may read a
+node's status and call nothing else.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -117,8 +123,19 @@ class _RateLimitedLog:
         self._last[key] = (now, 0)
 
 
+class _Either:
+    """The names the handshake accepts: the cluster's nodes and the guests."""
+
+    def __init__(self, nodes: Container[str], guests: Container[str]) -> None:
+        self.nodes = nodes
+        self.guests = guests
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.nodes or name in self.guests
+
+
 class RpcServer:
-    """Serves ``methods`` to authenticated nodes of one cluster."""
+    """Serves ``methods`` to authenticated nodes of one cluster (and ``guests`` their own)."""
 
     def __init__(
         self,
@@ -128,6 +145,7 @@ class RpcServer:
         secret: bytes,
         known: Container[str],
         methods: Methods,
+        guests: Mapping[str, Methods] | None = None,
         handshake_timeout: float = 5.0,
         max_concurrent_per_conn: int = 64,
         max_frame: int = MAX_FRAME,
@@ -137,8 +155,12 @@ class RpcServer:
         self.cluster_id = cluster_id
         self.node_name = node_name
         self._secret = secret
-        self.known = known
         self.methods = methods
+        self.guests = dict(guests or {})
+        clash = [g for g in self.guests if g in known]
+        if clash:
+            raise ValueError(f"guest names {clash} are node names")
+        self.known: Container[str] = _Either(known, self.guests)
         self.handshake_timeout = handshake_timeout
         self.max_concurrent_per_conn = max_concurrent_per_conn
         self.max_frame = max_frame
@@ -246,13 +268,14 @@ class RpcServer:
     async def _serve(self, ms: MessageStream, conn: _Conn, session: Session, where: str) -> None:
         who = f"{session.peer} at {where}"
         log.debug("rpc: %s authenticated", who)
+        methods = self.guests.get(session.peer, self.methods)
         async with trio.open_nursery() as handlers:
-            await self._read_requests(ms, session.peer, who, handlers)
+            await self._read_requests(ms, session.peer, who, handlers, methods)
             # Stop talking at once; handlers already started finish, their answers are dropped.
             await conn.close()
 
     async def _read_requests(
-        self, ms: MessageStream, peer: str, who: str, handlers: trio.Nursery
+        self, ms: MessageStream, peer: str, who: str, handlers: trio.Nursery, methods: Methods
     ) -> None:
         in_flight: set[int] = set()
         slots = trio.Semaphore(self.max_concurrent_per_conn)
@@ -269,11 +292,11 @@ class RpcServer:
                     await slots.acquire()
                 in_flight.add(msg.request_id)
                 self._c.requests_in_flight += 1
-                method = self.methods.get(msg.body["m"])
+                method = methods.get(msg.body["m"])
                 if method is not None and method.in_order:
-                    await self._request(ms, peer, msg, slots, in_flight)
+                    await self._request(ms, peer, msg, slots, in_flight, methods)
                 else:
-                    handlers.start_soon(self._request, ms, peer, msg, slots, in_flight)
+                    handlers.start_soon(self._request, ms, peer, msg, slots, in_flight, methods)
         except ProtocolError as exc:
             self._c.protocol_errors += 1
             log.warning("rpc: %s: protocol error, closing: %s", who, exc)
@@ -289,10 +312,11 @@ class RpcServer:
         msg: Message,
         slots: trio.Semaphore,
         in_flight: set[int],
+        methods: Methods,
     ) -> None:
         rid = msg.request_id
         try:
-            mtype, body = await self._dispatch(peer, msg.body)
+            mtype, body = await self._dispatch(peer, msg.body, methods)
             try:
                 await ms.send(mtype, rid, body)
             except _GONE:
@@ -317,9 +341,9 @@ class RpcServer:
             slots.release()
 
     async def _dispatch(
-        self, peer: str, body: dict[str, Any]
+        self, peer: str, body: dict[str, Any], methods: Methods
     ) -> tuple[MessageType, dict[str, Any]]:
-        return await dispatch(self.methods, peer, body, label="rpc", on_bug=self._count_bug)
+        return await dispatch(methods, peer, body, label="rpc", on_bug=self._count_bug)
 
     def _count_bug(self) -> None:
         self._c.handler_errors += 1

@@ -176,3 +176,55 @@ def test_errors_name_the_key_as_the_file_spells_it(
     with pytest.raises(C.ConfigError) as exc:
         C.load(p)
     assert str(exc.value) == f"{p}: {message}"
+
+
+def test_metrics_are_off_unless_configured(tmp_path: Path) -> None:
+    cfg = C.parse(base(), base=tmp_path)
+    assert cfg.metrics is None and cfg.metrics_at("n1") is None
+
+
+def test_metrics_endpoints_from_the_table_and_each_node(tmp_path: Path) -> None:
+    raw = base(metrics={"port": 9480})
+    raw["nodes"][1]["address"] = "10.0.0.2"
+    cfg = C.parse(raw, base=tmp_path)
+    assert cfg.metrics_at("n1") == ("127.0.0.1", 9480)  # the node's own address
+    assert cfg.metrics_at("n2") == ("10.0.0.2", 9480)
+    raw = base(metrics={"port": 9480, "address": "0.0.0.0"})
+    raw["nodes"][1]["metrics_port"] = 9481  # one machine: ports differ
+    cfg = C.parse(raw, base=tmp_path)
+    assert (cfg.metrics_at("n1"), cfg.metrics_at("n2")) == (("0.0.0.0", 9480), ("0.0.0.0", 9481))
+    raw = base()
+    raw["nodes"][0]["metrics_port"] = 9500  # this node alone
+    cfg = C.parse(raw, base=tmp_path)
+    assert (cfg.metrics_at("n1"), cfg.metrics_at("n2")) == (("127.0.0.1", 9500), None)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r.update(metrics={"port": 9480}), "give nodes that share an address"),
+        (lambda r: r.update(metrics={"port": 7802}), "already the RPC port of node n2"),
+        (lambda r: r.update(metrics={"port": 0}), r"metrics\.port: 0 out of range"),
+        (lambda r: r.update(metrics={"address": "x"}), r"metrics\.port: missing"),
+        (lambda r: r.update(metrics={"port": 1, "address": "nowhere"}), "not an address"),
+        (lambda r: r.update(metrics={"port": 1, "colour": 2}), "unknown key"),
+        (lambda r: r["nodes"][0].update(metrics_port=99999), "metrics_port: 99999 out of range"),
+        (lambda r: r["nodes"][0].update(name="@admin"), "not a valid node name"),
+    ],
+)
+def test_bad_metrics_settings_are_refused(tmp_path: Path, mutate: Any, message: str) -> None:
+    raw = base()
+    mutate(raw)
+    with pytest.raises(C.ConfigError, match=message):
+        C.parse(raw, base=tmp_path)
+
+
+def test_init_turns_metrics_on(tmp_path: Path) -> None:
+    one_machine = [("n1", "127.0.0.1", 7801), ("n2", "127.0.0.1", 7802)]
+    cfg = C.init(tmp_path / "a.toml", one_machine, metrics_port=9400)
+    assert [cfg.metrics_at(n) for n in ("n1", "n2")] == [("127.0.0.1", 9400), ("127.0.0.1", 9401)]
+    apart = [("n1", "10.0.0.1", 7801), ("n2", "10.0.0.2", 7801)]
+    cfg = C.init(tmp_path / "b.toml", apart, metrics_port=9400)
+    assert cfg.metrics == C.MetricsConfig(9400)
+    assert C.load(tmp_path / "b.toml").metrics_at("n2") == ("10.0.0.2", 9400)
+    assert C.init(tmp_path / "c.toml", apart).metrics is None

@@ -95,3 +95,17 @@ def test_a_daemon_still_in_execve_is_ours(
     assert c.daemon_pid(node) is None  # a python that is not a dfs-mountd of this cluster
     monkeypatch.setattr(psutil.Process, "cmdline", lambda self: [])
     assert c.daemon_pid(node) == child.pid
+
+
+def test_metrics_ports_are_chosen_when_a_cluster_is_made(tmp_path: Path) -> None:
+    c = L.LocalCluster(tmp_path)
+    c._create(3, 27801, in_netns=False, metrics_port=27901)
+    cfg = c.config()
+    assert [cfg.metrics_at(n) for n in ("n1", "n2", "n3")] == [
+        ("127.0.0.1", 27901),
+        ("127.0.0.1", 27902),
+        ("127.0.0.1", 27903),
+    ]
+    with pytest.raises(L.ClusterError, match="without --metrics-port 28000"):
+        c.up(metrics_port=28000)  # refused before anything starts
+    assert c.started.entries() == {}

@@ -156,7 +156,8 @@ class Net:
         kw.setdefault("secret", SECRET)
         kw.setdefault("cluster_id", CLUSTER)
         kw.setdefault("timeouts", FAST)
-        return Peer("n2", "127.0.0.1", self.port, my_name="n1", nursery=self.nursery, **kw)
+        kw.setdefault("my_name", "n1")
+        return Peer("n2", "127.0.0.1", self.port, nursery=self.nursery, **kw)
 
 
 @asynccontextmanager
@@ -885,3 +886,34 @@ def test_refusals_of_one_address_are_logged_at_a_bounded_rate(
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3, lines
     assert "9 more since the last warning" in lines[2]
+
+
+@trio_test()
+async def test_a_guest_proves_the_secret_and_may_call_only_its_own_methods() -> None:
+    guest = Methods()
+
+    async def hello(peer: str, a: dict[str, Any]) -> str:
+        return f"hello {peer}"
+
+    guest.add("hello", {}, hello)
+    async with tcp_net(guests={"@tool": guest}) as net:
+        tool = net.peer(my_name="@tool")
+        assert await tool.call("hello", {}) == "hello @tool"
+        with pytest.raises(RemoteError) as e:  # a node's method: not for guests
+            await tool.call("add", {"a": 1, "b": 1})
+        assert e.value.errno == errno.ENOSYS
+        assert net.service.calls == []
+        node = net.peer()
+        assert await node.call("add", {"a": 1, "b": 1}) == 2  # nodes keep theirs
+        with pytest.raises(RemoteError):
+            await node.call("hello", {})
+        stranger = net.peer(my_name="@other")  # a name that is neither node nor guest
+        with pytest.raises(PeerAuthError, match="unknown node"):
+            await stranger.call("hello", {})
+        for p in (tool, node, stranger):
+            await p.aclose()
+
+
+def test_a_guest_may_not_bear_a_node_name() -> None:
+    with pytest.raises(ValueError, match="node names"):
+        make_server(Service(), guests={"n1": Methods()})
