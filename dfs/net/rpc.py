@@ -90,9 +90,9 @@ class Method:
     name: str
     schema: Schema
     handler: Handler
-    # Run by the connection's reader itself, in arrival order, instead of in a task of its
-    # own: for frequent requests of one sender that are carried out in order anyway
-    # (replication); later requests on that connection wait for it.
+    # Run one at a time in arrival order (by one task per connection, not a task each): for
+    # frequent requests of one sender that are carried out in order anyway (replication,
+    # posted writes). Requests of other methods on that connection do not wait for them.
     in_order: bool = False
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -279,6 +280,11 @@ class RpcServer:
     ) -> None:
         in_flight: set[int] = set()
         slots = trio.Semaphore(self.max_concurrent_per_conn)
+        # Requests of ``in_order`` methods run one at a time in arrival order, in one task:
+        # they never hold up the others (a posted write waiting for a hand-over must not
+        # keep a vote on the same connection from being read).
+        lane, queued = trio.open_memory_channel[Message](math.inf)
+        handlers.start_soon(self._in_order, queued, ms, peer, slots, in_flight, methods)
         try:
             while True:
                 msg = await ms.receive()
@@ -294,7 +300,7 @@ class RpcServer:
                 self._c.requests_in_flight += 1
                 method = methods.get(msg.body["m"])
                 if method is not None and method.in_order:
-                    await self._request(ms, peer, msg, slots, in_flight, methods)
+                    lane.send_nowait(msg)  # bounded by ``slots``
                 else:
                     handlers.start_soon(self._request, ms, peer, msg, slots, in_flight, methods)
         except ProtocolError as exc:
@@ -304,6 +310,21 @@ class RpcServer:
             log.debug("rpc: %s closed the connection", who)
         except _GONE as exc:
             log.warning("rpc: %s: connection lost: %s", who, exc)
+        finally:
+            lane.close()
+
+    async def _in_order(
+        self,
+        queued: trio.MemoryReceiveChannel[Message],
+        ms: MessageStream,
+        peer: str,
+        slots: trio.Semaphore,
+        in_flight: set[int],
+        methods: Methods,
+    ) -> None:
+        async with queued:
+            async for msg in queued:
+                await self._request(ms, peer, msg, slots, in_flight, methods)
 
     async def _request(
         self,

@@ -159,10 +159,14 @@ def test_promote_switches_the_primary_while_files_are_written(cluster: Launcher)
                 failures.append(exc)
             i += 1
 
-    with open(m["n2"] / "held", "wb") as f:
-        f.write(b"before\n")
-        f.flush()
-        os.fsync(f.fileno())
+    # Held open on a site and on the node to be promoted, both writing through n1.
+    with open(m["n2"] / "held", "wb") as f, open(m["n3"] / "held3", "wb") as f3:
+        for h in (f, f3):
+            h.write(b"before\n")
+            h.flush()
+            os.fsync(h.fileno())
+        f3.write(b"posted ")  # in flight through n1 (unflushed) when the switch comes
+        f3.flush()
         worker = threading.Thread(target=updates)
         worker.start()
         try:
@@ -175,9 +179,10 @@ def test_promote_switches_the_primary_while_files_are_written(cluster: Launcher)
         finally:
             stop.set()
             worker.join()
-        f.write(b"after\n")
-        f.flush()
-        os.fsync(f.fileno())
+        for h in (f, f3):
+            h.write(b"after\n")
+            h.flush()
+            os.fsync(h.fileno())
     assert done["primary"] == "n3" and done["was"] == "n1" and done["epoch"] == 2, done
     assert not failures, failures[:3]
     for n in ("n1", "n2", "n3"):
@@ -189,8 +194,11 @@ def test_promote_switches_the_primary_while_files_are_written(cluster: Launcher)
     assert row[2:4] == ["n3", "2"], table.stdout  # PRIMARY, EPOCH
     for n in ("n1", "n2", "n3"):
         wait_until(
-            f"{n} has the whole file",
-            lambda n=n: (m[n] / "held").read_bytes() == b"before\nafter\n",
+            f"{n} has the whole files",
+            lambda n=n: (
+                (m[n] / "held").read_bytes() == b"before\nafter\n"
+                and (m[n] / "held3").read_bytes() == b"before\nposted after\n"
+            ),
             limit=30,
         )
         assert set(made) <= {p.name for p in m[n].iterdir()}

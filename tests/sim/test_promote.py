@@ -4,7 +4,7 @@ exact for a given schedule).
 
 While every node makes updates and writes through files it holds open, n1 hands the root
 volume over to n3: no update fails, none waits a second, nothing acknowledged is lost, the
-files opened before (on n1 itself, and on n2 through n1) go on being written through n3, and
+files opened before (on n1 itself, and on n2 and n3 through n1) go on being written through n3, and
 all replicas end identical. A promotion that cannot be done is refused with the reason, and
 the volume goes on as before. And a file held open on a site follows a primary elected after
 the old one was killed: its next writes go to the new primary.
@@ -74,14 +74,15 @@ def test_a_promotion_under_load_holds_updates_briefly_and_loses_nothing(tmp_path
     _net, nodes = _cluster(tmp_path)
     acked: list[bytes] = []
     slowest: list[float] = []
-    sizes: dict[str, list[int]] = {"n1": [], "n2": []}
+    sizes: dict[str, list[int]] = {"n1": [], "n2": [], "n3": []}
     done: dict[str, object] = {}
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await _start_all(nodes, nursery)
             handles = {}
-            for name in ("n1", "n2"):  # on the primary itself, and on a site through it
+            # On the primary itself, on a site through it, and on the site promoted.
+            for name in ("n1", "n2", "n3"):
                 svc = nodes[name].service
                 assert svc is not None
                 fh, _a = await svc.fs.create(
@@ -108,7 +109,7 @@ def test_a_promotion_under_load_holds_updates_briefly_and_loses_nothing(tmp_path
                 assert n.vfs is not None
                 for name in acked:
                     assert n.vfs.peek(ROOT_INODE, name) is not None, (n.name, name)
-                for name in ("n1", "n2"):
+                for name in ("n1", "n2", "n3"):
                     a = n.vfs.peek(ROOT_INODE, b"file-" + name.encode())
                     assert a is not None and a.size == sizes[name][0], (n.name, name, a)
             for n in nodes.values():

@@ -73,6 +73,7 @@ class Service:
     active: int = 0
     peak: int = 0
     finished: list[str] = field(default_factory=list)
+    gate: trio.Event = field(default_factory=trio.Event)
 
     def methods(self) -> Methods:
         m = Methods()
@@ -119,7 +120,15 @@ class Service:
         m.add("unsendable", {}, unsendable)
         m.add("sleep", {"s": Field(float), "tag": Field(str, optional=True)}, sleep)
         m.add("block", {}, block)
+
+        async def ordered(peer: str, a: dict[str, Any]) -> int:
+            if a["x"] == 0:
+                await self.gate.wait()  # the first waits until the test opens the gate
+            self.finished.append(f"ordered-{a['x']}")
+            return int(a["x"])
+
         m.add("double", {"x": Field(int)}, double)
+        m.add("ordered", {"x": Field(int)}, ordered, in_order=True)
         return m
 
 
@@ -249,6 +258,31 @@ async def test_200_pipelined_calls_share_one_connection() -> None:
         assert peer.statistics().connects == 1
         # Really pipelined, and bounded by the per-connection limit.
         assert 1 < net.service.peak <= 16
+        await peer.aclose()
+
+
+@trio_test()
+async def test_in_order_requests_keep_their_order_and_hold_up_no_other_request() -> None:
+    """A method declared ``in_order`` (replication, posted writes) runs its requests one at a
+    time in arrival order; one of them waiting (a posted write held by a hand-over) must not
+    keep the connection's other requests (a vote) from being served."""
+    async with tcp_net() as net:
+        peer = net.peer()
+        got: list[int] = []
+
+        async def ordered(x: int) -> None:
+            got.append(await peer.call("ordered", {"x": x}))
+
+        async with trio.open_nursery() as n:
+            for x in range(5):
+                n.start_soon(ordered, x)
+                await trio.sleep(0.01)  # sent in this order
+            with trio.fail_after(DEADLINE):
+                assert await peer.call("add", {"a": 1, "b": 2}) == 3  # not held up
+            assert got == [] and net.service.finished == []
+            net.service.gate.set()
+        assert sorted(got) == [0, 1, 2, 3, 4]
+        assert net.service.finished == [f"ordered-{x}" for x in range(5)]
         await peer.aclose()
 
 
