@@ -294,9 +294,11 @@ class ClusterService:
             try:
                 if self.vfs.files.is_open(ino) or self.vfs.getattr(ino).volume != vol:
                     continue
-                await trio.to_thread.run_sync(
-                    rechecksum, meta, self.vfs.data, ino, self.roles.is_replica
-                )
+                # On the event loop, not in a worker thread: its commit is journaled and
+                # replicated (the commit hook must run in trio). Rare: only after a failover,
+                # for the files the dead primary left unsettled.
+                rechecksum(meta, self.vfs.data, ino, self.roles.is_replica)
+                await trio.lowlevel.checkpoint()
             except FsError as exc:  # gone meanwhile, or this node stepped down again
                 log.info("volume %d: inode %#x not settled: %s", vol, ino, exc)
                 continue
